@@ -1,0 +1,44 @@
+"""The communicator interface the engine talks to.
+
+A tensor-parallel layer ends with an explicit `comm.all_reduce(partial)`: every device
+passes its partial sum and every device gets back the same total. Implementations:
+in-process (threads, for tests and `--transport inproc`) and over WebSockets (star, ring)
+or torch.distributed gloo (in `tpi.comm.*`).
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+
+class CommError(RuntimeError):
+    """A collective could not complete: a peer vanished, timed out or sent garbage."""
+
+
+class Communicator(ABC):
+    """One device's handle on the group. `rank` 0 is the master."""
+
+    rank: int
+    world_size: int
+
+    @abstractmethod
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum `tensor` over all devices; every device receives the same sum.
+
+        Blocks until the sum is known; raises CommError on timeout or a lost peer.
+        The input may be reused by the caller; the result is a new tensor.
+        """
+
+    def close(self) -> None:
+        """Release sockets or threads. Idempotent."""
+
+
+class SoloCommunicator(Communicator):
+    """The group of one: all_reduce is the identity."""
+
+    rank = 0
+    world_size = 1
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor

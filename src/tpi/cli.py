@@ -1,0 +1,114 @@
+"""The `tpi` command line. Each subcommand parses its flags here and calls the library or
+a service; heavy modules are imported only by the subcommand that needs them."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from tpi.plan import PlanError, parse_weights
+
+
+def device_weights(args) -> list[float]:
+    if getattr(args, "weights", None):
+        return parse_weights(args.weights)
+    return [1.0] * (args.devices or 1)
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="local HF directory, 'smollm2' (default) or a hub id")
+    split = p.add_mutually_exclusive_group()
+    split.add_argument("--devices", type=int, default=None, help="number of devices (even split)")
+    split.add_argument("--weights", default=None, help="relative work per device, e.g. 1,1,2")
+    p.add_argument("--dtype", default="bfloat16", help="storage dtype: bfloat16 (default), float32")
+    p.add_argument("--compute-dtype", default=None, help="compute dtype (default: the storage dtype)")
+    p.add_argument("--max-seq", type=int, default=2048, help="context length (KV cache size)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tpi", description="Tensor-parallel LLM inference on edge devices")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text once and exit")
+    add_model_args(g)
+    prompt = g.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="raw text prompt")
+    prompt.add_argument("--chat", help="a user message, wrapped in the model's chat template")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--greedy", action="store_true", help="greedy decoding (the default unless --temperature)")
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--transport", choices=["inproc", "ws"], default="inproc")
+    g.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = sub.add_parser("prepare", help="split a model into a shard store")
+    add_model_args(p)
+    p.add_argument("--out", required=True, help="directory of the shard store")
+    return parser
+
+
+def cmd_prepare(args) -> int:
+    from tpi.engine import prepare_store
+
+    store = prepare_store(args.model, device_weights(args), args.dtype, args.out)
+    total = sum(f.bytes for f in store.files.values())
+    print(f"shard store at {store.root}: {store.plan.world_size} devices, {len(store.files)} files, "
+          f"{total / 1e6:.1f} MB, dtype {store.dtype}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from tpi.engine import RuntimeOptions, build_inproc_engine
+    from tpi.memory import peak_rss_bytes
+    from tpi.model.sampling import SamplingParams
+
+    opts = RuntimeOptions(dtype=args.dtype, compute_dtype=args.compute_dtype, max_seq=args.max_seq)
+    if args.transport != "inproc":
+        raise SystemExit("tpi generate: --transport ws is provided by the master service (not built yet)")
+    engine = build_inproc_engine(args.model, device_weights(args), opts)
+    try:
+        tok = engine.tokenizer
+        ids = tok.encode_chat([{"role": "user", "content": args.chat}]) if args.chat else tok.encode(args.prompt)
+        params = SamplingParams(
+            temperature=0.0 if args.greedy else args.temperature,
+            top_k=args.top_k, top_p=args.top_p, seed=args.seed, max_new_tokens=args.max_new_tokens,
+        )
+        result = engine.generator.generate(ids, params)
+        peak = peak_rss_bytes()
+        if args.json:
+            devices = [{"rank": r, "peak_rss_bytes": peak if r == 0 else None,
+                        "note": "all devices share one process (inproc)" if r == 0 else "inproc",
+                        "breakdown": b.to_json()}
+                       for r, b in enumerate(result.breakdowns)]
+            print(json.dumps({
+                "tokens": result.tokens, "text": result.text, "prompt_tokens": result.prompt_tokens,
+                "ttft_s": result.ttft_s, "token_latency_s": result.token_latency_s,
+                "finish_reason": result.finish_reason, "transport": "inproc",
+                "world_size": engine.cluster.world_size, "devices": devices,
+            }))
+        else:
+            print(result.text)
+            print(f"[{len(result.tokens)} tokens, TTFT {result.ttft_s:.3f}s, "
+                  f"{result.token_latency_s * 1000:.1f} ms/token, {engine.cluster.world_size} devices]",
+                  file=sys.stderr)
+    finally:
+        engine.close()
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "prepare": cmd_prepare}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (PlanError, ValueError, FileNotFoundError) as e:
+        print(f"tpi {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

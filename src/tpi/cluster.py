@@ -1,0 +1,92 @@
+"""A cluster, as the master's generation loop sees it: something that runs every device's
+shard of the transformer layers on a batch of hidden states and returns the result.
+
+`InProcCluster` runs N shards as threads of this process (tests, `--transport inproc`).
+The WebSocket cluster (services/master) implements the same interface over the network.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from abc import ABC, abstractmethod
+
+import torch
+
+from tpi.comm.inproc import InProcGroup
+from tpi.model.shard import ShardRunner
+from tpi.timing import Breakdown
+
+
+class Cluster(ABC):
+    world_size: int
+
+    @abstractmethod
+    def forward(self, x: torch.Tensor, slots: list[int], starts: list[int]) -> torch.Tensor:
+        """x (B, T, H) -> (B, T, H) through all layers; rows use KV-cache `slots`, and the
+        first new token of row b sits at position starts[b]."""
+
+    def breakdowns(self) -> list[Breakdown]:
+        """Per device, the time split of the last forward."""
+        return []
+
+    def peak_rss(self) -> list[int | None]:
+        """Per device, peak resident memory in bytes where known."""
+        return [None] * self.world_size
+
+    def close(self) -> None:
+        pass
+
+
+class InProcCluster(Cluster):
+    def __init__(self, runners: list[ShardRunner], timeout_s: float = 120.0):
+        self.runners = runners
+        self.world_size = len(runners)
+        self.group = InProcGroup(self.world_size, timeout_s)
+        self.comms = [self.group.communicator(r) for r in range(self.world_size)]
+        self._jobs: list[queue.Queue] = []
+        self._done: queue.Queue = queue.Queue()
+        for rank in range(1, self.world_size):
+            q: queue.Queue = queue.Queue()
+            self._jobs.append(q)
+            threading.Thread(target=self._serve, args=(rank, q), daemon=True, name=f"shard-{rank}").start()
+
+    def _serve(self, rank: int, jobs: queue.Queue) -> None:
+        while True:
+            job = jobs.get()
+            if job is None:
+                return
+            x, slots, starts = job
+            try:
+                self.runners[rank].forward(x, self.comms[rank], slots, starts)
+                self._done.put(None)
+            except BaseException as e:  # report to the caller, unblock the others
+                self.group.abort(f"shard {rank} failed: {e}")
+                self._done.put(e)
+
+    def forward(self, x, slots, starts):
+        self.group.reset()
+        for q in self._jobs:
+            q.put((x, slots, starts))
+        try:
+            out = self.runners[0].forward(x, self.comms[0], slots, starts)
+        except BaseException as e:
+            self.group.abort(f"shard 0 failed: {e}")
+            self._drain()
+            raise
+        errors = self._drain()
+        if errors:
+            raise errors[0]
+        return out
+
+    def _drain(self) -> list[BaseException]:
+        results = [self._done.get() for _ in self._jobs]
+        return [e for e in results if e is not None]
+
+    def breakdowns(self):
+        return [r.last for r in self.runners]
+
+    def close(self):
+        for q in self._jobs:
+            q.put(None)
+        for r in self.runners:
+            r.blocks.close()

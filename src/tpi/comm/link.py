@@ -1,0 +1,94 @@
+"""Link emulation in the transport: every outgoing message is delayed like a real link.
+
+A process has one uplink (`Link`): messages leave it one after another at `bandwidth`
+(serialization), then fly for `latency` ± `jitter`. The sender computes each message's
+delivery time when it is queued and a per-connection task sends it then, so a delayed
+message never blocks compute or the messages queued behind it (pipelining):
+
+    start      = max(now, uplink free)          # wait for earlier messages to leave
+    uplink free = start + wire_bytes * 8 / bandwidth
+    deliver_at = uplink free + latency + uniform(-jitter, +jitter)
+
+On one connection delivery order is kept (TCP does not reorder), so jitter never makes a
+later message overtake an earlier one. The Linux netem qdisc would do this in the kernel,
+but it is missing on some kernels (our CI's among them); this works everywhere.
+"""
+from __future__ import annotations
+
+import math
+import random
+import re
+from dataclasses import dataclass
+
+_TIME = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
+_RATE = {"bit": 1.0, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9}
+_SEGMENT = 1448     # TCP payload per segment at MTU 1500
+_SEG_OVERHEAD = 66  # Ethernet + IP + TCP (with timestamps) headers per segment
+_WS_OVERHEAD = 14   # worst-case WebSocket frame header
+
+
+@dataclass(frozen=True)
+class LinkSpec:
+    latency: float = 0.0            # one-way delay, seconds
+    bandwidth: float | None = None  # bits per second; None = unlimited
+    jitter: float = 0.0             # uniform ± seconds around latency
+
+    @classmethod
+    def parse(cls, text: str | None) -> LinkSpec | None:
+        """'latency=5ms,bandwidth=300mbit,jitter=1ms' -> LinkSpec; '' or 'none' -> None."""
+        if text is None or text.strip().lower() in ("", "none", "off"):
+            return None
+        values: dict[str, float] = {}
+        for item in text.split(","):
+            key, sep, raw = item.partition("=")
+            key, raw = key.strip().lower(), raw.strip().lower()
+            if not sep or key not in ("latency", "bandwidth", "jitter"):
+                raise ValueError(f"link spec {text!r}: expected latency=, bandwidth=, jitter=; "
+                                 f"got {item!r}")
+            m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*([a-z]*)", raw)
+            if not m:
+                raise ValueError(f"link spec {text!r}: cannot read {raw!r}")
+            number, unit = float(m.group(1)), m.group(2)
+            table = _RATE if key == "bandwidth" else _TIME
+            if unit not in table:
+                raise ValueError(f"link spec {text!r}: unit {unit!r} for {key} not in "
+                                 f"{sorted(table)}")
+            values[key] = number * table[unit]
+        if values.get("bandwidth") == 0:
+            raise ValueError(f"link spec {text!r}: bandwidth must be > 0")
+        return cls(**values)
+
+    def __str__(self) -> str:
+        parts = [f"latency={self.latency * 1e3:g}ms"]
+        if self.bandwidth:
+            parts.append(f"bandwidth={self.bandwidth / 1e6:g}mbit")
+        if self.jitter:
+            parts.append(f"jitter={self.jitter * 1e3:g}ms")
+        return ",".join(parts)
+
+
+def wire_bytes(nbytes: int) -> int:
+    """Bytes a message of `nbytes` occupies on an Ethernet link, headers included."""
+    n = nbytes + _WS_OVERHEAD
+    return n + _SEG_OVERHEAD * max(1, math.ceil(n / _SEGMENT))
+
+
+class Link:
+    """One process's emulated uplink. Used from the event-loop thread only."""
+
+    def __init__(self, spec: LinkSpec, seed: int | None = None):
+        self.spec = spec
+        self._free_at = 0.0
+        self._rng = random.Random(seed)
+
+    def schedule(self, nbytes: int, now: float) -> float:
+        """Delivery time (same clock as `now`) of an `nbytes` message queued at `now`."""
+        spec = self.spec
+        start = max(now, self._free_at)
+        if spec.bandwidth:
+            start += wire_bytes(nbytes) * 8 / spec.bandwidth
+        self._free_at = start
+        delay = spec.latency
+        if spec.jitter:
+            delay = max(0.0, delay + self._rng.uniform(-spec.jitter, spec.jitter))
+        return start + delay

@@ -1,0 +1,108 @@
+"""One device's shard of the transformer layers.
+
+Each layer: attention over the device's query heads, then an explicit all-reduce of the
+row-parallel partial sum; then the device's MLP columns, then another all-reduce.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tpi.comm.base import Communicator
+from tpi.config import ModelConfig
+from tpi.model.blocks import BlockSource
+from tpi.model.kvcache import KVCache
+from tpi.model.layers import apply_rope, linear, rms_norm, rope_cos_sin, rope_inv_freq, swiglu
+from tpi.plan import DeviceShard
+from tpi.timing import Breakdown, Stopwatch
+
+
+class ShardRunner:
+    def __init__(self, cfg: ModelConfig, shard: DeviceShard, blocks: BlockSource, *,
+                 compute_dtype: torch.dtype = torch.float32, max_seq: int = 2048,
+                 num_slots: int = 1, kv_dtype: torch.dtype | None = None):
+        self.cfg, self.shard, self.blocks = cfg, shard, blocks
+        self.dtype = compute_dtype
+        self.inv_freq = rope_inv_freq(cfg)
+        self.cache = KVCache(cfg.num_layers, num_slots, shard.num_kv_heads, max_seq,
+                             cfg.head_dim, kv_dtype or compute_dtype)
+        g = cfg.group_size
+        q0, q1 = shard.q_heads
+        # Each local query head reads local KV head (global head // group - first KV head).
+        self.regular_gqa = q0 % g == 0 and shard.num_q_heads == shard.num_kv_heads * g
+        self.kv_index = torch.tensor([h // g - shard.kv_heads[0] for h in range(q0, q1)])
+        self.last = Breakdown()
+
+    def forward(self, x: torch.Tensor, comm: Communicator, slots: list[int], starts: list[int]) -> torch.Tensor:
+        """x: (B, T, H) hidden states of B sequences whose first new token sits at starts[b].
+        Returns (B, T, H) after all layers (identical on every device)."""
+        B, T, _ = x.shape
+        x = x.to(self.dtype)
+        positions = torch.tensor(starts)[:, None] + torch.arange(T)[None, :]  # (B, T)
+        cos, sin = rope_cos_sin(self.inv_freq, positions, self.dtype)          # (B, T, hd)
+        length = max(starts) + T
+        mask = self._mask(positions, length)
+        timings = Breakdown()
+        watch = Stopwatch()
+        for layer in range(self.cfg.num_layers):
+            spent = [0.0, 0.0, 0.0]  # compute, comm, disk wait
+            for kind in ("attn", "mlp"):
+                watch.lap()
+                blk = self.blocks.get(layer, kind)
+                spent[2] += watch.lap()
+                if kind == "attn":
+                    partial = self._attention(layer, x, blk, cos, sin, slots, starts, length, mask)
+                else:
+                    partial = self._mlp(x, blk)
+                self.blocks.release(layer, kind)
+                spent[0] += watch.lap()
+                total = comm.all_reduce(partial)
+                spent[1] += watch.lap()
+                x = x + total
+            timings.layers.append(spent)
+            timings.compute_s += spent[0]
+            timings.comm_s += spent[1]
+            timings.disk_wait_s += spent[2]
+        self.last = timings
+        return x
+
+    def _attention(self, layer, x, blk, cos, sin, slots, starts, length, mask):
+        cfg, B, T = self.cfg, x.shape[0], x.shape[1]
+        hd, nq, nkv = cfg.head_dim, self.shard.num_q_heads, self.shard.num_kv_heads
+        h = rms_norm(x, blk["input_norm"], cfg.rms_norm_eps)
+        q = linear(h, blk["q"], blk.get("q_bias")).view(B, T, nq, hd).transpose(1, 2)   # (B, nq, T, hd)
+        k = linear(h, blk["k"], blk.get("k_bias")).view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
+        v = linear(h, blk["v"], blk.get("v_bias")).view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        self.cache.write(layer, slots, starts, k, v)
+        keys, values = self.cache.read(layer, slots, length)                         # (B, nkv, L, hd)
+        keys, values = keys.to(self.dtype), values.to(self.dtype)
+        if self.regular_gqa:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
+                                                 is_causal=False, enable_gqa=True)
+        else:
+            keys = keys.index_select(1, self.kv_index)                                # (B, nq, L, hd)
+            values = values.index_select(1, self.kv_index)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        out = out.transpose(1, 2).reshape(B, T, nq * hd)                               # (B, T, nq*hd)
+        return linear(out, blk["o"], blk.get("o_bias"))                                # (B, T, H) partial
+
+    def _mlp(self, x, blk):
+        h = rms_norm(x, blk["post_norm"], self.cfg.rms_norm_eps)
+        gate = linear(h, blk["gate"], blk.get("gate_bias"))                            # (B, T, w)
+        up = linear(h, blk["up"], blk.get("up_bias"))                                  # (B, T, w)
+        return linear(swiglu(gate, up), blk["down"], blk.get("down_bias"))            # (B, T, H) partial
+
+    def _mask(self, positions: torch.Tensor, length: int) -> torch.Tensor | None:
+        """Boolean (B, 1, T, L): key j is visible to the query at position p if j <= p
+        (and within the sliding window). None when every key is visible."""
+        B, T = positions.shape
+        window = self.cfg.sliding_window
+        if B == 1 and T == 1 and (window is None or length <= window):
+            return None
+        keys = torch.arange(length)[None, None, :]     # (1, 1, L)
+        pos = positions[:, :, None]                    # (B, T, 1)
+        visible = keys <= pos
+        if window is not None:
+            visible &= keys > pos - window
+        return visible[:, None]

@@ -1,0 +1,130 @@
+"""The shard plan: which attention heads and MLP columns each device computes.
+
+A pure function of (model config, device weights). Uneven splits are first-class:
+SmolLM2 has 9 query heads and 3 KV heads, so 2, 4 or 5 devices get unequal head counts
+and a KV head needed by query heads on two devices is replicated on both.
+
+Naming (Megatron/vLLM convention): q/k/v and gate/up are *column-parallel* (each device
+holds some output rows of the weight, no communication); o_proj and down_proj are
+*row-parallel* (each device holds the matching input columns and produces a partial sum
+that the all-reduce adds up). A row-parallel bias is added by device 0 only.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from tpi.config import ModelConfig
+
+# MLP column ranges start on multiples of this (when the size allows), so int4 groups
+# and SIMD-friendly widths never straddle two devices.
+MLP_ALIGN = 64
+
+
+class PlanError(ValueError):
+    """The requested split cannot be made for this model."""
+
+
+@dataclass(frozen=True)
+class DeviceShard:
+    rank: int
+    q_heads: tuple[int, int]      # [start, end) global query heads
+    kv_heads: tuple[int, int]     # [start, end) global KV heads these query heads read
+    mlp_cols: tuple[int, int]     # [start, end) columns of the intermediate dimension
+    adds_row_bias: bool           # device 0 adds the biases of row-parallel layers
+
+    @property
+    def num_q_heads(self) -> int:
+        return self.q_heads[1] - self.q_heads[0]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.kv_heads[1] - self.kv_heads[0]
+
+    @property
+    def mlp_width(self) -> int:
+        return self.mlp_cols[1] - self.mlp_cols[0]
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    weights: tuple[float, ...]
+    shards: tuple[DeviceShard, ...]
+
+    @property
+    def world_size(self) -> int:
+        return len(self.shards)
+
+    def to_json(self) -> dict:
+        return {"weights": list(self.weights), "shards": [asdict(s) for s in self.shards]}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "ShardPlan":
+        shards = tuple(
+            DeviceShard(
+                rank=s["rank"],
+                q_heads=tuple(s["q_heads"]),
+                kv_heads=tuple(s["kv_heads"]),
+                mlp_cols=tuple(s["mlp_cols"]),
+                adds_row_bias=s["adds_row_bias"],
+            )
+            for s in data["shards"]
+        )
+        return cls(weights=tuple(data["weights"]), shards=shards)
+
+
+def make_plan(cfg: ModelConfig, weights: list[float] | tuple[float, ...]) -> ShardPlan:
+    """Split heads and MLP columns in proportion to `weights` (one per device)."""
+    n = len(weights)
+    if n < 1:
+        raise PlanError("need at least one device")
+    if any(w <= 0 for w in weights):
+        raise PlanError(f"device weights must be positive, got {list(weights)}")
+    if n > cfg.num_heads:
+        raise PlanError(
+            f"{n} devices but the model has only {cfg.num_heads} query heads: "
+            f"every device needs at least one head (use at most {cfg.num_heads} devices)"
+        )
+    head_counts = proportional_split(cfg.num_heads, weights, unit=1)
+    align = MLP_ALIGN if cfg.intermediate_size >= MLP_ALIGN * n else 1
+    mlp_counts = proportional_split(cfg.intermediate_size, weights, unit=align)
+    shards = []
+    h0 = c0 = 0
+    for rank in range(n):
+        h1, c1 = h0 + head_counts[rank], c0 + mlp_counts[rank]
+        kv0 = h0 // cfg.group_size
+        kv1 = (h1 - 1) // cfg.group_size + 1
+        shards.append(DeviceShard(rank, (h0, h1), (kv0, kv1), (c0, c1), adds_row_bias=rank == 0))
+        h0, c0 = h1, c1
+    return ShardPlan(tuple(float(w) for w in weights), tuple(shards))
+
+
+def proportional_split(total: int, weights, unit: int = 1) -> list[int]:
+    """Split `total` into len(weights) positive multiples of `unit` (the last may take a
+    remainder) proportional to weights, by largest remainder. Every part gets >= 1 unit."""
+    n = len(weights)
+    units, rest = divmod(total, unit)
+    if units < n:
+        raise PlanError(f"cannot give {n} devices at least {unit} of {total}")
+    wsum = float(sum(weights))
+    ideal = [units * w / wsum for w in weights]
+    counts = [max(1, int(x)) for x in ideal]
+    # Hand out (or take back) units by largest (smallest) remainder until the sum is right.
+    while sum(counts) < units:
+        i = max(range(n), key=lambda k: ideal[k] - counts[k])
+        counts[i] += 1
+    while sum(counts) > units:
+        i = max((k for k in range(n) if counts[k] > 1), key=lambda k: counts[k] - ideal[k])
+        counts[i] -= 1
+    parts = [c * unit for c in counts]
+    parts[-1] += rest
+    return parts
+
+
+def parse_weights(text: str) -> list[float]:
+    try:
+        weights = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError as e:
+        raise PlanError(f"--weights must be comma-separated numbers, got {text!r}") from e
+    if not weights:
+        raise PlanError("--weights is empty")
+    return weights

@@ -1,0 +1,467 @@
+"""Every message that crosses a process boundary, and the one codec that carries them.
+
+A frame is one binary WebSocket message:
+
+    offset  size        field
+    0       4           magic  b"TPIW"
+    4       1           version (VERSION)
+    5       1           kind   (message type code, bound to one dataclass below)
+    6       1           dtype  (0 = no tensor; else DTYPE_CODES)
+    7       1           ndim   (<= MAX_NDIM)
+    8       8           step   u64: collective step (epoch << 32 | counter) the frame belongs to
+    16      4           part   u32: chunk / hop index inside the step (ring), else 0
+    20      4           meta   u32: byte length of the JSON body
+    24      4*ndim      shape  u32 each
+    ...     meta        JSON object with the message's non-tensor fields (absent if none)
+    ...     rest        tensor bytes, raw little-endian, C order (absent if dtype 0)
+
+Tensors are never pickled. The JSON body is strict: unknown or missing fields and values of
+the wrong type are ProtocolError. A frame whose byte length disagrees with its shape and
+dtype is ProtocolError. Text frames are not part of the protocol.
+
+Adding a message: declare a dataclass with `@message(kind, channel, origin)`; at most one
+field may be a tensor (annotated `torch.Tensor` or `torch.Tensor | None`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import struct
+import sys
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+
+MAGIC = b"TPIW"
+VERSION = 1
+MAX_NDIM = 8
+DEFAULT_MAX_BYTES = 64 << 20  # a 2048-token x 8192-hidden float32 prefill is 64 MiB
+
+_HEADER = struct.Struct("<4sBBBBQII")  # magic, version, kind, dtype, ndim, step, part, meta_len
+
+# The allow-list of tensor dtypes on the wire. Code 0 means "no tensor in this frame".
+DTYPE_CODES: dict[torch.dtype, int] = {
+    torch.float32: 1,
+    torch.bfloat16: 2,
+    torch.float16: 3,
+    torch.int64: 4,
+    torch.int32: 5,
+    torch.int8: 6,
+    torch.uint8: 7,
+}
+DTYPES_BY_CODE: dict[int, torch.dtype] = {c: d for d, c in DTYPE_CODES.items()}
+DTYPES_BY_NAME: dict[str, torch.dtype] = {str(d).removeprefix("torch."): d for d in DTYPE_CODES}
+_ITEMSIZE: dict[int, int] = {c: d.itemsize for d, c in DTYPE_CODES.items()}
+
+
+class ProtocolError(ValueError):
+    """A frame or message that does not follow this protocol."""
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    """'bfloat16' -> torch.bfloat16, for the allow-listed dtypes only."""
+    try:
+        return DTYPES_BY_NAME[name]
+    except KeyError:
+        raise ProtocolError(f"dtype {name!r} not allowed on the wire "
+                            f"(allowed: {sorted(DTYPES_BY_NAME)})") from None
+
+
+def step_of(epoch: int, counter: int) -> int:
+    """The u64 step stamped on frames: epoch in the high 32 bits, counter in the low."""
+    return (epoch << 32) | counter
+
+
+# ---------------------------------------------------------------------------------------
+# Message types. CHANNEL says which queue the receiver routes a kind to; ORIGIN says who
+# may send it ("hub" = master, "worker", "any"): anything else is rejected on arrival.
+
+
+class Message:
+    KIND: ClassVar[int]
+    CHANNEL: ClassVar[str]   # "handshake" | "collective" | "setup" | "control"
+    ORIGIN: ClassVar[str]    # "hub" | "worker" | "any"
+    _TENSOR: ClassVar[str | None]      # the field carried as the frame's tensor, if any
+    _TENSOR_OPTIONAL: ClassVar[bool]   # annotated `torch.Tensor | None`
+    _FIELDS: ClassVar[dict[str, Any]]  # non-tensor field name -> type
+    _REQUIRED: ClassVar[frozenset[str]]
+
+
+MESSAGE_TYPES: dict[int, type[Message]] = {}
+
+
+def message(kind: int, channel: str, origin: str):
+    """Register a frozen dataclass as the message type bound to `kind`."""
+
+    def register(cls):
+        cls = dataclass(frozen=True)(cls)
+        if kind in MESSAGE_TYPES or not 0 < kind < 256:
+            raise ValueError(f"message kind {kind} reused or out of range")
+        hints = typing.get_type_hints(cls)
+        tensor_field, optional, fields, required = None, False, {}, set()
+        for f in dataclasses.fields(cls):
+            tp = hints[f.name]
+            if tp is torch.Tensor or tp == (torch.Tensor | None):
+                if tensor_field is not None:
+                    raise ValueError(f"{cls.__name__}: at most one tensor field")
+                tensor_field, optional = f.name, tp is not torch.Tensor
+                continue
+            fields[f.name] = tp
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                required.add(f.name)
+        cls.KIND, cls.CHANNEL, cls.ORIGIN = kind, channel, origin
+        cls._TENSOR, cls._TENSOR_OPTIONAL = tensor_field, optional
+        cls._FIELDS, cls._REQUIRED = fields, frozenset(required)
+        MESSAGE_TYPES[kind] = cls
+        return cls
+
+    return register
+
+
+# --- handshake: Hello -> Challenge -> AuthResponse -> Welcome | Error (docs/protocol.md)
+
+@message(1, "handshake", "worker")
+class Hello(Message):
+    version: int
+    nonce: str                      # client nonce (hex); the hub proves the token over it
+    name: str = ""
+    purpose: str = "join"           # "join" the group, or "ring" = a ring link to a successor
+    want_rank: int | None = None    # join: requested rank; ring: the sender's rank
+    generation: int = 0             # ring: which ring build this link belongs to
+
+
+@message(2, "handshake", "hub")
+class Challenge(Message):
+    nonce: str                      # hub nonce (hex), 32 random bytes
+
+
+@message(3, "handshake", "worker")
+class AuthResponse(Message):
+    mac: str                        # hex HMAC-SHA256(token, "tpi-join" + hub nonce)
+
+
+@message(4, "handshake", "hub")
+class Welcome(Message):
+    rank: int
+    world_size: int
+    allreduce: str                  # "star" | "ring" | "gloo"
+    wire_dtype: str                 # dtype partial sums travel in, e.g. "float32"
+    proof: str                      # hex HMAC-SHA256(token, "tpi-hub" + client nonce)
+
+
+@message(5, "control", "any")
+class Error(Message):
+    code: str                       # "auth" | "version" | "full" | "rank_taken" | "protocol" | ...
+    message: str
+
+
+# --- collectives (header step = collective step, part = hop)
+
+@message(10, "collective", "worker")
+class Partial(Message):
+    tensor: torch.Tensor            # a worker's addend, in the wire dtype
+
+
+@message(11, "collective", "hub")
+class Reduced(Message):
+    tensor: torch.Tensor            # the sum, in the wire dtype
+
+
+@message(12, "collective", "any")
+class RingChunk(Message):
+    tensor: torch.Tensor            # one 1-D chunk of the flattened tensor
+
+
+@message(13, "collective", "hub")
+class Abort(Message):
+    reason: str                     # header step = (failed epoch << 32); that epoch is dead
+
+
+# --- collective setup
+
+@message(20, "setup", "worker")
+class PeerInfo(Message):
+    ring_url: str                   # where this worker accepts its ring predecessor
+
+
+@message(21, "setup", "hub")
+class RingSetup(Message):
+    generation: int
+    peers: dict[str, str]           # str(rank) -> ring_url, workers only (rank 0 = hub url)
+
+
+@message(22, "setup", "hub")
+class GlooSetup(Message):
+    port: int                       # TCPStore port on the master
+    host: str | None = None         # None: the host of the hub URL
+    timeout: float = 30.0
+
+
+@message(23, "setup", "worker")
+class SetupDone(Message):
+    generation: int
+    ok: bool = True
+    detail: str = ""
+
+
+# --- engine control (header step = collective step the receiver is at after reading it)
+
+@message(30, "control", "hub")
+class Assignment(Message):
+    rank: int
+    world_size: int
+    plan: dict[str, Any]            # the engine's plan, as plain JSON
+
+
+@message(31, "control", "hub")
+class ForwardStep(Message):
+    seq: int
+    positions: list[int]            # absolute positions of the tokens in `hidden`
+    hidden: torch.Tensor            # (batch, tokens, hidden)
+
+
+@message(32, "control", "hub")
+class ResetCache(Message):
+    seq: int = 0
+
+
+@message(33, "control", "hub")
+class Shutdown(Message):
+    reason: str = ""
+
+
+@message(34, "control", "worker")
+class Reply(Message):
+    seq: int
+    ok: bool = True
+    detail: str = ""
+    tensor: torch.Tensor | None = None
+
+
+@message(35, "control", "hub")
+class CollectiveDrill(Message):
+    """Run `reps` all-reduces of seeded random tensors (tpi.comm.drill; tests, bench)."""
+    seq: int
+    reps: int
+    shape: list[int]
+    seed: int = 0
+    dtype: str = "float32"
+
+
+# ---------------------------------------------------------------------------------------
+# The codec
+
+
+class Header(NamedTuple):
+    kind: int
+    dtype: int
+    shape: tuple[int, ...]
+    step: int
+    part: int
+    meta_len: int
+    body: int       # offset of the JSON body; the tensor starts at body + meta_len
+
+
+class Frame(NamedTuple):
+    step: int
+    part: int
+    msg: Message
+
+
+def _check_host() -> None:
+    if sys.byteorder != "little":
+        raise ProtocolError("tensor frames are little-endian; big-endian hosts are not supported")
+
+
+def encode(msg: Message, *, step: int = 0, part: int = 0,
+           wire_dtype: torch.dtype | None = None, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
+    """One frame for `msg`. `wire_dtype` casts the tensor field (e.g. bfloat16 halves bytes)."""
+    cls = type(msg)
+    if cls.KIND not in MESSAGE_TYPES:
+        raise ProtocolError(f"{cls.__name__} is not a registered message")
+    if not 0 <= step < 1 << 64 or not 0 <= part < 1 << 32:
+        raise ProtocolError(f"step {step} / part {part} out of range")
+    tensor = getattr(msg, cls._TENSOR) if cls._TENSOR else None
+    if cls._FIELDS:
+        meta = json.dumps({k: getattr(msg, k) for k in cls._FIELDS},
+                          separators=(",", ":")).encode()
+    else:
+        meta = b""
+    if tensor is None:
+        if cls._TENSOR and not cls._TENSOR_OPTIONAL:
+            raise ProtocolError(f"{cls.__name__}.{cls._TENSOR} is required")
+        head = _HEADER.pack(MAGIC, VERSION, cls.KIND, 0, 0, step, part, len(meta))
+        data = head + meta
+    else:
+        _check_host()
+        t = tensor.detach()
+        if wire_dtype is not None and t.dtype != wire_dtype:
+            t = t.to(wire_dtype)
+        code = DTYPE_CODES.get(t.dtype)
+        if code is None:
+            raise ProtocolError(f"dtype {t.dtype} not allowed on the wire")
+        if t.dim() > MAX_NDIM:
+            raise ProtocolError(f"{t.dim()} dimensions > {MAX_NDIM}")
+        t = t.cpu().contiguous()
+        raw = t.reshape(-1).view(torch.uint8).numpy()  # (numel * itemsize,) no copy
+        head = _HEADER.pack(MAGIC, VERSION, cls.KIND, code, t.dim(), step, part, len(meta))
+        data = b"".join((head, struct.pack(f"<{t.dim()}I", *t.shape), meta, raw))
+    if len(data) > max_bytes:
+        raise ProtocolError(f"{cls.__name__} frame of {len(data)} bytes exceeds the "
+                            f"{max_bytes}-byte limit")
+    return data
+
+
+def read_header(data: bytes | str, max_bytes: int = DEFAULT_MAX_BYTES) -> Header:
+    """Validate everything but the body: size, magic, version, kind, dtype, shape vs bytes."""
+    if isinstance(data, str):
+        raise ProtocolError("text frame: this protocol uses binary frames only")
+    n = len(data)
+    if n > max_bytes:
+        raise ProtocolError(f"frame of {n} bytes exceeds the {max_bytes}-byte limit")
+    if n < _HEADER.size:
+        raise ProtocolError(f"truncated frame: {n} bytes < {_HEADER.size}-byte header")
+    magic, version, kind, dcode, ndim, step, part, meta_len = _HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise ProtocolError(f"bad magic {magic!r} (expected {MAGIC!r})")
+    if version != VERSION:
+        raise ProtocolError(f"protocol version {version}, this side speaks {VERSION}")
+    cls = MESSAGE_TYPES.get(kind)
+    if cls is None:
+        raise ProtocolError(f"unknown message kind {kind}")
+    if dcode and dcode not in DTYPES_BY_CODE:
+        raise ProtocolError(f"dtype code {dcode} not in the allow-list")
+    if dcode and cls._TENSOR is None:
+        raise ProtocolError(f"{cls.__name__} carries no tensor, frame has one")
+    if not dcode and ndim:
+        raise ProtocolError(f"{cls.__name__}: shape given without a tensor")
+    if ndim > MAX_NDIM:
+        raise ProtocolError(f"{ndim} dimensions > {MAX_NDIM}")
+    body = _HEADER.size + 4 * ndim
+    if n < body + meta_len:
+        raise ProtocolError(f"truncated {cls.__name__} frame: {n} bytes, header announces "
+                            f"at least {body + meta_len}")
+    shape = struct.unpack_from(f"<{ndim}I", data, _HEADER.size)
+    if dcode:
+        want = body + meta_len + math.prod(shape) * _ITEMSIZE[dcode]
+        if n != want:
+            what = "truncated" if n < want else "overlong"
+            raise ProtocolError(f"{what} {cls.__name__} frame: shape {list(shape)} of "
+                                f"{DTYPES_BY_CODE[dcode]} needs {want} bytes, got {n}")
+    elif n != body + meta_len:
+        raise ProtocolError(f"{cls.__name__} frame has {n - body - meta_len} trailing bytes")
+    return Header(kind, dcode, shape, step, part, meta_len, body)
+
+
+def decode(data: bytes | str, *, max_bytes: int = DEFAULT_MAX_BYTES,
+           expect: type[Message] | tuple[type[Message], ...] | None = None,
+           step: int | None = None, shape: tuple[int, ...] | None = None,
+           dtype: torch.dtype | None = None, header: Header | None = None) -> Frame:
+    """Parse and validate one frame; the `expect`/`step`/`shape`/`dtype` the caller knows
+    are checked too. Raises ProtocolError with what was wrong."""
+    h = header if header is not None else read_header(data, max_bytes)
+    cls = MESSAGE_TYPES[h.kind]
+    if expect is not None:
+        allowed = expect if isinstance(expect, tuple) else (expect,)
+        if cls not in allowed:
+            raise ProtocolError(f"unexpected {cls.__name__} frame (expected "
+                                f"{' or '.join(c.__name__ for c in allowed)})")
+    if step is not None and h.step != step:
+        raise ProtocolError(f"{cls.__name__} for step {_fmt(h.step)}, expected {_fmt(step)}")
+    values = _decode_meta(cls, data, h)
+    if cls._TENSOR:
+        if not h.dtype:
+            if not cls._TENSOR_OPTIONAL:
+                raise ProtocolError(f"{cls.__name__} without its tensor")
+            values[cls._TENSOR] = None
+        else:
+            tdtype = DTYPES_BY_CODE[h.dtype]
+            if dtype is not None and tdtype != dtype:
+                raise ProtocolError(f"{cls.__name__} tensor is {tdtype}, expected {dtype}")
+            if shape is not None and tuple(h.shape) != tuple(shape):
+                raise ProtocolError(f"{cls.__name__} tensor shape {list(h.shape)}, "
+                                    f"expected {list(shape)}")
+            values[cls._TENSOR] = _tensor(data, h, tdtype)
+    return Frame(h.step, h.part, cls(**values))
+
+
+def _tensor(data: bytes, h: Header, dtype: torch.dtype) -> torch.Tensor:
+    _check_host()
+    start = h.body + h.meta_len
+    if start == len(data):
+        return torch.empty(h.shape, dtype=dtype)
+    raw = bytearray(memoryview(data)[start:])  # one copy, owned and writable
+    return torch.frombuffer(raw, dtype=torch.uint8).view(dtype).reshape(h.shape)
+
+
+def _decode_meta(cls: type[Message], data: bytes, h: Header) -> dict[str, Any]:
+    if not h.meta_len:
+        values: dict[str, Any] = {}
+    else:
+        try:
+            values = json.loads(bytes(memoryview(data)[h.body:h.body + h.meta_len]))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ProtocolError(f"{cls.__name__}: body is not JSON ({e})") from None
+        if not isinstance(values, dict):
+            raise ProtocolError(f"{cls.__name__}: body is not a JSON object")
+    unknown = values.keys() - cls._FIELDS.keys()
+    if unknown:
+        raise ProtocolError(f"{cls.__name__}: unknown fields {sorted(unknown)}")
+    missing = cls._REQUIRED - values.keys()
+    if missing:
+        raise ProtocolError(f"{cls.__name__}: missing fields {sorted(missing)}")
+    for name, value in values.items():
+        tp = cls._FIELDS[name]
+        if not _conforms(value, tp):
+            raise ProtocolError(f"{cls.__name__}.{name}: {value!r:.60} is not {_tname(tp)}")
+        if tp is float:
+            values[name] = float(value)
+    return values
+
+
+def _conforms(value: Any, tp: Any) -> bool:
+    if tp is Any:
+        return True
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_conforms(value, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        return isinstance(value, list) and all(_conforms(v, item) for v in value)
+    if origin is dict:
+        _, val = typing.get_args(tp)
+        return (isinstance(value, dict) and all(isinstance(k, str) for k in value)
+                and all(_conforms(v, val) for v in value.values()))
+    raise TypeError(f"unsupported field type {tp!r}")
+
+
+def _tname(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp)
+
+
+def _fmt(step: int) -> str:
+    return f"{step >> 32}:{step & 0xFFFFFFFF}"
+
+
+__all__ = [
+    "MAGIC", "VERSION", "DEFAULT_MAX_BYTES", "DTYPE_CODES", "ProtocolError", "Message",
+    "MESSAGE_TYPES", "message", "Header", "Frame", "encode", "decode", "read_header",
+    "dtype_from_name", "step_of",
+    "Hello", "Challenge", "AuthResponse", "Welcome", "Error", "Partial", "Reduced",
+    "RingChunk", "Abort", "PeerInfo", "RingSetup", "GlooSetup", "SetupDone", "Assignment",
+    "ForwardStep", "ResetCache", "Shutdown", "Reply", "CollectiveDrill",
+]

@@ -1,0 +1,45 @@
+"""Per-token time breakdown of one device: compute, communication, waiting for disk."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Breakdown:
+    compute_s: float = 0.0
+    comm_s: float = 0.0
+    disk_wait_s: float = 0.0
+    # per layer: [compute, comm, disk_wait] seconds
+    layers: list[list[float]] = field(default_factory=list)
+
+    def add(self, other: "Breakdown") -> None:
+        self.compute_s += other.compute_s
+        self.comm_s += other.comm_s
+        self.disk_wait_s += other.disk_wait_s
+        if not self.layers:
+            self.layers = [list(x) for x in other.layers]
+        else:
+            for mine, theirs in zip(self.layers, other.layers):
+                for i in range(3):
+                    mine[i] += theirs[i]
+
+    def to_json(self, per_layer: bool = False) -> dict:
+        out = {"compute_s": self.compute_s, "comm_s": self.comm_s, "disk_wait_s": self.disk_wait_s}
+        if per_layer:
+            out["layers"] = self.layers
+        return out
+
+
+class Stopwatch:
+    """Split elapsed wall time into named buckets with minimal overhead."""
+
+    __slots__ = ("_t",)
+
+    def __init__(self) -> None:
+        self._t = time.perf_counter()
+
+    def lap(self) -> float:
+        now = time.perf_counter()
+        dt, self._t = now - self._t, now
+        return dt

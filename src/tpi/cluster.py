@@ -45,10 +45,13 @@ class InProcCluster(Cluster):
         self.comms = [self.group.communicator(r) for r in range(self.world_size)]
         self._jobs: list[queue.Queue] = []
         self._done: queue.Queue = queue.Queue()
+        self._threads: list[threading.Thread] = []
         for rank in range(1, self.world_size):
             q: queue.Queue = queue.Queue()
             self._jobs.append(q)
-            threading.Thread(target=self._serve, args=(rank, q), daemon=True, name=f"shard-{rank}").start()
+            t = threading.Thread(target=self._serve, args=(rank, q), daemon=True, name=f"shard-{rank}")
+            t.start()
+            self._threads.append(t)
 
     def _serve(self, rank: int, jobs: queue.Queue) -> None:
         while True:
@@ -88,5 +91,8 @@ class InProcCluster(Cluster):
     def close(self):
         for q in self._jobs:
             q.put(None)
+        for t in self._threads:
+            t.join(timeout=10)
+        self._threads = []
         for r in self.runners:
             r.blocks.close()

@@ -5,6 +5,8 @@ row-parallel partial sum; then the device's MLP columns, then another all-reduce
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -15,6 +17,16 @@ from tpi.model.kvcache import KVCache
 from tpi.model.layers import apply_rope, linear, rms_norm, rope_cos_sin, rope_inv_freq, swiglu
 from tpi.plan import DeviceShard
 from tpi.timing import Breakdown, Stopwatch
+
+
+@dataclass(frozen=True)
+class StepContext:
+    slots: list[int]
+    starts: list[int]
+    length: int                   # keys visible after this step: max(starts) + T
+    cos: torch.Tensor             # (B, T, head_dim)
+    sin: torch.Tensor             # (B, T, head_dim)
+    mask: torch.Tensor | None     # (B, 1, T, length) bool, or None when all keys are visible
 
 
 class ShardRunner:
@@ -36,12 +48,8 @@ class ShardRunner:
     def forward(self, x: torch.Tensor, comm: Communicator, slots: list[int], starts: list[int]) -> torch.Tensor:
         """x: (B, T, H) hidden states of B sequences whose first new token sits at starts[b].
         Returns (B, T, H) after all layers (identical on every device)."""
-        B, T, _ = x.shape
         x = x.to(self.dtype)
-        positions = torch.tensor(starts)[:, None] + torch.arange(T)[None, :]  # (B, T)
-        cos, sin = rope_cos_sin(self.inv_freq, positions, self.dtype)          # (B, T, hd)
-        length = max(starts) + T
-        mask = self._mask(positions, length)
+        step = self.step_context(slots, starts, x.shape[1])
         timings = Breakdown()
         watch = Stopwatch()
         for layer in range(self.cfg.num_layers):
@@ -51,9 +59,9 @@ class ShardRunner:
                 blk = self.blocks.get(layer, kind)
                 spent[2] += watch.lap()
                 if kind == "attn":
-                    partial = self._attention(layer, x, blk, cos, sin, slots, starts, length, mask)
+                    partial = self.attention_partial(layer, x, blk, step)
                 else:
-                    partial = self._mlp(x, blk)
+                    partial = self.mlp_partial(x, blk)
                 self.blocks.release(layer, kind)
                 spent[0] += watch.lap()
                 total = comm.all_reduce(partial)
@@ -66,28 +74,37 @@ class ShardRunner:
         self.last = timings
         return x
 
-    def _attention(self, layer, x, blk, cos, sin, slots, starts, length, mask):
+    def step_context(self, slots: list[int], starts: list[int], T: int) -> "StepContext":
+        """What every layer of one forward step shares: positions, rotary tables, mask."""
+        positions = torch.tensor(starts)[:, None] + torch.arange(T)[None, :]  # (B, T)
+        cos, sin = rope_cos_sin(self.inv_freq, positions, self.dtype)          # (B, T, hd)
+        length = max(starts) + T
+        return StepContext(slots, starts, length, cos, sin, self._mask(positions, length))
+
+    def attention_partial(self, layer: int, x: torch.Tensor, blk, step: "StepContext") -> torch.Tensor:
+        """This device's share of the attention output (B, T, H), before the all-reduce."""
         cfg, B, T = self.cfg, x.shape[0], x.shape[1]
         hd, nq, nkv = cfg.head_dim, self.shard.num_q_heads, self.shard.num_kv_heads
         h = rms_norm(x, blk["input_norm"], cfg.rms_norm_eps)
         q = linear(h, blk["q"], blk.get("q_bias")).view(B, T, nq, hd).transpose(1, 2)   # (B, nq, T, hd)
         k = linear(h, blk["k"], blk.get("k_bias")).view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
         v = linear(h, blk["v"], blk.get("v_bias")).view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        self.cache.write(layer, slots, starts, k, v)
-        keys, values = self.cache.read(layer, slots, length)                         # (B, nkv, L, hd)
+        q, k = apply_rope(q, step.cos, step.sin), apply_rope(k, step.cos, step.sin)
+        self.cache.write(layer, step.slots, step.starts, k, v)
+        keys, values = self.cache.read(layer, step.slots, step.length)                         # (B, nkv, L, hd)
         keys, values = keys.to(self.dtype), values.to(self.dtype)
         if self.regular_gqa:
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=step.mask,
                                                  is_causal=False, enable_gqa=True)
         else:
             keys = keys.index_select(1, self.kv_index)                                # (B, nq, L, hd)
             values = values.index_select(1, self.kv_index)
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=step.mask)
         out = out.transpose(1, 2).reshape(B, T, nq * hd)                               # (B, T, nq*hd)
         return linear(out, blk["o"], blk.get("o_bias"))                                # (B, T, H) partial
 
-    def _mlp(self, x, blk):
+    def mlp_partial(self, x: torch.Tensor, blk) -> torch.Tensor:
+        """This device's share of the MLP output (B, T, H), before the all-reduce."""
         h = rms_norm(x, blk["post_norm"], self.cfg.rms_norm_eps)
         gate = linear(h, blk["gate"], blk.get("gate_bias"))                            # (B, T, w)
         up = linear(h, blk["up"], blk.get("up_bias"))                                  # (B, T, w)

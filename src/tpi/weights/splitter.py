@@ -32,6 +32,7 @@ def split_checkpoint(model_dir: str | Path, plan: ShardPlan, out: str | Path, dt
         raise ValueError(f"unknown storage dtype {dtype!r}; choose from {', '.join(STORAGE_DTYPES)}")
     wanted = {"format": FORMAT_VERSION, "model_config": cfg.to_json(), "plan": plan.to_json(),
               "dtype": dtype, "source": _fingerprint(model_dir)}
+    wanted = json.loads(json.dumps(wanted))  # the form it takes in the manifest (lists, not tuples)
     existing = out / MANIFEST
     if existing.is_file():
         try:

@@ -1,0 +1,105 @@
+"""One WebSocket connection with its send queue (event-loop side).
+
+Everything a process sends goes through `Conn.put`, which stamps the emulated delivery time
+(link.py) and returns at once; a per-connection task writes the frames in order. The
+connection id is unique in the process, so a frame or loss report from an old connection
+of a rank is never mistaken for one from its replacement.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import socket
+from collections import deque
+
+from websockets.exceptions import ConnectionClosed
+
+from tpi.comm.link import Link
+
+log = logging.getLogger("tpi.comm")
+_ids = itertools.count(1)
+
+
+def set_nodelay(ws) -> None:
+    """Disable Nagle: a 2 KB partial must not wait for an ACK (asyncio sets it too)."""
+    sock = ws.transport.get_extra_info("socket") if ws.transport else None
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def describe(ws) -> str:
+    addr = getattr(ws, "remote_address", None)
+    return f"{addr[0]}:{addr[1]}" if addr else "?"
+
+
+class Conn:
+    """A websocket plus its ordered, optionally link-delayed send queue. Loop thread only."""
+
+    def __init__(self, ws, link: Link | None):
+        self.id = next(_ids)
+        self.ws = ws
+        self.peer = describe(ws)
+        self._link = link
+        self._queue: deque[tuple[float, bytes | asyncio.Future]] = deque()
+        self._wake = asyncio.Event()
+        self._last_at = 0.0
+        self._loop = asyncio.get_running_loop()
+        set_nodelay(ws)
+        self._pump_task = self._loop.create_task(self._pump())
+
+    def put(self, data: bytes) -> None:
+        """Queue one frame; it leaves at its emulated delivery time (now if no link)."""
+        at = 0.0
+        if self._link is not None:
+            at = max(self._link.schedule(len(data), self._loop.time()), self._last_at)
+            self._last_at = at
+        self._queue.append((at, data))
+        self._wake.set()
+
+    async def flush(self) -> None:
+        """Wait until everything queued so far has been handed to the socket."""
+        if self._pump_task.done():
+            return
+        fut = self._loop.create_future()
+        self._queue.append((0.0, fut))
+        self._wake.set()
+        await fut
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        """Flush, then close the websocket (reason truncated to the 123-byte limit)."""
+        try:
+            await asyncio.wait_for(self.flush(), 2.0)
+        except (TimeoutError, asyncio.CancelledError):
+            pass
+        reason = reason.encode()[:120].decode(errors="ignore")
+        try:
+            await self.ws.close(code, reason)
+        finally:
+            self._pump_task.cancel()
+
+    async def _pump(self) -> None:
+        q, ws = self._queue, self.ws
+        try:
+            while True:
+                if not q:
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                at, item = q.popleft()
+                if isinstance(item, asyncio.Future):
+                    if not item.done():
+                        item.set_result(None)
+                    continue
+                if at:
+                    delay = at - self._loop.time()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                await ws.send(item)
+        except ConnectionClosed:
+            pass
+        finally:
+            for _, item in q:
+                if isinstance(item, asyncio.Future) and not item.done():
+                    item.set_result(None)
+            q.clear()

@@ -43,6 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--transport", choices=["inproc", "ws"], default="inproc")
     g.add_argument("--json", action="store_true", help="print one JSON object")
 
+    m = sub.add_parser("master", help="run the master: device 0, all-reduce hub, HTTP API")
+    add_model_args(m)
+    from tpi_master.main import add_args as add_master_args
+
+    add_master_args(m)
+
     p = sub.add_parser("prepare", help="split a model into a shard store")
     add_model_args(p)
     p.add_argument("--out", required=True, help="directory of the shard store")
@@ -98,10 +104,19 @@ def cmd_generate(args) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "prepare": cmd_prepare}
+def cmd_master(args) -> int:
+    from tpi_master.main import run
+
+    return run(args)
+
+
+COMMANDS = {"generate": cmd_generate, "prepare": cmd_prepare, "master": cmd_master}
 
 
 def main(argv: list[str] | None = None) -> int:
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)

@@ -347,11 +347,13 @@ def read_header(data: bytes | str, max_bytes: int = DEFAULT_MAX_BYTES) -> Header
                             f"at least {body + meta_len}")
     shape = struct.unpack_from(f"<{ndim}I", data, _HEADER.size)
     if dcode:
-        want = body + meta_len + math.prod(shape) * _ITEMSIZE[dcode]
-        if n != want:
-            what = "truncated" if n < want else "overlong"
+        want = math.prod(shape) * _ITEMSIZE[dcode]
+        got = n - body - meta_len
+        if got != want:
+            what = "truncated" if got < want else "overlong"
             raise ProtocolError(f"{what} {cls.__name__} frame: shape {list(shape)} of "
-                                f"{DTYPES_BY_CODE[dcode]} needs {want} bytes, got {n}")
+                                f"{DTYPES_BY_CODE[dcode]} needs {want} payload bytes, "
+                                f"got {got}")
     elif n != body + meta_len:
         raise ProtocolError(f"{cls.__name__} frame has {n - body - meta_len} trailing bytes")
     return Header(kind, dcode, shape, step, part, meta_len, body)

@@ -26,15 +26,15 @@ from tpi.comm import auth, handshake
 from tpi.comm.base import CommError, Communicator
 from tpi.comm.conn import Conn
 from tpi.comm.gloo import GlooCommunicator, make_store
-from tpi.comm.inbox import Arrival, Inbox, Lost
 from tpi.comm.link import Link, LinkSpec
 from tpi.comm.loop import LoopThread
-from tpi.comm.ring import RingCommunicator, RingLinks
-from tpi.comm.star import ClientStarCommunicator
+from tpi.comm.ring import RingCommunicator, RingReducer
+from tpi.comm.ringlinks import RingLinks
+from tpi.comm.star import ClientStarCommunicator, StarWaiter
 from tpi.comm.steps import Steps
-from tpi.protocol import (DEFAULT_MAX_BYTES, MESSAGE_TYPES, VERSION, Error, GlooSetup, Hello,
-                          Message, PeerInfo, ProtocolError, RingChunk, RingSetup, SetupDone,
-                          dtype_from_name, decode, encode, read_header)
+from tpi.protocol import (DEFAULT_MAX_BYTES, MESSAGE_TYPES, VERSION, Abort, Error, GlooSetup,
+                          Hello, Message, PeerInfo, ProtocolError, Reduced, RingChunk,
+                          RingSetup, SetupDone, decode, dtype_from_name, encode, read_header)
 
 log = logging.getLogger("tpi.comm.client")
 _LOST = object()
@@ -60,10 +60,11 @@ class StarClient:
         self._handshake_timeout, self._ssl = handshake_timeout, ssl_context
         self._ring_host, self._ring_advertise = ring_host, ring_advertise
         self._link = Link(self.link) if self.link else None
-        self._inbox = Inbox()
+        self._star = StarWaiter()             # loop side of the star all-reduce
+        self._ring_reducer = RingReducer()    # loop side of the ring all-reduce
         self._control: queue.SimpleQueue = queue.SimpleQueue()
         self._setup_q: queue.SimpleQueue = queue.SimpleQueue()
-        self._ring: RingLinks | None = None
+        self._ring_links: RingLinks | None = None
         self._ring_server = None
         self._ring_ready = threading.Event()
         self._comm: Communicator | None = None
@@ -71,14 +72,10 @@ class StarClient:
         self._closed = False
         self._io = LoopThread("tpi-client")
         try:
-            welcome = self._io.run(self._connect(), handshake_timeout + 5)
+            self._io.run(self._connect(), handshake_timeout + 5)
         except BaseException:
             self._io.stop()
             raise
-        w = welcome.msg
-        self.rank, self.world_size, self.allreduce = w.rank, w.world_size, w.allreduce
-        self.wire_dtype: torch.dtype = dtype_from_name(w.wire_dtype)
-        self._steps = Steps(welcome.step)
         log.info("joined %s as rank %d of %d (%s)", url, self.rank, self.world_size,
                  self.allreduce)
 
@@ -105,9 +102,14 @@ class StarClient:
             raise
         w = welcome.msg
         self._conn = conn
+        self.rank, self.world_size, self.allreduce = w.rank, w.world_size, w.allreduce
+        self.wire_dtype: torch.dtype = dtype_from_name(w.wire_dtype)
+        self._steps = Steps(welcome.step)
         if w.allreduce == "ring":
-            self._ring = RingLinks(w.rank, w.world_size, self._token, self._inbox,
-                                   self._link, self.max_bytes, self.timeout, self._ssl)
+            r = self._ring_reducer
+            self._ring_links = RingLinks(w.rank, w.world_size, self._token, r.on_chunk,
+                                         r.on_lost, self._link, self.max_bytes, self.timeout,
+                                         self._ssl)
             self._ring_server = await serve(self._handle_ring, self._ring_host, 0,
                                             compression=None, max_size=self.max_bytes,
                                             close_timeout=2)
@@ -131,7 +133,7 @@ class StarClient:
             return
         conn.put(encode(handshake.welcome(self._token, hello, self.rank, self.world_size,
                                           self.allreduce, str(self.wire_dtype)[6:])))
-        await self._ring.accept(conn, hello)
+        await self._ring_links.accept(conn, hello)
 
     async def _read(self) -> None:
         conn, reason = self._conn, "closed"
@@ -143,8 +145,8 @@ class StarClient:
                     cls = MESSAGE_TYPES[h.kind]
                     if cls.ORIGIN == "worker" or cls.CHANNEL == "handshake" or cls is RingChunk:
                         raise ProtocolError(f"{cls.__name__} is not accepted from the hub")
-                    if cls.CHANNEL == "collective":
-                        self._inbox.put(Arrival(conn.id, 0, h, data))
+                    if cls is Reduced:
+                        self._star.on_reduced(h, data)
                         continue
                     msg = decode(data, header=h, max_bytes=self.max_bytes).msg
                 except ProtocolError as e:
@@ -152,7 +154,10 @@ class StarClient:
                     log.error("rank %d: %s", self.rank, reason)
                     await handshake.refuse(conn, "protocol", str(e))
                     return
-                if isinstance(msg, RingSetup):
+                if isinstance(msg, Abort):
+                    self._star.on_abort(h.step >> 32, msg.reason)
+                    self._ring_reducer.on_abort(h.step >> 32, msg.reason)
+                elif isinstance(msg, RingSetup):
                     conn._loop.create_task(self._build_ring(msg))
                 elif isinstance(msg, GlooSetup):
                     self._setup_q.put(msg)
@@ -165,14 +170,15 @@ class StarClient:
             reason = f"connection to the hub closed ({e})" if reason == "closed" else reason
         finally:
             self._lost = reason
-            self._inbox.put(Lost(conn.id, 0, reason))
+            self._star.on_lost(conn.id, 0, reason)
+            self._ring_reducer.on_lost(conn.id, 0, reason)
             self._control.put(_LOST)
 
     async def _build_ring(self, msg: RingSetup) -> None:
         succ = (self.rank + 1) % self.world_size
         url = self.url if succ == 0 else msg.peers.get(str(succ), "")
         try:
-            await self._ring.build(msg.generation, url)
+            await self._ring_links.build(msg.generation, url)
             done = SetupDone(generation=msg.generation)
         except Exception as e:  # noqa: BLE001 - reported to the master
             log.warning("rank %d: ring setup failed: %s", self.rank, e)
@@ -182,8 +188,8 @@ class StarClient:
             self._ring_ready.set()
 
     async def _shutdown(self) -> None:
-        if self._ring is not None:
-            await self._ring.close()
+        if self._ring_links is not None:
+            await self._ring_links.close()
         if self._ring_server is not None:
             self._ring_server.close()
         await self._conn.close(1000, "worker leaving")
@@ -266,8 +272,8 @@ class StarClient:
     def _collective_failed(self, step: int, exc: Exception) -> None:
         self._steps.kill(step >> 32, str(exc))
 
-    def _ring_begin(self) -> tuple[int, list[int]]:
+    def _ring_begin(self) -> tuple[int, dict[int, int]]:
         step = self._collective_begin()
-        if self._ring is None or self._ring.current is None:
+        if self._ring_links is None or self._ring_links.current is None:
             raise CommError("the ring is not built yet")
-        return step, [self._conn.id]
+        return step, {self._conn.id: 0}

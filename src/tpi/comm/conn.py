@@ -14,6 +14,7 @@ import socket
 from collections import deque
 
 from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
 
 from tpi.comm.link import Link
 
@@ -45,17 +46,35 @@ class Conn:
         self._wake = asyncio.Event()
         self._last_at = 0.0
         self._loop = asyncio.get_running_loop()
+        # websockets >= 13 asyncio internals used by the fast path; checked once here.
+        self._direct = all(hasattr(ws, a) for a in ("protocol", "send_data", "paused",
+                                                     "send_in_progress"))
         set_nodelay(ws)
         self._pump_task = self._loop.create_task(self._pump())
 
     def put(self, data: bytes) -> None:
         """Queue one frame; it leaves at its emulated delivery time (now if no link)."""
+        if self._link is None and not self._queue and self._write_now(data):
+            return
         at = 0.0
         if self._link is not None:
             at = max(self._link.schedule(len(data), self._loop.time()), self._last_at)
             self._last_at = at
         self._queue.append((at, data))
         self._wake.set()
+
+    def _write_now(self, data: bytes) -> bool:
+        """Fast path: hand the frame to the transport without a task switch, as
+        `websockets` does inside `send()`, when nothing is queued, the connection is open and
+        the transport is not applying back-pressure. One event-loop iteration less per frame
+        (decode steps do ~60 all-reduces per token). Falls back to the queue otherwise."""
+        ws = self.ws
+        if not self._direct or ws.protocol.state is not State.OPEN or ws.paused \
+                or ws.send_in_progress is not None:
+            return False
+        ws.protocol.send_binary(data)
+        ws.send_data()
+        return True
 
     async def flush(self) -> None:
         """Wait until everything queued so far has been handed to the socket."""

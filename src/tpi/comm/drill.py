@@ -62,10 +62,20 @@ def serve_worker(client, comm: Communicator) -> None:
                           tensor=out))
 
 
-def worker_main(url: str, token: str, **client_kwargs) -> None:
-    """Process entry point: join, build the communicator, serve drills."""
+def worker_main(url: str, token: str, *, threads: int | None = 1, cafile: str | None = None,
+                **client_kwargs) -> None:
+    """Process entry point: join, build the communicator, serve drills.
+
+    threads: torch intra-op threads (1 keeps several processes on one small machine from
+    spinning against each other). cafile: trust this CA / self-signed cert for wss://."""
     from tpi.comm.client import StarClient
 
+    if threads:
+        torch.set_num_threads(threads)
+    if cafile:
+        from tpi.comm.tls import client_context
+
+        client_kwargs["ssl_context"] = client_context(cafile)
     with StarClient.connect(url, token, **client_kwargs) as client:
         serve_worker(client, client.communicator())
 

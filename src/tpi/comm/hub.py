@@ -32,11 +32,11 @@ from tpi.comm import auth, handshake
 from tpi.comm.base import CommError, Communicator
 from tpi.comm.conn import Conn
 from tpi.comm.gloo import GlooCommunicator, make_store
-from tpi.comm.inbox import Arrival, Inbox, Lost
 from tpi.comm.link import Link, LinkSpec
 from tpi.comm.loop import LoopThread
-from tpi.comm.ring import RingCommunicator, RingLinks
-from tpi.comm.star import HubStarCommunicator
+from tpi.comm.ring import RingCommunicator, RingReducer
+from tpi.comm.ringlinks import RingLinks
+from tpi.comm.star import HubStarCommunicator, StarReducer
 from tpi.comm.steps import Steps
 from tpi.protocol import (DEFAULT_MAX_BYTES, MESSAGE_TYPES, Abort, Error, GlooSetup, Message,
                           Partial, PeerInfo, ProtocolError, RingSetup, SetupDone, decode,
@@ -99,11 +99,12 @@ class StarHub:
         self._link = Link(self.link) if self.link else None
         self._cond = threading.Condition()
         self._peers: dict[int, _Peer] = {}
-        self._inbox = Inbox()
+        self._star = StarReducer()            # loop side of the star all-reduce
+        self._ring_reducer = RingReducer()    # loop side of the ring all-reduce
         self._steps = Steps()
         self._setup_q: queue.SimpleQueue = queue.SimpleQueue()
         self._comm: Communicator | None = None
-        self._ring: RingLinks | None = None
+        self._ring_links: RingLinks | None = None
         self._ring_gen = 0
         self._ring_members: dict[int, int] | None = None
         self._closed = False
@@ -123,8 +124,9 @@ class StarHub:
 
     async def _serve(self, host: str, port: int, ssl_context):
         if self.allreduce == "ring":
-            self._ring = RingLinks(0, self.world_size, self._token, self._inbox, self._link,
-                                   self.max_bytes, self.timeout)
+            r = self._ring_reducer
+            self._ring_links = RingLinks(0, self.world_size, self._token, r.on_chunk,
+                                         r.on_lost, self._link, self.max_bytes, self.timeout)
         return await serve(self._handle, host, port, compression=None,
                            max_size=self.max_bytes, ssl=ssl_context, close_timeout=2)
 
@@ -144,11 +146,11 @@ class StarHub:
             log.warning("%s left during the handshake: %s", conn.peer, e)
             return
         if hello.purpose == "ring":
-            if self._ring is None:
+            if self._ring_links is None:
                 await handshake.refuse(conn, "protocol", "this master does not run a ring")
                 return
             conn.put(encode(self._welcome(hello, 0)))
-            await self._ring.accept(conn, hello)
+            await self._ring_links.accept(conn, hello)
             return
         if hello.purpose != "join":
             await handshake.refuse(conn, "protocol", f"unknown purpose {hello.purpose!r}")
@@ -171,7 +173,8 @@ class StarHub:
             if self._peers.get(rank) is peer:
                 del self._peers[rank]
             self._cond.notify_all()
-        self._inbox.put(Lost(conn.id, rank, reason))
+        self._star.on_lost(conn.id, rank, reason)
+        self._ring_reducer.on_lost(conn.id, rank, reason)
         peer.control.put(_LOST)
         if not self._closed:
             log.warning("rank %d left: %s", rank, reason)
@@ -198,7 +201,7 @@ class StarHub:
                 h = read_header(data, self.max_bytes)
                 cls = MESSAGE_TYPES[h.kind]
                 if cls is Partial:
-                    self._inbox.put(Arrival(conn.id, peer.rank, h, data))
+                    self._star.on_partial(conn.id, peer.rank, h, data)
                     continue
                 if cls.ORIGIN == "hub" or cls.CHANNEL in ("handshake", "collective"):
                     raise ProtocolError(f"{cls.__name__} is not accepted from a worker")
@@ -229,8 +232,8 @@ class StarHub:
             peers = list(self._peers.values())
         for p in peers:
             await p.conn.close(1001, "master shutting down")
-        if self._ring is not None:
-            await self._ring.close()
+        if self._ring_links is not None:
+            await self._ring_links.close()
         await self._server.wait_closed()
 
     # ---- engine side -------------------------------------------------------------------
@@ -342,12 +345,7 @@ class StarHub:
             raise err
         return step, {p.conn.id: p.rank for p in peers}, [p.conn for p in peers]
 
-    def _send_group(self, group: dict[int, int], data: bytes) -> None:
-        with self._cond:
-            conns = [p.conn for p in self._peers.values() if p.conn.id in group]
-        self._io.call(self._put_all, conns, data)
-
-    def _ring_begin(self) -> tuple[int, list[int]]:
+    def _ring_begin(self) -> tuple[int, dict[int, int]]:
         peers = self._members()
         step = self._steps.next()
         members = {p.rank: p.conn.id for p in peers}
@@ -356,7 +354,7 @@ class StarHub:
                             "hub.communicator() again after workers join or leave")
             self._collective_failed(step, err)
             raise err
-        return step, list(members.values())
+        return step, {conn: rank for rank, conn in members.items()}
 
     def _collective_failed(self, step: int, exc: Exception) -> None:
         """Mark the epoch dead here and on every worker (Abort), so nobody waits for it."""
@@ -386,7 +384,7 @@ class StarHub:
         self._io.call(self._put_all, [p.conn for p in peers.values()],
                       encode(setup, step=self._steps.current))
         if self.world_size > 1:
-            self._io.run(self._ring.build(gen, peers[1].ring_url),
+            self._io.run(self._ring_links.build(gen, peers[1].ring_url),
                          max(0.1, deadline - time.monotonic()))
         pending = set(peers)
         while pending:

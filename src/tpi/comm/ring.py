@@ -1,191 +1,127 @@
-"""Ring all-reduce: reduce-scatter then all-gather, 2(N-1) hops of 1/N of the tensor.
+"""Ring all-reduce: reduce-scatter then all-gather, 2(N-1) hops of 1/N of the tensor each.
 
-Each device keeps two links: an outgoing one to its successor (rank + 1) % N and an
-incoming one from its predecessor. Workers listen for their predecessor on their own port
-(announced to the hub with PeerInfo); the master's predecessor (rank N-1) connects to the
-hub's port. The master builds a ring with RingSetup(generation, peers); a new generation
-replaces the old links, e.g. after a worker was replaced. Ring links authenticate with
-the same join-token handshake as joins.
+The tensor is flattened and split into N chunks (sizes differ by at most one element).
+Hop p < N-1 (reduce-scatter): send the chunk last updated, receive the predecessor's and
+add it. After N-1 hops this device holds the complete sum of chunk (rank + 1) % N, rounds
+it once to the wire dtype and the all-gather hops pass the complete chunks around, so every
+device ends with identical values. The whole exchange runs on the event loop (RingReducer),
+one hop per arriving frame; the engine thread is woken once, with the result.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
-from collections.abc import Callable
 
 import torch
-import websockets
-from websockets.exceptions import ConnectionClosed
 
-from tpi.comm import auth, handshake
 from tpi.comm.base import CommError, Communicator
 from tpi.comm.conn import Conn
-from tpi.comm.inbox import Aborted, Arrival, Inbox, Lost
-from tpi.comm.link import Link
-from tpi.protocol import (VERSION, Hello, ProtocolError, RingChunk, decode, encode,
-                          read_header)
+from tpi.comm.rounds import Aborted, Round, Tracker
+from tpi.protocol import Header, ProtocolError, RingChunk, decode, encode
 
 log = logging.getLogger("tpi.comm")
+MAX_STASH = 1024  # frames of later steps kept; more means a neighbour is badly out of step
 
 
-class RingLinks:
-    """This device's ring links (event-loop side). `current` is read by the engine."""
+class RingRound(Round):
+    def __init__(self, step: int, watch: dict[int, int], shape: tuple[int, ...],
+                 acc: torch.Tensor, rank: int, n: int, in_conn: int, out_conn: Conn,
+                 wire: torch.dtype, max_bytes: int):
+        super().__init__(step, watch)
+        self.shape, self.acc = shape, acc             # acc: (numel,) float32
+        self.chunks = torch.tensor_split(acc, n)      # n views into acc
+        self.rank, self.n, self.in_conn, self.out_conn = rank, n, in_conn, out_conn
+        self.wire, self.max_bytes = wire, max_bytes
+        self.part = 0                                 # the hop expected next
 
-    def __init__(self, rank: int, world_size: int, token: str, inbox: Inbox,
-                 link: Link | None, max_bytes: int, timeout: float, client_ssl=None):
-        self.rank, self.world_size = rank, world_size
-        self._token, self._inbox, self._link = token, inbox, link
-        self._max_bytes, self._timeout, self._client_ssl = max_bytes, timeout, client_ssl
-        self.generation = 0
-        self.current: tuple[int, Conn, Conn] | None = None  # (generation, in, out)
-        self._incoming: dict[int, Conn] = {}
-        self._changed = asyncio.Condition()
 
-    @property
-    def pred(self) -> int:
-        return (self.rank - 1) % self.world_size
+class RingReducer(Tracker):
+    """A device's loop side of the ring."""
 
-    @property
-    def succ(self) -> int:
-        return (self.rank + 1) % self.world_size
+    def __init__(self) -> None:
+        super().__init__()
+        self._stash: list[tuple[int, Header, bytes]] = []
 
-    async def accept(self, conn: Conn, hello: Hello) -> None:
-        """Serve an authenticated incoming ring link until it closes."""
-        if hello.want_rank != self.pred or hello.generation < self.generation:
-            await handshake.refuse(conn, "protocol", f"ring link from rank {hello.want_rank} "
-                                   f"generation {hello.generation}; rank {self.rank} expects "
-                                   f"rank {self.pred}, generation >= {self.generation}")
+    def start(self, rnd: RingRound) -> None:
+        if not self.begin(rnd):
             return
-        old = self._incoming.get(hello.generation)
-        self._incoming[hello.generation] = conn
-        async with self._changed:
-            self._changed.notify_all()
-        if old is not None:
-            await old.close(1000, "replaced")
-        reason = "closed"
+        self._send(rnd, 0, rnd.rank)
+        stash, self._stash = self._stash, []
+        for conn, h, data in stash:
+            if h.step > rnd.step:
+                self._stash.append((conn, h, data))
+            elif h.step == rnd.step and not rnd.done:
+                self.on_chunk(conn, h, data)
+
+    def on_chunk(self, conn: int, h: Header, data: bytes) -> None:
+        rnd = self.round
+        if rnd is not None and conn == rnd.in_conn and h.step == rnd.step:
+            if h.part != rnd.part:
+                return self.fail(rnd, CommError(f"ring hop {h.part} arrived, expected "
+                                                f"{rnd.part}"))
+            self._hop(rnd, h, data)
+        elif rnd is None or h.step > rnd.step:
+            if len(self._stash) >= MAX_STASH:
+                log.warning("ring: %d early frames, dropping them", len(self._stash))
+                self._stash.clear()
+            self._stash.append((conn, h, data))      # the predecessor is a step ahead
+        # else: a step that already failed; dropped
+
+    def _hop(self, rnd: RingRound, h: Header, data: bytes) -> None:
+        n, r, p, chunks = rnd.n, rnd.rank, rnd.part, rnd.chunks
+        idx = (r - p - 1) % n if p < n - 1 else (r - (p - n + 1)) % n
         try:
-            while True:
-                data = await conn.ws.recv()
-                h = read_header(data, self._max_bytes)
-                if h.kind != RingChunk.KIND:
-                    raise ProtocolError(f"kind {h.kind} on a ring link (only RingChunk)")
-                self._inbox.put(Arrival(conn.id, self.pred, h, data))
-        except ConnectionClosed as e:
-            reason = f"ring link closed ({e})"
+            got = decode(data, header=h, expect=RingChunk, step=rnd.step,
+                         shape=tuple(chunks[idx].shape), dtype=rnd.wire).msg.tensor
         except ProtocolError as e:
-            reason = f"bad frame on ring link: {e}"
-            log.warning("rank %d: %s", self.rank, reason)
-            await handshake.refuse(conn, "protocol", str(e))
-        finally:
-            self._inbox.put(Lost(conn.id, self.pred, reason))
+            return self.fail(rnd, CommError(f"ring hop {p} from rank {(r - 1) % n}: {e}"))
+        if p < n - 1:                                 # reduce-scatter
+            chunks[idx].add_(got)
+            if p == n - 2:                            # chunk (r + 1) % n is complete
+                chunks[idx].copy_(chunks[idx].to(rnd.wire))
+        else:                                         # all-gather
+            chunks[idx].copy_(got)
+        rnd.part = p + 1
+        if rnd.part == 2 * (n - 1):
+            return self.succeed(rnd, rnd.acc.view(rnd.shape))
+        self._send(rnd, rnd.part, idx)                # pass on the chunk just updated
 
-    async def _connect(self, url: str, generation: int) -> Conn:
-        ssl = self._client_ssl if url.startswith("wss:") else None
-        ws = await websockets.connect(url, compression=None, max_size=self._max_bytes,
-                                      open_timeout=self._timeout, proxy=None, ssl=ssl)
-        conn = Conn(ws, self._link)
-        hello = Hello(version=VERSION, nonce=auth.new_nonce(), name=f"ring-{self.rank}",
-                      purpose="ring", want_rank=self.rank, generation=generation)
+    def _send(self, rnd: RingRound, part: int, idx: int) -> None:
         try:
-            await handshake.join(conn, self._token, hello, self._timeout, self._max_bytes)
-        except BaseException:
-            await conn.close(1000, "ring setup failed")
-            raise
-        asyncio.get_running_loop().create_task(self._watch_out(conn))
-        return conn
-
-    async def _watch_out(self, conn: Conn) -> None:
-        """Nothing should arrive on the outgoing link; report when it closes."""
-        reason = "closed"
-        try:
-            while True:
-                await conn.ws.recv()
-                reason = "successor sent data on the outgoing ring link"
-                await handshake.refuse(conn, "protocol", reason)
-                return
-        except ConnectionClosed as e:
-            reason = f"ring link closed ({e})"
-        finally:
-            self._inbox.put(Lost(conn.id, self.succ, reason))
-
-    async def build(self, generation: int, succ_url: str) -> None:
-        """Connect to the successor, wait for the predecessor, switch to the new links."""
-        self.generation = max(self.generation, generation)
-        out = await self._connect(succ_url, generation)
-        try:
-            async with self._changed:
-                await asyncio.wait_for(
-                    self._changed.wait_for(lambda: generation in self._incoming),
-                    self._timeout)
-        except TimeoutError:
-            await out.close(1000, "ring setup timed out")
-            raise CommError(f"rank {self.rank}: predecessor rank {self.pred} did not connect "
-                            f"within {self._timeout:g}s") from None
-        old = self.current
-        self.current = (generation, self._incoming[generation], out)
-        for g in [g for g in self._incoming if g < generation]:
-            await self._incoming.pop(g).close(1000, "ring rebuilt")
-        if old is not None:
-            await old[2].close(1000, "ring rebuilt")
-
-    async def close(self) -> None:
-        for conn in list(self._incoming.values()):
-            await conn.close(1001, "going away")
-        if self.current is not None:
-            await self.current[2].close(1001, "going away")
-
-
-def ring_all_reduce(tensor: torch.Tensor, rank: int, n: int, step: int,
-                    send: Callable[[bytes], None], take: Callable[[int], Arrival],
-                    wire: torch.dtype, max_bytes: int) -> torch.Tensor:
-    """The sum over the ring of `tensor`, computed in float32, `wire` on the links."""
-    acc = tensor.detach().to(torch.float32, copy=True).reshape(-1)  # (numel,)
-    chunks = torch.tensor_split(acc, n)                               # n views, sizes differ <= 1
-
-    def hop(part: int, out_idx: int, in_idx: int) -> torch.Tensor:
-        send(encode(RingChunk(chunks[out_idx]), step=step, part=part, wire_dtype=wire,
-                    max_bytes=max_bytes))
-        a = take(part)
-        return decode(a.data, header=a.header, expect=RingChunk, step=step,
-                      shape=tuple(chunks[in_idx].shape), dtype=wire).msg.tensor
-
-    for k in range(n - 1):                      # reduce-scatter
-        recv_idx = (rank - k - 1) % n
-        chunks[recv_idx].add_(hop(k, (rank - k) % n, recv_idx))
-    own = (rank + 1) % n                        # now complete here; round it once so that
-    chunks[own].copy_(chunks[own].to(wire))     # every device ends with identical values
-    for k in range(n - 1):                      # all-gather
-        recv_idx = (rank - k) % n
-        chunks[recv_idx].copy_(hop(n - 1 + k, (rank + 1 - k) % n, recv_idx))
-    return acc.view(tensor.shape).to(tensor.dtype)
+            data = encode(RingChunk(rnd.chunks[idx]), step=rnd.step, part=part,
+                          wire_dtype=rnd.wire, max_bytes=rnd.max_bytes)
+        except ProtocolError as e:
+            return self.fail(rnd, CommError(str(e)))
+        rnd.out_conn.put(data)
 
 
 class RingCommunicator(Communicator):
-    """Ring all-reduce for a hub (rank 0) or a client; `endpoint` supplies the plumbing."""
+    """Ring all-reduce for a hub (rank 0) or a client; `endpoint` supplies the plumbing:
+    rank, world_size, timeout, wire_dtype, max_bytes, _io, _ring_links, _ring_reducer,
+    _ring_begin() and _collective_failed()."""
 
     def __init__(self, endpoint):
         self._ep = endpoint
         self.rank, self.world_size = endpoint.rank, endpoint.world_size
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        ep = self._ep
-        step, watch = ep._ring_begin()
-        if self.world_size == 1:
+        ep, n = self._ep, self.world_size
+        step, watch = ep._ring_begin()                # watch: conn id -> rank
+        if n == 1:
             return tensor.detach().clone()
-        _, inn, out = ep._ring.current
-        deadline = time.monotonic() + ep.timeout
-        want = {inn.id: ep._ring.pred}
-        watch = set(watch) | {inn.id, out.id}
+        _, inn, out = ep._ring_links.current
+        links = ep._ring_links
+        watch = {**watch, inn.id: links.pred, out.id: links.succ}
+        acc = tensor.detach().to(torch.float32, copy=True).reshape(-1)  # (numel,)
+        rnd = RingRound(step, watch, tuple(tensor.shape), acc, self.rank, n, inn.id, out,
+                        ep.wire_dtype, ep.max_bytes)
+        ep._io.call(ep._ring_reducer.start, rnd)
         try:
-            return ring_all_reduce(
-                tensor, self.rank, self.world_size, step,
-                send=lambda data: ep._io.call(out.put, data),
-                take=lambda part: ep._inbox.take(want, watch, step, part, deadline)[
-                    ep._ring.pred],
-                wire=ep.wire_dtype, max_bytes=ep.max_bytes)
-        except (CommError, ProtocolError) as e:
+            res = rnd.wait(ep.timeout, "the ring")
+        except CommError as e:
+            ep._io.call(ep._ring_reducer.cancel, rnd)
             ep._collective_failed(step, e)
             if isinstance(e, Aborted):
                 raise
-            raise CommError(f"ring all_reduce on rank {self.rank}: {e}") from e
+            raise CommError(f"ring all_reduce on rank {self.rank} (hop {rnd.part}): {e}") \
+                from e
+        return res.to(tensor.dtype)

@@ -1,0 +1,105 @@
+"""`tpi worker`: join a master, load the shard it assigns, run forward steps until told to stop.
+
+A worker needs only the master's address (or the registry's) and the join token; the
+master pushes the plan, the store location and the runtime options. It sees hidden states,
+never prompts or token ids. It survives a lost master by reconnecting with backoff.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+
+from tpi.comm.base import CommError
+from tpi.comm.handshake import JoinRefused
+
+log = logging.getLogger("tpi.worker")
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--master", required=False, help="ws://HOST:PORT of the master's hub")
+    p.add_argument("--join-token", required=True, help="the cluster's shared join token")
+    p.add_argument("--link", default=None, help='emulate a link, e.g. "latency=5ms,bandwidth=300mbit"')
+    p.add_argument("--name", default="", help="a name for logs and the cluster panel")
+    p.add_argument("--rank", type=int, default=None, help="ask for this rank")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds a collective may wait")
+    p.add_argument("--once", action="store_true", help="exit when the master goes away")
+
+
+def run(args) -> int:
+    from tpi.comm.client import StarClient
+
+    if not args.master:
+        raise SystemExit("tpi worker: --master ws://HOST:PORT is required")
+    backoff = 0.5
+    while True:
+        try:
+            client = StarClient.connect(args.master, args.join_token, name=args.name,
+                                        want_rank=args.rank, timeout=args.timeout, link=args.link)
+        except JoinRefused as e:
+            log.error("the master refused this worker: %s", e)
+            return 3
+        except (CommError, OSError) as e:
+            log.warning("cannot reach the master at %s (%s); retrying in %.1fs", args.master, e, backoff)
+            time.sleep(backoff)
+            backoff = min(backoff * 2, 10.0)
+            continue
+        backoff = 0.5
+        log.info("joined %s as rank %d of %d", args.master, client.rank, client.world_size)
+        try:
+            serve(client)
+        except CommError as e:
+            log.warning("lost the master: %s", e)
+        finally:
+            client.close()
+        if args.once:
+            return 0
+
+
+def serve(client) -> None:
+    """Answer the master's control messages until Shutdown or a lost connection."""
+    from tpi.engine import RuntimeOptions, build_runner
+    from tpi.memory import peak_rss_bytes, rss_bytes
+    from tpi.protocol import Assignment, ForwardStep, Reply, ResetCache, Shutdown
+    from tpi.weights.store import ShardStore
+
+    runner = comm = None
+    while True:
+        msg = client.recv_control()
+        if isinstance(msg, Shutdown):
+            log.info("master asked to stop: %s", msg.reason)
+            return
+        if isinstance(msg, Assignment):
+            try:
+                store = ShardStore(msg.plan["store"])
+                opts = RuntimeOptions(**msg.plan["options"])
+                if runner is not None:
+                    runner.blocks.close()
+                runner = build_runner(store, msg.rank, opts)
+                comm = client.communicator()
+                detail = {"rss_bytes": rss_bytes(), "peak_rss_bytes": peak_rss_bytes()}
+                client.send(Reply(seq=-1, ok=True, detail=json.dumps(detail)))
+                log.info("loaded shard %d of %d from %s", msg.rank, msg.world_size, store.root)
+            except Exception as e:  # a bad store or options: tell the master, stay up
+                log.error("cannot load the assigned shard: %s", e)
+                runner = None
+                client.send(Reply(seq=-1, ok=False, detail=str(e)))
+        elif isinstance(msg, ForwardStep):
+            if runner is None:
+                client.send(Reply(seq=msg.seq, ok=False, detail="no shard loaded"))
+                continue
+            try:
+                runner.forward(msg.hidden, comm, msg.slots, msg.starts)
+            except CommError as e:
+                log.warning("step %d failed: %s", msg.seq, e)
+                continue
+            except Exception as e:  # a shard error (e.g. a corrupt block): report, stay up
+                log.error("step %d failed: %s", msg.seq, e)
+                client.send(Reply(seq=msg.seq, ok=False, detail=str(e)))
+                continue
+            detail = {"breakdown": runner.last.to_json(), "rss_bytes": rss_bytes(),
+                      "peak_rss_bytes": peak_rss_bytes()}
+            client.send(Reply(seq=msg.seq, ok=True, detail=json.dumps(detail)))
+        elif isinstance(msg, ResetCache):
+            pass  # caches are overwritten position by position; nothing to free

@@ -177,7 +177,8 @@ class StarHub:
         self._ring_reducer.on_lost(conn.id, rank, reason)
         peer.control.put(_LOST)
         if not self._closed:
-            log.warning("rank %d left: %s", rank, reason)
+            clean = "received 1000" in reason or "received 1001" in reason
+            (log.info if clean else log.warning)("rank %d left: %s", rank, reason)
 
     def _pick_rank(self, want: int | None):
         free = [r for r in range(1, self.world_size) if r not in self._peers]

@@ -220,7 +220,8 @@ class Assignment(Message):
 @message(31, "control", "hub")
 class ForwardStep(Message):
     seq: int
-    positions: list[int]            # absolute positions of the tokens in `hidden`
+    slots: list[int]                # KV-cache slot of each batch row
+    starts: list[int]               # position of each row's first token in `hidden`
     hidden: torch.Tensor            # (batch, tokens, hidden)
 
 

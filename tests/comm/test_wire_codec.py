@@ -49,7 +49,7 @@ def test_control_messages_round_trip():
         Welcome(rank=1, world_size=3, allreduce="ring", wire_dtype="bfloat16", proof="00"),
         Error(code="auth", message="join token rejected"),
         Assignment(rank=2, world_size=4, plan={"heads": [3, 2], "ok": True, "x": None}),
-        ForwardStep(seq=7, positions=[5, 6], hidden=torch.randn(1, 2, 576)),
+        ForwardStep(seq=7, slots=[0, 3], starts=[5, 9], hidden=torch.randn(2, 1, 576)),
         ResetCache(seq=1), Shutdown(), Reply(seq=3), Reply(seq=4, tensor=torch.arange(3)),
         RingSetup(generation=2, peers={"1": "ws://10.0.0.2:4000"}),
     ]
@@ -91,8 +91,8 @@ def test_frame_helper_builds_valid_frames():
     (frame(kind=5, dtype=0, shape=(), meta=b'{"code":"x"}', payload=b""), "missing fields"),
     (frame(kind=32, dtype=0, shape=(), meta=b'{"seq":"1"}', payload=b""), "is not int"),
     (frame(kind=32, dtype=0, shape=(), meta=b'{"seq":true}', payload=b""), "is not int"),
-    (frame(kind=31, dtype=1, shape=(1,), meta=json.dumps({"seq": 1, "positions": [1, "a"]})
-           .encode()), "positions"),
+    (frame(kind=31, dtype=1, shape=(1,), meta=json.dumps({"seq": 1, "slots": [0], "starts": [1, "a"]})
+           .encode()), "starts"),
     (frame(kind=33, dtype=0, shape=(), payload=b"xx"), "trailing bytes"),
     (frame(shape=(1,) * 9, payload=b"\0" * 4), "dimensions"),
 ])

@@ -8,7 +8,7 @@ recv). The engine only sees `communicator()`, a plain `Communicator`.
     hub = StarHub(world_size=4, token="s3cret", host="0.0.0.0", port=29500)
     hub.wait_for_workers(timeout=60)
     comm = hub.communicator()            # star: at once; ring / gloo: builds the links
-    hub.broadcast(ForwardStep(seq=0, positions=[0], hidden=h))
+    hub.broadcast(ForwardStep(seq=0, slots=[0], starts=[0], hidden=h))
     y = comm.all_reduce(partial)         # CommError if a worker vanished or stalled
 
 A worker that disconnects fails the pending (or next) all_reduce with CommError at once;

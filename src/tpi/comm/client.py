@@ -216,16 +216,15 @@ class StarClient:
         self._send(encode(msg, max_bytes=self.max_bytes))
 
     def communicator(self, timeout: float = 60.0) -> Communicator:
-        """This worker's Communicator. Star: at once. Ring: once the master has built the
-        ring. Gloo: joins the process group when the master sets it up (blocks)."""
+        """This worker's Communicator. Star and ring: at once (a ring all_reduce waits, up to
+        `timeout`, for the master to build the ring). Gloo: joins the process group when the
+        master sets it up (blocks up to `timeout`)."""
         if self._comm is not None:
             return self._comm
         if self.allreduce == "star":
             self._comm = ClientStarCommunicator(self)
         elif self.allreduce == "ring":
-            if not self._ring_ready.wait(timeout):
-                raise CommError(f"the master did not build the ring within {timeout:g}s")
-            self._comm = RingCommunicator(self)
+            self._comm = RingCommunicator(self)       # the first all_reduce waits for the ring
         else:
             try:
                 setup = self._setup_q.get(timeout=timeout)
@@ -274,6 +273,6 @@ class StarClient:
 
     def _ring_begin(self) -> tuple[int, dict[int, int]]:
         step = self._collective_begin()
-        if self._ring_links is None or self._ring_links.current is None:
-            raise CommError("the ring is not built yet")
+        if self._ring_links is None or not self._ring_ready.wait(self.timeout):
+            raise CommError(f"the master did not build the ring within {self.timeout:g}s")
         return step, {self._conn.id: 0}

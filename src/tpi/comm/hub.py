@@ -255,7 +255,18 @@ class StarHub:
 
     def broadcast(self, msg: Message) -> list[int]:
         """Send `msg` to every connected worker; opens a new collective epoch (steps.py).
-        Returns the ranks it was sent to."""
+        Returns the ranks it was sent to.
+
+        Ring mode: if the workers changed since the ring was built and all are present, the
+        ring is rebuilt first, so the steps that follow `msg` find it ready everywhere."""
+        if self.allreduce == "ring" and self._ring_stale():
+            with self._cond:
+                complete = len(self._peers) == self.world_size - 1
+            if complete:
+                try:
+                    self._build_ring(2 * self.timeout)
+                except CommError as e:
+                    log.warning("ring rebuild before broadcast failed: %s", e)
         with self._cond:
             step = self._steps.new_epoch()
             peers = list(self._peers.values())
@@ -290,13 +301,15 @@ class StarHub:
         return {r: self.recv(r, max(0.0, deadline - time.monotonic())) for r in ranks}
 
     def communicator(self, timeout: float = 30.0) -> Communicator:
-        """Rank 0's Communicator. Star: immediate. Ring: waits for all workers and (re)builds
-        the ring for the current members; call again after a worker was replaced. Gloo:
-        waits for all workers and forms the process group (once)."""
+        """Rank 0's Communicator. Star: immediate. Ring: waits for all workers and builds
+        the ring if it is not built for the current members (cheap when it is; broadcast()
+        also rebuilds it after a worker was replaced). Gloo: waits for all workers and forms
+        the process group (once; it cannot be rebuilt)."""
         if self.allreduce == "star":
             self._comm = self._comm or HubStarCommunicator(self)
         elif self.allreduce == "ring":
-            self._build_ring(timeout)
+            if self._ring_stale():
+                self._build_ring(timeout)
             self._comm = self._comm or RingCommunicator(self)
         elif self._comm is None:
             self._comm = self._setup_gloo(timeout)
@@ -367,6 +380,11 @@ class StarHub:
         self._io.call(self._put_all, conns, data)
         log.warning("collective %d:%d failed, epoch %d aborted: %s", epoch,
                     step & 0xFFFFFFFF, epoch, exc)
+
+    def _ring_stale(self) -> bool:
+        with self._cond:
+            members = {r: p.conn.id for r, p in self._peers.items()}
+        return members != self._ring_members or not self._ring_links.healthy()
 
     def _build_ring(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import websockets
 from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
 
 from tpi.comm import auth, handshake
 from tpi.comm.base import CommError
@@ -49,6 +50,13 @@ class RingLinks:
     @property
     def succ(self) -> int:
         return (self.rank + 1) % self.world_size
+
+    def healthy(self) -> bool:
+        """Both current links open (a hint, read from any thread)."""
+        cur = self.current
+        if self.world_size == 1:
+            return True
+        return cur is not None and all(c.ws.state is State.OPEN for c in cur[1:])
 
     async def accept(self, conn: Conn, hello: Hello) -> None:
         """Serve an authenticated incoming ring link until it closes."""

@@ -49,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_master_args(m)
 
+    w = sub.add_parser("webui", help="run the chat web UI, relaying to a master's HTTP API")
+    from tpi_webui.main import add_args as add_webui_args
+
+    add_webui_args(w)
+
     p = sub.add_parser("prepare", help="split a model into a shard store")
     add_model_args(p)
     p.add_argument("--out", required=True, help="directory of the shard store")
@@ -110,7 +115,13 @@ def cmd_master(args) -> int:
     return run(args)
 
 
-COMMANDS = {"generate": cmd_generate, "prepare": cmd_prepare, "master": cmd_master}
+def cmd_webui(args) -> int:
+    from tpi_webui.main import run
+
+    return run(args)
+
+
+COMMANDS = {"generate": cmd_generate, "prepare": cmd_prepare, "master": cmd_master, "webui": cmd_webui}
 
 
 def main(argv: list[str] | None = None) -> int:

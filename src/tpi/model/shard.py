@@ -91,17 +91,32 @@ class ShardRunner:
         v = linear(h, blk["v"], blk.get("v_bias")).view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
         q, k = apply_rope(q, step.cos, step.sin), apply_rope(k, step.cos, step.sin)
         self.cache.write(layer, step.slots, step.starts, k, v)
-        keys, values = self.cache.read(layer, step.slots, step.length)                         # (B, nkv, L, hd)
-        keys, values = keys.to(self.dtype), values.to(self.dtype)
-        if self.regular_gqa:
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=step.mask,
-                                                 is_causal=False, enable_gqa=True)
+        if B > 1 and len(set(step.starts)) > 1:
+            # Rows at different positions (batched decode): each row attends over its own
+            # keys only. One padded, masked call computes the same maths but rounds
+            # differently from the row run alone, and batching must not change greedy output.
+            out = torch.cat([self._attend(layer, q[b:b + 1], [step.slots[b]], step.starts[b], T)
+                             for b in range(B)])                                       # (B, nq, T, hd)
         else:
-            keys = keys.index_select(1, self.kv_index)                                # (B, nq, L, hd)
-            values = values.index_select(1, self.kv_index)
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=step.mask)
+            out = self._sdpa(q, *self.cache.read(layer, step.slots, step.length), step.mask)
         out = out.transpose(1, 2).reshape(B, T, nq * hd)                               # (B, T, nq*hd)
         return linear(out, blk["o"], blk.get("o_bias"))                                # (B, T, H) partial
+
+    def _attend(self, layer: int, q: torch.Tensor, slots: list[int], start: int, T: int) -> torch.Tensor:
+        """q (1, nq, T, hd) of one row whose first new token sits at `start` -> (1, nq, T, hd)."""
+        length = start + T
+        positions = start + torch.arange(T)[None, :]                                   # (1, T)
+        return self._sdpa(q, *self.cache.read(layer, slots, length), self._mask(positions, length))
+
+    def _sdpa(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+              mask: torch.Tensor | None) -> torch.Tensor:
+        """q (B, nq, T, hd), cached keys/values (B, nkv, L, hd) -> (B, nq, T, hd)."""
+        keys, values = keys.to(self.dtype), values.to(self.dtype)
+        if self.regular_gqa:
+            return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=False, enable_gqa=True)
+        keys = keys.index_select(1, self.kv_index)                                     # (B, nq, L, hd)
+        values = values.index_select(1, self.kv_index)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
 
     def mlp_partial(self, x: torch.Tensor, blk) -> torch.Tensor:
         """This device's share of the MLP output (B, T, H), before the all-reduce."""

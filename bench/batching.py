@@ -1,0 +1,168 @@
+"""Throughput of 1, 2, 4 ... concurrent requests against a real master (batched decoding).
+
+Each level sends C streaming chat requests at once (greedy, `ignore_eos`, so every request
+produces exactly --tokens tokens) and measures:
+  aggregate tokens/s   all tokens generated / wall time from the first send to the last token
+  per-request tokens/s each request's decode rate after its first token (mean)
+  TTFT                 time to first token (mean), which includes waiting for other prefills
+  batch                mean sequences per decode step, from the master's /metrics
+  step                 mean wall time of one decode step, from the master's /metrics
+
+Usage:
+  python bench/batching.py                         # starts its own master (2 devices, float32)
+  python bench/batching.py --master http://HOST:8000 [--api-key KEY]
+Not a test: it prints a Markdown table to paste into docs/benchmarks*.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+import requests
+
+PROMPTS = ["Tell me a story about a dragon.", "Explain how rain forms.", "Describe a walk in Paris.",
+           "Write a letter to a friend.", "List facts about the moon.", "How do bees make honey?",
+           "Describe the ocean at night.", "What makes a good teacher?"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_master(args) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "tpi.cli", "master", "--http", f"127.0.0.1:{port}", "--devices", str(args.devices),
+           "--dtype", args.dtype, "--slots", str(max(args.concurrency))]
+    print("starting:", " ".join(cmd[2:]), file=sys.stderr)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        if proc.poll() is not None:
+            raise SystemExit(f"the master exited with {proc.returncode}")
+        try:
+            if requests.get(url + "/healthz", timeout=2).ok:
+                return proc, url
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise SystemExit("the master did not become ready")
+
+
+def metrics(url: str, headers: dict) -> dict[str, float]:
+    out = {}
+    for line in requests.get(url + "/metrics", headers=headers, timeout=10).text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+def one_request(url: str, headers: dict, prompt: str, tokens: int, record: dict) -> None:
+    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": tokens, "temperature": 0,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    first = None
+    usage = None
+    with requests.post(url + "/v1/chat/completions", json=body, headers=headers, stream=True, timeout=1800) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                continue
+            obj = json.loads(line[6:])
+            if obj.get("usage"):
+                usage = obj["usage"]
+            if first is None and obj.get("choices") and obj["choices"][0]["delta"].get("content"):
+                first = time.perf_counter()
+    end = time.perf_counter()
+    n = usage["completion_tokens"] if usage else tokens
+    record.update(start=t0, first=first or end, end=end, tokens=n)
+
+
+def level(url: str, headers: dict, concurrency: int, tokens: int) -> dict:
+    before = metrics(url, headers)
+    records = [dict() for _ in range(concurrency)]
+    threads = [threading.Thread(target=one_request, args=(url, headers, PROMPTS[i % len(PROMPTS)], tokens, records[i]))
+               for i in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    after = metrics(url, headers)
+    wall = max(r["end"] for r in records) - min(r["start"] for r in records)
+    total = sum(r["tokens"] for r in records)
+    steps = after["tpi_decode_steps_total"] - before["tpi_decode_steps_total"]
+    rows = after["tpi_decode_rows_total"] - before["tpi_decode_rows_total"]
+    step_s = after["tpi_decode_step_seconds_sum"] - before["tpi_decode_step_seconds_sum"]
+    return {
+        "concurrency": concurrency,
+        "aggregate_tps": total / wall,
+        "per_request_tps": statistics.mean((r["tokens"] - 1) / (r["end"] - r["first"]) for r in records),
+        "ttft_s": statistics.mean(r["first"] - r["start"] for r in records),
+        "batch": rows / steps if steps else 0.0,
+        "step_ms": 1000 * step_s / steps if steps else 0.0,
+        "wall_s": wall,
+        "tokens": total,
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--master", help="URL of a running master (default: start one)")
+    ap.add_argument("--api-key", default=os.environ.get("TPI_API_KEY"))
+    ap.add_argument("--devices", type=int, default=2, help="devices of the master started here")
+    ap.add_argument("--dtype", default="float32", help="storage dtype of the master started here")
+    ap.add_argument("--concurrency", default="1,2,4", help="comma-separated levels")
+    ap.add_argument("--tokens", type=int, default=64, help="tokens per request")
+    ap.add_argument("--repeats", type=int, default=3, help="runs per level; the median run is reported")
+    ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = ap.parse_args()
+    args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    proc = None
+    url = args.master
+    if not url:
+        proc, url = start_master(args)
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    try:
+        level(url, headers, 1, 8)  # warm-up
+        results = []
+        for c in args.concurrency:
+            runs = sorted((level(url, headers, c, args.tokens) for _ in range(args.repeats)),
+                          key=lambda r: r["aggregate_tps"])
+            results.append(runs[len(runs) // 2])
+            print(f"concurrency {c}: {results[-1]['aggregate_tps']:.1f} tokens/s", file=sys.stderr)
+        cluster = requests.get(url + "/api/cluster", headers=headers, timeout=10).json()
+    finally:
+        if proc:
+            proc.terminate()
+            proc.wait(timeout=30)
+    if args.json:
+        print(json.dumps({"results": results, "world_size": cluster["world_size"],
+                          "transport": cluster["transport"]}, indent=2))
+        return 0
+    base = results[0]["aggregate_tps"]
+    print(f"{cluster['model']['name']}, {cluster['world_size']} devices ({cluster['transport']}), "
+          f"storage {cluster['model']['storage_dtype']}, {args.tokens} tokens per request, "
+          f"median of {args.repeats}; machine: {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}")
+    print()
+    print("| concurrent requests | aggregate tokens/s | speed-up | per-request tokens/s | mean TTFT (s) "
+          "| mean batch | decode step (ms) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        print(f"| {r['concurrency']} | {r['aggregate_tps']:.1f} | {r['aggregate_tps'] / base:.2f}x "
+              f"| {r['per_request_tps']:.1f} | {r['ttft_s']:.2f} | {r['batch']:.2f} | {r['step_ms']:.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""Real servers for the API and web UI tests: `tpi master` and `tpi webui` as subprocesses
+on free ports, each logging to a file that is shown when it fails to start."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+# The tests pin float32: greedy SmolLM2 answers the reference questions exactly as the
+# Hugging Face float32 model does, and batched rows round exactly like single ones.
+MASTER_ARGS = ("--devices", "2", "--dtype", "float32")
+ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"   # screenshots (gitignored)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, name: str, args: list[str], port: int, log_dir: Path):
+        self.name, self.port = name, port
+        self.url = f"http://127.0.0.1:{port}"
+        self.log_path = log_dir / f"{name}-{port}.log"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "tpi.cli", *args], stdout=self._log,
+                                     stderr=subprocess.STDOUT, env=dict(os.environ))
+
+    def log_tail(self, n: int = 40) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+    def wait_ready(self, timeout_s: float = 240.0) -> "Server":
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if requests.get(self.url + "/healthz", timeout=2).status_code == 200:
+                    return self
+            except requests.RequestException:
+                pass
+            time.sleep(0.3)
+        self.stop()
+        raise RuntimeError(f"{self.name} not ready after {timeout_s} s:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+def start_master(log_dir: Path, *extra: str) -> Server:
+    port = free_port()
+    return Server("master", ["master", "--http", f"127.0.0.1:{port}", *MASTER_ARGS, *extra],
+                  port, log_dir).wait_ready()
+
+
+def start_webui(log_dir: Path, master_url: str, *extra: str) -> Server:
+    port = free_port()
+    return Server("webui", ["webui", "--master", master_url, "--listen", f"127.0.0.1:{port}", *extra],
+                  port, log_dir).wait_ready()
+
+
+def wait_for(predicate, timeout_s: float = 15.0, interval_s: float = 0.1):
+    """Poll until predicate() returns something truthy; returns it (or the last value)."""
+    deadline = time.monotonic() + timeout_s
+    value = predicate()
+    while not value and time.monotonic() < deadline:
+        time.sleep(interval_s)
+        value = predicate()
+    return value
+
+
+def metric(text: str, name: str) -> float:
+    """The value of one sample (name with labels, exactly as rendered) in Prometheus text."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0

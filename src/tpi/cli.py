@@ -20,9 +20,33 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     split = p.add_mutually_exclusive_group()
     split.add_argument("--devices", type=int, default=None, help="number of devices (even split)")
     split.add_argument("--weights", default=None, help="relative work per device, e.g. 1,1,2")
-    p.add_argument("--dtype", default="bfloat16", help="storage dtype: bfloat16 (default), float32")
+    p.add_argument("--dtype", default="bfloat16",
+                   help="storage dtype: bfloat16 (default), float16, float32, or quantized int8 "
+                        "(per output channel) / int4 (groups of 32)")
     p.add_argument("--compute-dtype", default=None, help="compute dtype (default: the storage dtype)")
     p.add_argument("--max-seq", type=int, default=2048, help="context length (KV cache size)")
+
+
+def add_memory_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--window", type=int, default=2,
+                   help="streamed blocks held at once per device: the one in use and those being read (default 2)")
+    p.add_argument("--memory-budget", default=None, metavar="SIZE",
+                   help="per device, for layer weights and KV cache, e.g. 800MB or 1.5GiB (default: the cgroup "
+                        "limit minus what the process holds and a headroom; no limit: everything resident)")
+    p.add_argument("--no-scheduler", action="store_true", help="load every block into memory once (no streaming)")
+    p.add_argument("--kv-dtype", default=None, help="KV cache dtype: float32, bfloat16, float16 (default: compute dtype)")
+
+
+def runtime_options(args):
+    from tpi.engine import RuntimeOptions
+    from tpi.weights.scheduler import parse_size
+
+    return RuntimeOptions(
+        dtype=args.dtype, compute_dtype=args.compute_dtype, max_seq=args.max_seq,
+        scheduler=not getattr(args, "no_scheduler", False), window=getattr(args, "window", 2),
+        memory_budget=parse_size(args.memory_budget) if getattr(args, "memory_budget", None) else None,
+        kv_dtype=getattr(args, "kv_dtype", None),
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--transport", choices=["inproc", "ws"], default="inproc")
     g.add_argument("--json", action="store_true", help="print one JSON object")
+    add_memory_args(g)
 
     m = sub.add_parser("master", help="run the master: device 0, all-reduce hub, HTTP API")
     add_model_args(m)
@@ -71,11 +96,11 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from tpi.engine import RuntimeOptions, build_inproc_engine
+    from tpi.engine import build_inproc_engine
     from tpi.memory import peak_rss_bytes
     from tpi.model.sampling import SamplingParams
 
-    opts = RuntimeOptions(dtype=args.dtype, compute_dtype=args.compute_dtype, max_seq=args.max_seq)
+    opts = runtime_options(args)
     if args.transport != "inproc":
         raise SystemExit("tpi generate: --transport ws is provided by the master service (not built yet)")
     engine = build_inproc_engine(args.model, device_weights(args), opts)
@@ -89,15 +114,26 @@ def cmd_generate(args) -> int:
         result = engine.generator.generate(ids, params)
         peak = peak_rss_bytes()
         if args.json:
-            devices = [{"rank": r, "peak_rss_bytes": peak if r == 0 else None,
-                        "note": "all devices share one process (inproc)" if r == 0 else "inproc",
-                        "breakdown": b.to_json()}
-                       for r, b in enumerate(result.breakdowns)]
+            steps = max(1, len(result.tokens) - 1)  # decode steps the breakdowns sum over
+            devices = []
+            for r, (b, runner) in enumerate(zip(result.breakdowns, engine.cluster.runners)):
+                per_token = b.to_json(per_layer=True)
+                per_token = {k: ([[x / steps for x in layer] for layer in v] if k == "layers" else v / steps)
+                             for k, v in per_token.items()}
+                describe = getattr(runner.blocks, "describe", None)
+                devices.append({
+                    "rank": r, "peak_rss_bytes": peak if r == 0 else None,
+                    "note": "all devices share one process (inproc)" if r == 0 else "inproc",
+                    "breakdown": b.to_json(per_layer=True),          # summed over decode steps
+                    "per_token": per_token,                          # mean per decode step
+                    "kv_cache_bytes": runner.cache.nbytes,
+                    "blocks": describe() if describe else {"scheduler": "off (all resident)"},
+                })
             print(json.dumps({
                 "tokens": result.tokens, "text": result.text, "prompt_tokens": result.prompt_tokens,
                 "ttft_s": result.ttft_s, "token_latency_s": result.token_latency_s,
                 "finish_reason": result.finish_reason, "transport": "inproc",
-                "world_size": engine.cluster.world_size, "devices": devices,
+                "world_size": engine.cluster.world_size, "decode_steps": steps, "devices": devices,
             }))
         else:
             print(result.text)

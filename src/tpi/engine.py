@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -18,6 +18,7 @@ from tpi.model.shard import ShardRunner
 from tpi.plan import make_plan
 from tpi.tokenizer import ChatTokenizer
 from tpi.weights.sources import cache_dir, resolve_model
+from tpi.weights.quant import pack_block
 from tpi.weights.splitter import STORAGE_DTYPES, split_checkpoint
 from tpi.weights.store import ShardStore
 
@@ -26,16 +27,28 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass(frozen=True)
 class RuntimeOptions:
-    dtype: str = "bfloat16"             # storage dtype of the shard store
+    dtype: str = "bfloat16"             # storage dtype of the shard store (or int8 / int4)
     compute_dtype: str | None = None    # default: the storage dtype (float32 for quantized)
     max_seq: int = 2048                 # context length (KV cache size)
     num_slots: int = 1                  # sequences that can decode together
+    scheduler: bool = True              # stream blocks under a budget (False: all resident)
+    window: int = 2                     # streamed blocks in memory at once (in use + being read)
+    memory_budget: int | None = None    # bytes per device for layer weights + KV cache;
+                                        # None: from the cgroup limit (no limit: all resident)
+    kv_dtype: str | None = None         # KV cache dtype (default: the compute dtype)
 
     def torch_compute_dtype(self) -> torch.dtype:
         name = self.compute_dtype or (self.dtype if self.dtype in DTYPES else "float32")
         if name not in DTYPES:
             raise ValueError(f"unknown compute dtype {name!r}; choose from {', '.join(DTYPES)}")
         return DTYPES[name]
+
+    def torch_kv_dtype(self) -> torch.dtype:
+        if self.kv_dtype is None:
+            return self.torch_compute_dtype()
+        if self.kv_dtype not in DTYPES:
+            raise ValueError(f"unknown KV cache dtype {self.kv_dtype!r}; choose from {', '.join(DTYPES)}")
+        return DTYPES[self.kv_dtype]
 
 
 def prepare_store(model_src: str | None, weights: list[float], dtype: str, out: str | Path | None = None) -> ShardStore:
@@ -53,14 +66,52 @@ def load_head(store: ShardStore, compute_dtype: torch.dtype) -> Head:
     return Head(store.config, store.load_head(), compute_dtype)
 
 
+def kv_cache_bytes(store: ShardStore, rank: int, opts: RuntimeOptions) -> int:
+    """Bytes of device `rank`'s KV cache: keys and values for every layer, slot and position."""
+    cfg, shard = store.config, store.plan.shards[rank]
+    elem = torch.empty((), dtype=opts.torch_kv_dtype()).element_size()
+    return 2 * cfg.num_layers * opts.num_slots * shard.num_kv_heads * opts.max_seq * cfg.head_dim * elem
+
+
 def load_resident_runner(store: ShardStore, rank: int, opts: RuntimeOptions) -> ShardRunner:
+    """Every block in memory, loaded once (`--no-scheduler`)."""
     cdt = opts.torch_compute_dtype()
     blocks = {
-        (layer, kind): {k: v.to(cdt) for k, v in store.load_block(rank, layer, kind).items()}
+        (layer, kind): pack_block(store.load_block(rank, layer, kind), cdt)[0]
         for layer in range(store.config.num_layers) for kind in ("attn", "mlp")
     }
     return ShardRunner(store.config, store.plan.shards[rank], ResidentBlocks(blocks),
-                       compute_dtype=cdt, max_seq=opts.max_seq, num_slots=opts.num_slots)
+                       compute_dtype=cdt, max_seq=opts.max_seq, num_slots=opts.num_slots,
+                       kv_dtype=opts.torch_kv_dtype())
+
+
+def build_runner(store: ShardStore, rank: int, opts: RuntimeOptions, devices_in_process: int = 1) -> ShardRunner:
+    """One device's runner from a shard store, as a worker process (or the in-process
+    cluster) builds it: the sliding-window scheduler under the memory budget, or every
+    block resident with `opts.scheduler` False.
+
+    The budget (`opts.memory_budget`, else derived from this process's cgroup limit, shared
+    by `devices_in_process`) covers the device's layer weights and its KV cache; the
+    scheduler gets what the KV cache leaves."""
+    from tpi.weights.scheduler import MemoryBudgetError, SlidingWindowBlocks, default_device_budget, format_size
+
+    if not opts.scheduler:
+        return load_resident_runner(store, rank, opts)
+    cdt = opts.torch_compute_dtype()
+    kv = kv_cache_bytes(store, rank, opts)
+    budget = opts.memory_budget
+    if budget is None:
+        budget = default_device_budget(devices_in_process)
+    weights_budget = None
+    if budget is not None:
+        weights_budget = budget - kv
+        if weights_budget <= 0:
+            raise MemoryBudgetError(
+                f"device {rank}: the memory budget {format_size(budget)} does not even hold the KV cache "
+                f"({format_size(kv)} for {opts.max_seq} positions); lower --max-seq or use --kv-dtype bfloat16")
+    blocks = SlidingWindowBlocks(store, rank, window=opts.window, budget_bytes=weights_budget, compute_dtype=cdt)
+    return ShardRunner(store.config, store.plan.shards[rank], blocks, compute_dtype=cdt,
+                       max_seq=opts.max_seq, num_slots=opts.num_slots, kv_dtype=opts.torch_kv_dtype())
 
 
 def max_context(store: ShardStore, opts: RuntimeOptions) -> int:
@@ -93,6 +144,22 @@ def build_engine(store: ShardStore, cluster: Cluster, opts: RuntimeOptions) -> E
 
 def build_inproc_engine(model_src: str | None, weights: list[float], opts: RuntimeOptions) -> Engine:
     store = prepare_store(model_src, weights, opts.dtype)
-    opts = RuntimeOptions(opts.dtype, opts.compute_dtype, max_context(store, opts), opts.num_slots)
-    runners = [load_resident_runner(store, r, opts) for r in range(store.plan.world_size)]
+    opts = replace(opts, max_seq=max_context(store, opts))
+    n = store.plan.world_size
+    if opts.scheduler and opts.memory_budget is None:
+        # One process holds every device and, soon, the head: share what the limit leaves.
+        from tpi.memory import rss_bytes
+        from tpi.weights.scheduler import default_device_budget
+        from tpi.weights.store import HEAD_PATH
+
+        rss = (rss_bytes() or 0) + store.file_bytes(HEAD_PATH)
+        opts = replace(opts, memory_budget=default_device_budget(n, rss=rss))
+    runners = []
+    try:
+        for r in range(n):
+            runners.append(build_runner(store, r, opts, devices_in_process=n))
+    except BaseException:
+        for runner in runners:
+            runner.blocks.close()
+        raise
     return build_engine(store, InProcCluster(runners), opts)

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from tpi.config import ModelConfig
+from tpi.weights.quant import QuantizedWeight
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -21,7 +22,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * h.to(dtype)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: "torch.Tensor | QuantizedWeight", bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., in) @ weight (out, in).T + bias; a QuantizedWeight is dequantized on the fly."""
+    if isinstance(weight, QuantizedWeight):
+        return weight.linear(x, bias)
     return F.linear(x, weight, bias)
 
 

@@ -1,25 +1,32 @@
 """Split a checkpoint into a shard store, streaming tensor by tensor.
 
 Peak memory is about one layer's slices in the storage dtype plus one source tensor,
-never the whole model.
+never the whole model: source tensors are read with pread (not memory-mapped) and dropped
+from the page cache, so neither the process nor its cache holds the checkpoint.
+
+Storage dtypes: bfloat16, float16, float32, or the quantized int8 / int4 (see
+tpi.weights.quant), where each device's 2-D projection slices are quantized and norms,
+biases and the head stay bfloat16.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save as save_safetensors
 
 from tpi.config import load_model_config
 from tpi.plan import ShardPlan
 from tpi.weights.checkpoint import Checkpoint
 from tpi.weights.slicing import HEAD_TENSORS, parse_layer_name, slice_for_device
-from tpi.weights.store import FORMAT_VERSION, HEAD_PATH, MANIFEST, atomic_write, block_path
+from tpi.weights.quant import QUANT_DTYPES, quant_format, quantize_tensors
+from tpi.weights.store import (FORMAT_VERSION, HEAD_PATH, MANIFEST, atomic_write, block_path, read_header,
+                               read_tensor, write_safetensors)
 
-STORAGE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+FLOAT_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+# storage dtype -> dtype of the float tensors (all of them, or the unquantized ones)
+STORAGE_DTYPES = {**FLOAT_DTYPES, **{q: torch.bfloat16 for q in QUANT_DTYPES}}
 MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                "chat_template.jinja", "special_tokens_map.json")
 
@@ -32,6 +39,8 @@ def split_checkpoint(model_dir: str | Path, plan: ShardPlan, out: str | Path, dt
         raise ValueError(f"unknown storage dtype {dtype!r}; choose from {', '.join(STORAGE_DTYPES)}")
     wanted = {"format": FORMAT_VERSION, "model_config": cfg.to_json(), "plan": plan.to_json(),
               "dtype": dtype, "source": _fingerprint(model_dir)}
+    if dtype in QUANT_DTYPES:
+        wanted["quantization"] = quant_format(dtype)
     wanted = json.loads(json.dumps(wanted))  # the form it takes in the manifest (lists, not tuples)
     existing = out / MANIFEST
     if existing.is_file():
@@ -44,15 +53,15 @@ def split_checkpoint(model_dir: str | Path, plan: ShardPlan, out: str | Path, dt
         existing.unlink()  # a different (or broken) store: rebuild it in place
 
     torch_dtype = STORAGE_DTYPES[dtype]
-    ckpt = Checkpoint(model_dir)
+    quantized = dtype in QUANT_DTYPES
+    ckpt = _SourceReader(Checkpoint(model_dir))
     files: dict[str, dict] = {}
 
     def emit(rel: str, tensors: dict[str, torch.Tensor]) -> None:
-        data = save_safetensors({k: v.contiguous() for k, v in tensors.items()})
-        atomic_write(out / rel, data)
+        sha256, size = write_safetensors(out / rel, tensors)
         files[rel] = {
-            "sha256": hashlib.sha256(data).hexdigest(),
-            "bytes": len(data),
+            "sha256": sha256,
+            "bytes": size,
             "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
                         for k, v in tensors.items()},
         }
@@ -82,8 +91,15 @@ def split_checkpoint(model_dir: str | Path, plan: ShardPlan, out: str | Path, dt
             source = ckpt.get(name)
             for shard in plan.shards:
                 part = slice_for_device(source, rule, cfg, shard)
-                if part is not None:
-                    blocks.setdefault((shard.rank, kind), {})[local] = part.to(torch_dtype, copy=True)
+                if part is None:
+                    continue
+                if quantized:  # projections quantized from the source precision, the rest cast
+                    stored = quantize_tensors({local: part}, dtype)
+                    if local in stored:
+                        stored[local] = part.to(torch_dtype, copy=True)
+                else:
+                    stored = {local: part.to(torch_dtype, copy=True)}
+                blocks.setdefault((shard.rank, kind), {}).update(stored)
             del source
         for (rank, kind), tensors in sorted(blocks.items()):
             emit(block_path(rank, layer, kind), tensors)
@@ -98,6 +114,27 @@ def split_checkpoint(model_dir: str | Path, plan: ShardPlan, out: str | Path, dt
     atomic_write(out / MANIFEST, json.dumps(manifest, indent=1).encode())
     ckpt.close()
     return out
+
+
+class _SourceReader:
+    """Checkpoint tensors by name, read with pread into their own memory (no mmap)."""
+
+    def __init__(self, ckpt: Checkpoint):
+        self.ckpt = ckpt
+        self.headers: dict[Path, tuple[dict, int]] = {}
+
+    def names(self) -> list[str]:
+        return self.ckpt.names()
+
+    def get(self, name: str) -> torch.Tensor:
+        path = self.ckpt.file_of[name]
+        if path not in self.headers:
+            self.headers[path] = read_header(path)
+        header, base = self.headers[path]
+        return read_tensor(path, header, base, name)
+
+    def close(self) -> None:
+        self.ckpt.close()
 
 
 def _fingerprint(model_dir: Path) -> dict:

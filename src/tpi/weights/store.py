@@ -7,13 +7,20 @@ Layout of a store directory:
   rank-R/layer-LLL.attn.safetensors, rank-R/layer-LLL.mlp.safetensors
 
 The manifest is written last, atomically: a store without one is incomplete.
-Every block read is checked against its sha256; a mismatch names the file.
+Every block read is checked against its sha256; a mismatch names the file. (The
+sliding-window scheduler, which re-reads blocks every token, checks the sha256 on the first
+read of each file and again whenever the file's stat changes: see tpi.weights.scheduler.)
+
+Block files are safetensors. Besides the whole-file `load`, this module reads them without
+copies: `read_into` fills a caller's uint8 buffer chunk by chunk, dropping each chunk from
+the page cache, and `tensors_from_buffer` makes the tensors as views of that buffer.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +60,7 @@ def atomic_write(path: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+        _drop_cache(f.fileno())  # written shards must not fill the page cache either
     os.replace(tmp, path)
 
 
@@ -116,6 +124,13 @@ class ShardStore:
                 for layer in range(self.config.num_layers) for kind in ("attn", "mlp")]
 
 
+def _drop_cache(fd: int, offset: int = 0, length: int = 0) -> None:
+    try:
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+    except (AttributeError, OSError):
+        pass
+
+
 def read_uncached(path: Path) -> bytes:
     """Read a whole file, then tell the kernel to drop its pages: streamed weights must
     not pile up in the page cache inside a device's memory limit."""
@@ -126,3 +141,143 @@ def read_uncached(path: Path) -> bytes:
         except (AttributeError, OSError):
             pass
     return data
+
+
+# --- zero-copy reading of safetensors files ------------------------------------------
+
+SAFETENSORS_DTYPES = {
+    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+    "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32,
+    "I64": torch.int64, "BOOL": torch.bool,
+}
+READ_CHUNK = 8 << 20  # bytes read (then dropped from the page cache) per system call
+
+
+def read_into(path: str | Path, buf: torch.Tensor) -> tuple[int, os.stat_result]:
+    """Read the whole file at `path` into the front of `buf` (1-D uint8, large enough),
+    chunk by chunk, dropping each chunk's page-cache pages as soon as it is copied, so a
+    device's page cache never holds more than one chunk of a streamed block.
+    Returns (bytes read, fstat of the file read). Raises FileNotFoundError if missing."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        st = os.fstat(fd)
+        size = st.st_size
+        if size > buf.numel():
+            raise StoreError(f"{path} has {size} bytes, more than the {buf.numel()}-byte buffer (manifest out of date?)")
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        except (AttributeError, OSError):
+            pass
+        view = memoryview(buf.numpy()).cast("B")
+        done = 0
+        while done < size:
+            n = os.preadv(fd, [view[done : min(size, done + READ_CHUNK)]], done)
+            if n == 0:
+                raise StoreError(f"{path} shrank while being read ({done} of {size} bytes)")
+            _drop_cache(fd, done, n)
+            done += n
+        return size, st
+    finally:
+        os.close(fd)
+
+
+def parse_header(prefix: bytes | memoryview, where: str = "") -> tuple[dict, int]:
+    """(header dict without __metadata__, offset of the data section) of a safetensors file,
+    from the file's first bytes."""
+    if len(prefix) < 8:
+        raise StoreError(f"{where}: too short for a safetensors file")
+    (n,) = struct.unpack("<Q", bytes(prefix[:8]))
+    if 8 + n > len(prefix):
+        raise StoreError(f"{where}: safetensors header of {n} bytes runs past the data read")
+    try:
+        header = json.loads(bytes(prefix[8 : 8 + n]))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise StoreError(f"{where}: unreadable safetensors header: {e}") from e
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+def tensors_from_buffer(buf: torch.Tensor, size: int, where: str = "") -> dict[str, torch.Tensor]:
+    """The tensors of the safetensors file held in buf[:size], as views of `buf` (no copy).
+    A tensor whose offset does not suit its dtype's alignment is copied out instead."""
+    header, base = parse_header(memoryview(buf.numpy())[: min(size, 1 << 24)], where)
+    out = {}
+    for name, info in header.items():
+        dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))
+        if dtype is None:
+            raise StoreError(f"{where}: tensor {name} has unsupported dtype {info.get('dtype')!r}")
+        start, end = (base + o for o in info["data_offsets"])
+        shape = info["shape"]
+        if not base <= start <= end <= size:
+            raise StoreError(f"{where}: tensor {name} lies outside the file")
+        raw = buf[start:end]
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if start % itemsize:
+            raw = raw.clone()  # misaligned: one small copy rather than a wrong view
+        out[name] = raw.view(dtype).view(shape)
+    return out
+
+
+def read_tensor(path: str | Path, header: dict, base: int, name: str) -> torch.Tensor:
+    """One tensor of a safetensors file, read with pread into its own memory (no mmap, so
+    nothing of the file stays mapped or cached after the call)."""
+    info = header[name]
+    start, end = (base + o for o in info["data_offsets"])
+    buf = torch.empty(end - start, dtype=torch.uint8)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        view = memoryview(buf.numpy()).cast("B")
+        done = 0
+        while done < end - start:
+            n = os.preadv(fd, [view[done : min(end - start, done + READ_CHUNK)]], start + done)
+            if n == 0:
+                raise StoreError(f"{path}: tensor {name} is cut short")
+            done += n
+        _drop_cache(fd, start, end - start)
+    finally:
+        os.close(fd)
+    return buf.view(SAFETENSORS_DTYPES[info["dtype"]]).view(info["shape"])
+
+
+def read_header(path: str | Path) -> tuple[dict, int]:
+    """The safetensors header of the file at `path` (see parse_header)."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise StoreError(f"{path}: too short for a safetensors file")
+        (n,) = struct.unpack("<Q", head)
+        return parse_header(head + f.read(n), str(path))
+
+
+_DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> tuple[str, int]:
+    """Write `tensors` as a safetensors file, tensor by tensor (never the whole file as one
+    bytes object), atomically, with its pages dropped from the page cache.
+    Returns (sha256, size). Tensors are laid out by element size, largest first, so every
+    tensor's offset suits its dtype (as safetensors itself does)."""
+    names = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
+    header, offset = {}, 0
+    for n in names:
+        t = tensors[n]
+        header[n] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-(8 + len(raw)) % 8)
+    digest = hashlib.sha256()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        for chunk in (struct.pack("<Q", len(raw)), raw):
+            f.write(chunk)
+            digest.update(chunk)
+        for n in names:
+            data = memoryview(tensors[n].contiguous().reshape(-1).view(torch.uint8).numpy())
+            f.write(data)
+            digest.update(data)
+        f.flush()
+        os.fsync(f.fileno())
+        _drop_cache(f.fileno())
+    os.replace(tmp, path)
+    return digest.hexdigest(), 8 + len(raw) + offset

@@ -84,6 +84,52 @@ def run_config(ctx, mode: str, n: int, link: str | None, sizes: list[int], wire:
         hub.close()
 
 
+def _echo_server(port_q) -> None:
+    import asyncio
+
+    from websockets.asyncio.server import serve
+
+    async def echo(ws):
+        async for m in ws:
+            await ws.send(m)
+
+    async def main():
+        async with serve(echo, "127.0.0.1", 0, compression=None) as server:
+            port_q.put(server.sockets[0].getsockname()[1])
+            await asyncio.sleep(3600)
+
+    asyncio.run(main())
+
+
+def calibrate(ctx, n: int = 2000) -> float:
+    """Median round trip of a 2.3 KB message between two processes with plain websockets
+    (asyncio, no threads, no tpi): what this machine's loopback and Python do right now."""
+    import asyncio
+
+    from websockets.asyncio.client import connect
+
+    q = ctx.Queue()
+    p = ctx.Process(target=_echo_server, args=(q,), daemon=True)
+    p.start()
+    port = q.get(timeout=60)
+
+    async def run() -> float:
+        async with connect(f"ws://127.0.0.1:{port}", compression=None, proxy=None) as ws:
+            data, ts = b"x" * 2340, []
+            for i in range(n + 100):
+                t0 = time.perf_counter()
+                await ws.send(data)
+                await ws.recv()
+                if i >= 100:
+                    ts.append(time.perf_counter() - t0)
+            return statistics.median(ts)
+
+    try:
+        return asyncio.run(run())
+    finally:
+        p.kill()
+
+
 def fmt_ms(s: float) -> str:
     return f"{s * 1e3:.2f}" if s < 0.1 else f"{s * 1e3:.0f}"
 
@@ -114,7 +160,9 @@ def main() -> None:
     print(f"machine: {platform.platform()}, {os.cpu_count()} cores, Python "
           f"{platform.python_version()}, torch {torch.__version__}, load average "
           f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} at start")
-    print(f"wire dtype: {args.wire}; figures: rank 0 median (p90) ms per all_reduce\n")
+    print(f"wire dtype: {args.wire}; figures: rank 0 median (p90) ms per all_reduce")
+    print(f"calibration: plain websockets echo round trip between two processes, 2.3 KB: "
+          f"{calibrate(ctx) * 1e3:.3f} ms median\n")
     for link in links:
         sizes = [int(x) for x in (args.sizes if link is None else args.link_sizes).split(",")]
         spec = LinkSpec.parse(link)

@@ -10,6 +10,7 @@ import threading
 import pytest
 from websockets.asyncio.server import serve
 
+from tpi.comm.base import CommError
 from tpi.comm.client import StarClient
 from tpi.comm.drill import run_master
 from tpi.comm.handshake import JoinRefused
@@ -96,5 +97,5 @@ def test_tls(make_group, cert, mode, token):
     comm = g.start()
     r = run_master(g.hub, comm, reps=5, shape=[1, 1, 576])
     assert r.max_error() <= 1e-5 * float(r.expected.abs().max())
-    with pytest.raises(Exception):                            # plain ws:// is not served
+    with pytest.raises(CommError, match="cannot join"):       # plain ws:// is not served
         StarClient.connect(g.hub.url.replace("wss://", "ws://"), token, handshake_timeout=3)

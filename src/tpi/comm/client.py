@@ -48,7 +48,8 @@ class StarClient:
                  ring_advertise: str | None = None):
         """Connect to the hub at `url` (ws:// or wss://) and join. Blocks until admitted.
 
-        Raises handshake.JoinRefused (a CommError) with the hub's reason when refused.
+        Raises handshake.JoinRefused (a CommError) with the hub's reason when refused, and
+        CommError when the hub cannot be reached or does not speak this protocol.
         timeout: seconds a collective may wait. link: emulate a link on everything this
         process sends. ssl_context: tls.client_context(...) for wss://. ring_host /
         ring_advertise: where this worker listens for its ring predecessor (ring mode;
@@ -73,9 +74,12 @@ class StarClient:
         self._io = LoopThread("tpi-client")
         try:
             self._io.run(self._connect(), handshake_timeout + 5)
-        except BaseException:
+        except CommError:
             self._io.stop()
             raise
+        except Exception as e:  # refused TCP, not a WebSocket server, TLS failure, timeout
+            self._io.stop()
+            raise CommError(f"cannot join {url}: {e!r}") from e
         log.info("joined %s as rank %d of %d (%s)", url, self.rank, self.world_size,
                  self.allreduce)
 

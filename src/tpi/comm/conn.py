@@ -89,7 +89,7 @@ class Conn:
         """Flush, then close the websocket (reason truncated to the 123-byte limit)."""
         try:
             await asyncio.wait_for(self.flush(), 2.0)
-        except (TimeoutError, asyncio.CancelledError):
+        except (asyncio.TimeoutError, asyncio.CancelledError):  # 3.10: not TimeoutError
             pass
         reason = reason.encode()[:120].decode(errors="ignore")
         try:

@@ -36,7 +36,7 @@ class JoinRefused(CommError):
 async def _recv(conn: Conn, expect: type, timeout: float, max_bytes: int) -> Frame:
     try:
         data = await asyncio.wait_for(conn.ws.recv(), timeout)
-    except TimeoutError:
+    except asyncio.TimeoutError:  # TimeoutError itself from 3.11 on
         raise JoinRefused("timeout", f"no {expect.__name__} within {timeout:g}s") from None
     return decode(data, max_bytes=max_bytes, expect=(expect, Error))
 

@@ -168,14 +168,16 @@ class StarHub:
             return
         log.info("rank %d joined from %s%s", rank, conn.peer,
                  f" ({hello.name})" if hello.name else "")
-        reason = await self._read(peer)
-        with self._cond:
+        reason, bad = await self._read(peer)
+        with self._cond:                 # free the rank before the peer can see the close
             if self._peers.get(rank) is peer:
                 del self._peers[rank]
             self._cond.notify_all()
         self._star.on_lost(conn.id, rank, reason)
         self._ring_reducer.on_lost(conn.id, rank, reason)
         peer.control.put(_LOST)
+        if bad is not None:
+            await handshake.refuse(conn, "protocol", bad)
         if not self._closed:
             clean = "received 1000" in reason or "received 1001" in reason
             (log.info if clean else log.warning)("rank %d left: %s", rank, reason)
@@ -183,21 +185,22 @@ class StarHub:
     def _pick_rank(self, want: int | None):
         free = [r for r in range(1, self.world_size) if r not in self._peers]
         if want is not None and not 1 <= want < self.world_size:
-            return None, ("rank_taken", f"rank {want} outside 1..{self.world_size - 1}")
+            return None, ("bad_rank", f"rank {want} outside 1..{self.world_size - 1}")
         if want is not None and want not in free:
             return None, ("rank_taken", f"rank {want} is held by a connected worker")
         if not free:
             return None, ("full", f"group full: all {self.world_size - 1} worker ranks taken")
         return (want if want is not None else free[0]), None
 
-    async def _read(self, peer: _Peer) -> str:
-        """Route one worker's frames until its connection ends; returns why it ended."""
+    async def _read(self, peer: _Peer) -> tuple[str, str | None]:
+        """Route one worker's frames until its connection ends or it breaks the protocol;
+        returns why it ended, and what to tell the peer if it broke the protocol."""
         ws, conn = peer.conn.ws, peer.conn
         while True:
             try:
                 data = await ws.recv()
             except ConnectionClosed as e:
-                return f"connection closed ({e})"
+                return f"connection closed ({e})", None
             try:
                 h = read_header(data, self.max_bytes)
                 cls = MESSAGE_TYPES[h.kind]
@@ -209,8 +212,7 @@ class StarHub:
                 msg = decode(data, header=h, max_bytes=self.max_bytes).msg
             except ProtocolError as e:
                 log.warning("rank %d sent a bad frame, disconnecting it: %s", peer.rank, e)
-                await handshake.refuse(conn, "protocol", str(e))
-                return f"protocol error: {e}"
+                return f"protocol error: {e}", str(e)
             if isinstance(msg, Error):
                 log.warning("rank %d reports %s: %s", peer.rank, msg.code, msg.message)
             elif isinstance(msg, PeerInfo):
@@ -297,7 +299,7 @@ class StarHub:
                ranks: list[int] | None = None) -> dict[int, Message]:
         """One control message from each of `ranks` (default: every connected worker)."""
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        ranks = sorted(self._peers) if ranks is None else ranks
+        ranks = sorted(self.workers()) if ranks is None else ranks
         return {r: self.recv(r, max(0.0, deadline - time.monotonic())) for r in ranks}
 
     def communicator(self, timeout: float = 30.0) -> Communicator:

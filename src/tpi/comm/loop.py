@@ -7,6 +7,7 @@ result). No thread is created per call.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 from collections.abc import Coroutine
 from typing import Any, Callable
@@ -28,7 +29,7 @@ class LoopThread:
         fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
         try:
             return fut.result(timeout)
-        except TimeoutError:
+        except concurrent.futures.TimeoutError:  # TimeoutError itself from 3.11 on
             fut.cancel()
             raise
 

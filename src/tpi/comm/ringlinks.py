@@ -126,7 +126,7 @@ class RingLinks:
                 await asyncio.wait_for(
                     self._changed.wait_for(lambda: generation in self._incoming),
                     self._timeout)
-        except TimeoutError:
+        except asyncio.TimeoutError:
             await out.close(1000, "ring setup timed out")
             raise CommError(f"rank {self.rank}: predecessor rank {self.pred} did not connect "
                             f"within {self._timeout:g}s") from None

@@ -9,14 +9,20 @@ produces exactly --tokens tokens) and measures:
   step                 mean wall time of one decode step, from the master's /metrics
 
 Usage:
-  python bench/batching.py                         # starts its own master (2 devices, float32)
+  python bench/batching.py                         # starts its own `tpi master` (2 devices, float32)
   python bench/batching.py --master http://HOST:8000 [--api-key KEY]
+  python bench/batching.py --memory-budget 200MB   # weights streamed from disk under a budget
+With --memory-budget the master (the same engine and `serve`) is started from this script,
+in a child process, because `tpi master` has no budget flag yet: each device keeps what
+fits and re-reads the rest of its layer blocks from disk on every decode step, which is
+where batching pays (one read serves every sequence of the step).
 Not a test: it prints a Markdown table to paste into docs/benchmarks*.md.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import socket
@@ -49,6 +55,41 @@ def start_master(args) -> tuple[subprocess.Popen, str]:
     for _ in range(600):
         if proc.poll() is not None:
             raise SystemExit(f"the master exited with {proc.returncode}")
+        try:
+            if requests.get(url + "/healthz", timeout=2).ok:
+                return proc, url
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise SystemExit("the master did not become ready")
+
+
+def _serve_budgeted(port: int, devices: int, dtype: str, slots: int, budget: str, max_seq: int) -> None:
+    import logging
+
+    from tpi.engine import RuntimeOptions, build_inproc_engine
+    from tpi.weights.scheduler import parse_size
+    from tpi_master.http_api import serve
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+
+    opts = RuntimeOptions(dtype=dtype, max_seq=max_seq, num_slots=slots, memory_budget=parse_size(budget))
+    serve(build_inproc_engine(None, [1.0] * devices, opts), "127.0.0.1", port)
+
+
+def start_budgeted_master(args):
+    port = free_port()
+    print(f"starting: an in-process master, {args.devices} devices, {args.dtype}, memory budget "
+          f"{args.memory_budget} per device, context {args.max_seq}", file=sys.stderr)
+    proc = multiprocessing.get_context("spawn").Process(
+        target=_serve_budgeted, daemon=True,
+        args=(port, args.devices, args.dtype, max(args.concurrency), args.memory_budget, args.max_seq))
+    proc.start()
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        if not proc.is_alive():
+            raise SystemExit(f"the master exited with {proc.exitcode}")
         try:
             if requests.get(url + "/healthz", timeout=2).ok:
                 return proc, url
@@ -122,6 +163,9 @@ def main() -> int:
     ap.add_argument("--api-key", default=os.environ.get("TPI_API_KEY"))
     ap.add_argument("--devices", type=int, default=2, help="devices of the master started here")
     ap.add_argument("--dtype", default="float32", help="storage dtype of the master started here")
+    ap.add_argument("--memory-budget", default=None, metavar="SIZE",
+                    help="per device, for layer weights + KV cache (e.g. 200MB): stream weights from disk")
+    ap.add_argument("--max-seq", type=int, default=512, help="context of the budgeted master (KV cache size)")
     ap.add_argument("--concurrency", default="1,2,4", help="comma-separated levels")
     ap.add_argument("--tokens", type=int, default=64, help="tokens per request")
     ap.add_argument("--repeats", type=int, default=3, help="runs per level; the median run is reported")
@@ -131,7 +175,7 @@ def main() -> int:
     proc = None
     url = args.master
     if not url:
-        proc, url = start_master(args)
+        proc, url = start_budgeted_master(args) if args.memory_budget else start_master(args)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     try:
         level(url, headers, 1, 8)  # warm-up
@@ -143,16 +187,23 @@ def main() -> int:
             print(f"concurrency {c}: {results[-1]['aggregate_tps']:.1f} tokens/s", file=sys.stderr)
         cluster = requests.get(url + "/api/cluster", headers=headers, timeout=10).json()
     finally:
-        if proc:
+        if isinstance(proc, subprocess.Popen):
             proc.terminate()
             proc.wait(timeout=30)
+        elif proc is not None:
+            proc.terminate()
+            proc.join(timeout=30)
     if args.json:
         print(json.dumps({"results": results, "world_size": cluster["world_size"],
                           "transport": cluster["transport"]}, indent=2))
         return 0
     base = results[0]["aggregate_tps"]
+    mem = cluster["devices"][0]["memory"]
+    streamed = mem.get("streamed_blocks")
+    weights = (f"{streamed} of {streamed + mem.get('resident_blocks', 0)} blocks per device streamed from disk"
+               if streamed else "all weights resident")
     print(f"{cluster['model']['name']}, {cluster['world_size']} devices ({cluster['transport']}), "
-          f"storage {cluster['model']['storage_dtype']}, {args.tokens} tokens per request, "
+          f"storage {cluster['model']['storage_dtype']}, {weights}, {args.tokens} tokens per request, "
           f"median of {args.repeats}; machine: {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}")
     print()
     print("| concurrent requests | aggregate tokens/s | speed-up | per-request tokens/s | mean TTFT (s) "

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import secrets
 
 from tpi.engine import RuntimeOptions
 
@@ -37,11 +36,14 @@ def split_hostport(text: str, default_port: int) -> tuple[str, int]:
 
 
 def runtime_options(args) -> RuntimeOptions:
-    return RuntimeOptions(dtype=args.dtype, compute_dtype=args.compute_dtype, max_seq=args.max_seq,
-                          num_slots=args.slots)
+    from dataclasses import replace
+
+    from tpi.cli import runtime_options as common_options
+
+    return replace(common_options(args), num_slots=args.slots)
 
 
-def build_distributed_engine(args, world_size: int):
+def build_distributed_engine(args, world_size: int, on_listening=None):
     """Start the hub, wait for the workers, assign shards; returns (engine, hub)."""
     from dataclasses import asdict
 
@@ -60,6 +62,8 @@ def build_distributed_engine(args, world_size: int):
                   wire_dtype=args.wire_dtype or opts.torch_compute_dtype(), timeout=args.timeout,
                   link=args.link)
     log.info("hub listening on ws://%s:%d for %d worker(s)", host, hub.port, world_size - 1)
+    if on_listening is not None:
+        on_listening(hub.port)
     hub.wait_for_workers(world_size - 1, timeout=None)
     runner = build_runner(store, 0, opts)
     cluster = RemoteCluster(hub, store, runner, asdict(opts))
@@ -71,6 +75,9 @@ def run(args) -> int:
     from tpi.engine import build_inproc_engine
     from tpi_master.http_api import serve
 
+    from tpi.threads import configure_threads
+
+    log.info("computing with %d thread(s)", configure_threads())
     workers = args.expect_workers
     if workers is None:
         workers = (args.devices - 1 if args.devices else 0) if args.listen else 0

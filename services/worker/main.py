@@ -30,8 +30,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     from tpi.comm.client import StarClient
 
+    from tpi.threads import configure_threads
+
     if not args.master:
         raise SystemExit("tpi worker: --master ws://HOST:PORT is required")
+    log.info("computing with %d thread(s)", configure_threads())
     backoff = 0.5
     while True:
         try:

@@ -64,7 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--transport", choices=["inproc", "ws"], default="inproc")
+    g.add_argument("--transport", choices=["inproc", "ws"], default="inproc",
+                   help="inproc: shards as threads; ws: a master and N-1 worker processes on loopback")
+    g.add_argument("--allreduce", choices=["star", "ring", "gloo"], default="star", help="with --transport ws")
+    g.add_argument("--link", default=None, help='with --transport ws: emulate a link, e.g. "latency=5ms"')
+    g.add_argument("--wire-dtype", default=None, help="with --transport ws: dtype of partial sums on the wire")
     g.add_argument("--json", action="store_true", help="print one JSON object")
     add_memory_args(g)
 
@@ -73,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     from tpi_master.main import add_args as add_master_args
 
     add_master_args(m)
+    add_memory_args(m)
+
+    k = sub.add_parser("worker", help="run a worker: join a master, compute its shard")
+    from tpi_worker.main import add_args as add_worker_args
+
+    add_worker_args(k)
 
     w = sub.add_parser("webui", help="run the chat web UI, relaying to a master's HTTP API")
     from tpi_webui.main import add_args as add_webui_args
@@ -96,57 +106,73 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    from contextlib import nullcontext
+
     from tpi.engine import build_inproc_engine
-    from tpi.memory import peak_rss_bytes
     from tpi.model.sampling import SamplingParams
 
     opts = runtime_options(args)
-    if args.transport != "inproc":
-        raise SystemExit("tpi generate: --transport ws is provided by the master service (not built yet)")
-    engine = build_inproc_engine(args.model, device_weights(args), opts)
-    try:
-        tok = engine.tokenizer
-        ids = tok.encode_chat([{"role": "user", "content": args.chat}]) if args.chat else tok.encode(args.prompt)
-        params = SamplingParams(
-            temperature=0.0 if args.greedy else args.temperature,
-            top_k=args.top_k, top_p=args.top_p, seed=args.seed, max_new_tokens=args.max_new_tokens,
-        )
-        result = engine.generator.generate(ids, params)
-        peak = peak_rss_bytes()
-        if args.json:
-            steps = max(1, len(result.tokens) - 1)  # decode steps the breakdowns sum over
-            devices = []
-            for r, (b, runner) in enumerate(zip(result.breakdowns, engine.cluster.runners)):
-                per_token = b.to_json(per_layer=True)
-                per_token = {k: ([[x / steps for x in layer] for layer in v] if k == "layers" else v / steps)
-                             for k, v in per_token.items()}
-                describe = getattr(runner.blocks, "describe", None)
-                devices.append({
-                    "rank": r, "peak_rss_bytes": peak if r == 0 else None,
-                    "note": "all devices share one process (inproc)" if r == 0 else "inproc",
-                    "breakdown": b.to_json(per_layer=True),          # summed over decode steps
-                    "per_token": per_token,                          # mean per decode step
-                    "kv_cache_bytes": runner.cache.nbytes,
-                    "blocks": describe() if describe else {"scheduler": "off (all resident)"},
-                })
-            print(json.dumps({
-                "tokens": result.tokens, "text": result.text, "prompt_tokens": result.prompt_tokens,
-                "ttft_s": result.ttft_s, "token_latency_s": result.token_latency_s,
-                "finish_reason": result.finish_reason, "transport": "inproc",
-                "world_size": engine.cluster.world_size, "decode_steps": steps, "devices": devices,
-            }))
-        else:
-            print(result.text)
-            print(f"[{len(result.tokens)} tokens, TTFT {result.ttft_s:.3f}s, "
-                  f"{result.token_latency_s * 1000:.1f} ms/token, {engine.cluster.world_size} devices]",
-                  file=sys.stderr)
-    finally:
-        engine.close()
+    if args.transport == "ws":
+        from tpi_master.local_launch import LocalCluster
+
+        context = LocalCluster(args, len(device_weights(args)))
+    else:
+        context = nullcontext(build_inproc_engine(args.model, device_weights(args), opts))
+    with context as engine:
+        try:
+            tok = engine.tokenizer
+            ids = tok.encode_chat([{"role": "user", "content": args.chat}]) if args.chat else tok.encode(args.prompt)
+            params = SamplingParams(
+                temperature=0.0 if args.greedy else args.temperature,
+                top_k=args.top_k, top_p=args.top_p, seed=args.seed, max_new_tokens=args.max_new_tokens,
+            )
+            result = engine.generator.generate(ids, params)
+            if args.json:
+                print(json.dumps(generation_report(engine, result, args.transport)))
+            else:
+                print(result.text)
+                print(f"[{len(result.tokens)} tokens, TTFT {result.ttft_s:.3f}s, "
+                      f"{result.token_latency_s * 1000:.1f} ms/token, {engine.cluster.world_size} devices]",
+                      file=sys.stderr)
+        finally:
+            if args.transport != "ws":
+                engine.close()
     return 0
+
+
+def generation_report(engine, result, transport: str) -> dict:
+    """The `--json` object: tokens, text, timings, and per device memory and time split."""
+    steps = max(1, len(result.tokens) - 1)  # decode steps the breakdowns sum over
+    peaks = engine.cluster.peak_rss()
+    devices = []
+    for r, b in enumerate(result.breakdowns):
+        summed = b.to_json(per_layer=True)
+        per_token = {k: ([[x / steps for x in layer] for layer in v] if k == "layers" else v / steps)
+                     for k, v in summed.items()}
+        device = {"rank": r, "peak_rss_bytes": peaks[r], "breakdown": summed, "per_token": per_token}
+        runners = getattr(engine.cluster, "runners", None)
+        if runners is not None:  # in-process: every device shares this process's memory
+            device["note"] = "all devices share one process (inproc)"
+            describe = getattr(runners[r].blocks, "describe", None)
+            device["kv_cache_bytes"] = runners[r].cache.nbytes
+            device["blocks"] = describe() if describe else {"scheduler": "off (all resident)"}
+        devices.append(device)
+    return {
+        "tokens": result.tokens, "text": result.text, "prompt_tokens": result.prompt_tokens,
+        "ttft_s": result.ttft_s, "token_latency_s": result.token_latency_s,
+        "finish_reason": result.finish_reason, "transport": transport,
+        "world_size": engine.cluster.world_size, "decode_steps": steps, "devices": devices,
+    }
 
 
 def cmd_master(args) -> int:
     from tpi_master.main import run
+
+    return run(args)
+
+
+def cmd_worker(args) -> int:
+    from tpi_worker.main import run
 
     return run(args)
 
@@ -157,7 +183,8 @@ def cmd_webui(args) -> int:
     return run(args)
 
 
-COMMANDS = {"generate": cmd_generate, "prepare": cmd_prepare, "master": cmd_master, "webui": cmd_webui}
+COMMANDS = {"generate": cmd_generate, "prepare": cmd_prepare, "master": cmd_master, "worker": cmd_worker,
+            "webui": cmd_webui}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,6 +192,10 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = build_parser().parse_args(argv)
+    if args.command in ("master", "worker") or getattr(args, "transport", None) == "ws":
+        from tpi.threads import prefer_passive_wait
+
+        prefer_passive_wait()
     try:
         return COMMANDS[args.command](args)
     except (PlanError, ValueError, FileNotFoundError) as e:

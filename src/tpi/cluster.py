@@ -88,6 +88,11 @@ class InProcCluster(Cluster):
     def breakdowns(self):
         return [r.last for r in self.runners]
 
+    def peak_rss(self):
+        from tpi.memory import peak_rss_bytes
+
+        return [peak_rss_bytes()] * self.world_size  # one process holds every shard
+
     def close(self):
         for q in self._jobs:
             q.put(None)

@@ -1,8 +1,14 @@
 """Real servers for the API and web UI tests: `tpi master` and `tpi webui` as subprocesses
-on free ports, each logging to a file that is shown when it fails to start."""
+on free ports, each logging to a file that is shown when it fails to start, and the
+fixtures built on them (a test module imports the fixtures it uses; module-scoped ones
+start once per module).
+
+Fixtures live here rather than in conftest.py files: several conftest.py modules would
+shadow one another under the name `conftest`, which tests/engine imports by that name."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -10,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import requests
 
 # The tests pin float32: greedy SmolLM2 answers the reference questions exactly as the
@@ -89,3 +96,60 @@ def metric(text: str, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.split()[-1])
     return 0.0
+
+
+# ---- fixtures ----
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def master(tmp_path_factory):
+    """A real master: `tpi master --devices 2` serving SmolLM2."""
+    server = start_master(tmp_path_factory.mktemp("master"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def client(master):
+    """The official OpenAI client, pointed at the master."""
+    from openai import OpenAI
+
+    return OpenAI(base_url=master.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def webui(master, tmp_path_factory):
+    """A real `tpi webui` relaying to the master."""
+    server = start_webui(tmp_path_factory.mktemp("webui"), master.url)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Debian chromium through Playwright."""
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"no chromium at {CHROMIUM}: apt-get install -y chromium")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser, webui):
+    """The chat page, freshly loaded; fails the test on any JavaScript error."""
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    pg = context.new_page()
+    errors: list[str] = []
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    pg.goto(webui.url + "/")
+    yield pg
+    context.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"

@@ -8,6 +8,8 @@ import openai
 import pytest
 import requests
 
+from procs import client, master  # noqa: F401  (pytest fixtures)
+
 MSG = [{"role": "user", "content": "Hi"}]
 
 

@@ -9,6 +9,8 @@ import time
 
 import requests
 
+from procs import client, master  # noqa: F401  (pytest fixtures)
+
 CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
 
 

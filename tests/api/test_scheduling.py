@@ -9,7 +9,7 @@ import threading
 
 import requests
 
-from procs import metric, wait_for
+from procs import master, metric, wait_for  # noqa: F401  (master: a pytest fixture)
 
 PROMPTS = ["What is the capital of France?", "Write a poem about the sea.",
            "Count from 1 to 20.", "Explain gravity to a child."]

@@ -8,7 +8,7 @@ import time
 
 import requests
 
-from procs import ARTIFACTS, wait_for
+from procs import ARTIFACTS, browser, master, page, wait_for, webui  # noqa: F401  (fixtures)
 
 RECORD_REPLY = """() => {
   window.__snaps = [];

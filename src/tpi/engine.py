@@ -20,7 +20,7 @@ from tpi.tokenizer import ChatTokenizer
 from tpi.weights.sources import cache_dir, resolve_model
 from tpi.weights.quant import pack_block
 from tpi.weights.splitter import STORAGE_DTYPES, split_checkpoint
-from tpi.weights.store import ShardStore
+from tpi.weights.store import ShardStore, block_path
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -63,7 +63,9 @@ def prepare_store(model_src: str | None, weights: list[float], dtype: str, out: 
 
 
 def load_head(store: ShardStore, compute_dtype: torch.dtype) -> Head:
-    return Head(store.config, store.load_head(), compute_dtype)
+    from tpi.weights.store import HEAD_PATH
+
+    return Head(store.config, store.load_views(HEAD_PATH), compute_dtype)
 
 
 def kv_cache_bytes(store: ShardStore, rank: int, opts: RuntimeOptions) -> int:
@@ -77,7 +79,7 @@ def load_resident_runner(store: ShardStore, rank: int, opts: RuntimeOptions) -> 
     """Every block in memory, loaded once (`--no-scheduler`)."""
     cdt = opts.torch_compute_dtype()
     blocks = {
-        (layer, kind): pack_block(store.load_block(rank, layer, kind), cdt)[0]
+        (layer, kind): pack_block(store.load_views(block_path(rank, layer, kind)), cdt)[0]
         for layer in range(store.config.num_layers) for kind in ("attn", "mlp")
     }
     return ShardRunner(store.config, store.plan.shards[rank], ResidentBlocks(blocks),

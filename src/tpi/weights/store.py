@@ -113,6 +113,24 @@ class ShardStore:
         except Exception as e:
             raise StoreError(f"block file {self.root / rel} cannot be parsed: {e}") from e
 
+    def load_views(self, rel: str) -> dict[str, torch.Tensor]:
+        """Like `load`, verified the same way, but the tensors are views of one buffer the
+        file is read into (no bytes object, no second copy: peak = the file's size)."""
+        entry = self.files.get(rel)
+        if entry is None:
+            raise StoreError(f"{rel} is not listed in {self.root / MANIFEST}")
+        path = self.root / rel
+        buf = torch.empty(entry.bytes, dtype=torch.uint8)
+        try:
+            size, _ = read_into(path, buf)
+        except FileNotFoundError:
+            raise StoreError(f"block file missing: {path}") from None
+        if size != entry.bytes:
+            raise StoreError(f"block file {path} has {size} bytes, manifest says {entry.bytes} (truncated?)")
+        if hashlib.sha256(memoryview(buf.numpy())).hexdigest() != entry.sha256:
+            raise StoreError(f"block file {path} failed its sha256 check (altered or corrupt)")
+        return tensors_from_buffer(buf, size, str(path))
+
     def load_block(self, rank: int, layer: int, kind: str) -> dict[str, torch.Tensor]:
         return self.load(block_path(rank, layer, kind))
 

@@ -20,6 +20,7 @@ from tpi.comm.link import Link
 
 log = logging.getLogger("tpi.comm")
 _ids = itertools.count(1)
+_TIMER_SLACK = 0.0005
 
 
 def set_nodelay(ws) -> None:
@@ -111,7 +112,9 @@ class Conn:
                         item.set_result(None)
                     continue
                 if at:
-                    delay = at - self._loop.time()
+                    # epoll rounds timeouts up to the next millisecond (+0.5 ms on average);
+                    # aiming half a millisecond early makes the emulated delay unbiased.
+                    delay = at - self._loop.time() - _TIMER_SLACK
                     if delay > 0:
                         await asyncio.sleep(delay)
                 await ws.send(item)

@@ -180,11 +180,12 @@ class ApiServer:
     def __init__(self, engine, host: str, port: int, *, api_key: str | None = None,
                  model_name: str = "smollm2", status_provider: Callable[[], dict] | None = None,
                  on_cluster_failure: Callable[[], bool] | None = None, num_slots: int | None = None,
-                 max_queue: int = 256):
+                 max_queue: int = 256, between_requests: Callable[[], None] | None = None):
         from werkzeug.serving import make_server
 
         slots = num_slots or engine_slots(engine)
-        self.scheduler = Scheduler(engine, slots, on_cluster_failure=on_cluster_failure, max_queue=max_queue)
+        self.scheduler = Scheduler(engine, slots, on_cluster_failure=on_cluster_failure, max_queue=max_queue,
+                                   between_requests=between_requests)
         status = ClusterStatus(engine, self.scheduler, model_name, status_provider)
         self.app = create_app(engine, self.scheduler, model_name=model_name, api_key=api_key, status=status)
         self.httpd = make_server(host, port, self.app, threaded=True)
@@ -206,7 +207,8 @@ class ApiServer:
 def serve(engine, host: str, port: int, *, api_key: str | None = None, model_name: str = "smollm2",
           status_provider: Callable[[], dict] | None = None,
           on_cluster_failure: Callable[[], bool] | None = None,
-          num_slots: int | None = None, max_queue: int = 256) -> None:
+          num_slots: int | None = None, max_queue: int = 256,
+          between_requests: Callable[[], None] | None = None) -> None:
     """Serve the API until interrupted (Ctrl-C or SIGTERM).
 
     status_provider: returns extra cluster status merged into GET /api/cluster (see status.py).
@@ -214,10 +216,11 @@ def serve(engine, host: str, port: int, *, api_key: str | None = None, model_nam
       and the active requests resume, False = they fail with 503.
     num_slots: sequences decoded together (default: the engine's KV-cache slots).
     max_queue: requests allowed to wait for a slot; more are refused with 429.
+    between_requests: called by the scheduler whenever no request is active (re-planning).
     """
     server = ApiServer(engine, host, port, api_key=api_key, model_name=model_name,
                        status_provider=status_provider, on_cluster_failure=on_cluster_failure,
-                       num_slots=num_slots, max_queue=max_queue)
+                       num_slots=num_slots, max_queue=max_queue, between_requests=between_requests)
     if threading.current_thread() is threading.main_thread():
         # Docker stops containers with SIGTERM; shut down cleanly instead of being killed.
         signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())

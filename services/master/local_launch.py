@@ -18,7 +18,7 @@ class LocalCluster:
     def __init__(self, args, devices: int):
         self.args, self.devices = args, devices
         self.procs: list[subprocess.Popen] = []
-        self.engine = self.hub = None
+        self.engine = self.manager = None
 
     def __enter__(self):
         from tpi_master.main import build_distributed_engine
@@ -26,6 +26,7 @@ class LocalCluster:
         token = secrets.token_hex(16)
         args = argparse.Namespace(**vars(self.args))
         args.join_token, args.listen = token, "127.0.0.1:0"
+        args.start_timeout = 120.0
         args.allreduce = getattr(args, "allreduce", "star") or "star"
         args.wire_dtype = getattr(args, "wire_dtype", None)
         args.store = getattr(args, "store", None)
@@ -43,13 +44,13 @@ class LocalCluster:
                 env = dict(os.environ, OMP_NUM_THREADS=str(threads))  # share the cores
                 self.procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, env=env))
 
-        self.engine, self.hub = build_distributed_engine(args, self.devices, on_listening=spawn_workers)
+        self.engine, self.manager = build_distributed_engine(args, self.devices, on_listening=spawn_workers)
         return self.engine
 
     def __exit__(self, *exc):
-        if self.hub is not None:
+        if self.manager is not None:
             try:
-                self.hub.broadcast(Shutdown(reason="generation done"))
+                self.manager.hub.broadcast(Shutdown(reason="generation done"))
             except Exception:  # noqa: BLE001 - workers may be gone already
                 pass
         for p in self.procs:
@@ -59,5 +60,5 @@ class LocalCluster:
                 p.kill()
         if self.engine is not None:
             self.engine.close()
-        if self.hub is not None:
-            self.hub.close()
+        if self.manager is not None:
+            self.manager.close()

@@ -112,12 +112,14 @@ class Sequence:
 class Scheduler:
     def __init__(self, engine, num_slots: int, *, metrics: MasterMetrics | None = None,
                  on_cluster_failure: Callable[[], bool] | None = None, max_queue: int = 256,
-                 max_recoveries: int = 3, history: int = 16):
+                 max_recoveries: int = 3, history: int = 16,
+                 between_requests: Callable[[], None] | None = None):
         self.engine = engine
         self.num_slots = num_slots
         self.metrics = metrics or MasterMetrics(lambda: len(self.waiting), lambda: len(self.active),
                                                 lambda: self.num_slots)
         self.on_cluster_failure = on_cluster_failure
+        self.between_requests = between_requests  # membership changes, applied while idle
         self.max_queue, self.max_recoveries = max_queue, max_recoveries
         self.cond = threading.Condition()
         self.waiting: deque[Sequence] = deque()
@@ -196,6 +198,13 @@ class Scheduler:
                     self._fail_all(APIError(503, "the server is shutting down", type="server_error",
                                             code="shutting_down"), include_waiting=True)
                     return
+                idle = not self.active
+            if idle and self.between_requests is not None:
+                try:  # outside the lock: a re-plan may take seconds; requests keep queueing
+                    self.between_requests()
+                except Exception:  # noqa: BLE001 - serve with the cluster we have
+                    log.exception("between-requests hook failed")
+            with self.cond:
                 while self.waiting and self.free_slots:
                     seq = self.waiting.popleft()
                     seq.slot, seq.started = self.free_slots.pop(0), time.monotonic()

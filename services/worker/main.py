@@ -9,7 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import socket
 import time
+import uuid
 
 from tpi.comm.base import CommError
 from tpi.comm.handshake import JoinRefused
@@ -19,7 +22,9 @@ log = logging.getLogger("tpi.worker")
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--master", required=False, help="ws://HOST:PORT of the master's hub")
-    p.add_argument("--join-token", required=True, help="the cluster's shared join token")
+    p.add_argument("--registry", default=os.environ.get("TPI_REGISTRY"),
+                   help="redis://[:PASSWORD@]HOST:PORT/DB: find the master there and register this device")
+    p.add_argument("--join-token", default=os.environ.get("TPI_JOIN_TOKEN"), help="the cluster's shared join token")
     p.add_argument("--link", default=None, help='emulate a link, e.g. "latency=5ms,bandwidth=300mbit"')
     p.add_argument("--name", default="", help="a name for logs and the cluster panel")
     p.add_argument("--rank", type=int, default=None, help="ask for this rank")
@@ -32,24 +37,42 @@ def run(args) -> int:
 
     from tpi.threads import configure_threads
 
-    if not args.master:
-        raise SystemExit("tpi worker: --master ws://HOST:PORT is required")
+    if not args.join_token:
+        raise SystemExit("tpi worker: --join-token (or TPI_JOIN_TOKEN) is required")
+    if not args.master and not args.registry:
+        raise SystemExit("tpi worker: give --master ws://HOST:PORT or --registry redis://...")
     log.info("computing with %d thread(s)", configure_threads())
+    registration = None
+    if args.registry:
+        registration = register(args)
+        if registration.rejected:
+            log.error("the registry refused this worker: %s", registration.rejected)
+            return 3
     backoff = 0.5
     while True:
+        url = args.master or master_url(args)
+        if registration is not None and registration.rejected:
+            log.error("the master refused this worker: %s", registration.rejected)
+            return 3
         try:
-            client = StarClient.connect(args.master, args.join_token, name=args.name,
+            client = StarClient.connect(url, args.join_token, name=args.name,
                                         want_rank=args.rank, timeout=args.timeout, link=args.link)
         except JoinRefused as e:
-            log.error("the master refused this worker: %s", e)
-            return 3
+            if e.code in ("auth", "version"):
+                log.error("the master refused this worker: %s", e)
+                return 3
+            # e.g. "full": the master planned without us; it admits us at its next re-plan
+            log.info("not admitted yet (%s); retrying in %.1fs", e, backoff)
+            time.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+            continue
         except (CommError, OSError) as e:
-            log.warning("cannot reach the master at %s (%s); retrying in %.1fs", args.master, e, backoff)
+            log.warning("cannot reach the master at %s (%s); retrying in %.1fs", url, e, backoff)
             time.sleep(backoff)
             backoff = min(backoff * 2, 10.0)
             continue
         backoff = 0.5
-        log.info("joined %s as rank %d of %d", args.master, client.rank, client.world_size)
+        log.info("joined %s as rank %d of %d", url, client.rank, client.world_size)
         try:
             serve(client)
         except CommError as e:
@@ -58,6 +81,25 @@ def run(args) -> int:
             client.close()
         if args.once:
             return 0
+
+
+def register(args):
+    """Announce this device (its measured capability) in the registry, under a stable name."""
+    from tpi.capability import measure
+    from tpi.registry import register_worker
+
+    args.name = args.name or f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
+    registration = register_worker(args.registry, args.join_token, args.name, None, measure(dtype="float32"))
+    registration.wait_registered(timeout=30)
+    log.info("registered as %s", args.name)
+    return registration
+
+
+def master_url(args) -> str:
+    from tpi.registry import find_master
+
+    record = find_master(args.registry, args.join_token)
+    return f"ws://{record.address}"
 
 
 def serve(client) -> None:

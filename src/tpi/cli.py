@@ -23,7 +23,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="bfloat16",
                    help="storage dtype: bfloat16 (default), float16, float32, or quantized int8 "
                         "(per output channel) / int4 (groups of 32)")
-    p.add_argument("--compute-dtype", default=None, help="compute dtype (default: the storage dtype)")
+    p.add_argument("--compute-dtype", default=None, help="compute dtype (default: float32; bfloat16 halves weight memory)")
     p.add_argument("--max-seq", type=int, default=2048, help="context length (KV cache size)")
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import TINY_FAMILIES, hf_greedy
+from reference import TINY_FAMILIES, hf_greedy
 from tpi.engine import RuntimeOptions, build_inproc_engine
 from tpi.model.sampling import SamplingParams
 

@@ -1,0 +1,132 @@
+"""Owns the hub and the current RemoteCluster, and rebuilds both when devices come or go.
+
+  * Recovery: when a forward fails because a worker died, `recover()` re-plans over the
+    workers still connected (down to the master alone), reloads shards, swaps the engine's
+    cluster, and the scheduler re-prefills prompt + tokens already produced: the client
+    sees a pause, not an error.
+  * Admission: with a registry, `between_requests()` re-plans when the registry's membership
+    differs from the devices in the plan; it runs only while no request is active.
+
+Each rebuild restarts the hub (its world size is fixed) on the same port; workers reconnect
+on their own. Device weights come from the planner over measured capabilities when the
+registry provides them, else an even split.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import asdict
+
+from tpi.comm.base import CommError
+from tpi.comm.hub import StarHub
+from tpi.engine import Engine, RuntimeOptions, build_runner, prepare_store
+from tpi_master.remote_cluster import RemoteCluster
+
+log = logging.getLogger("tpi.master.cluster")
+
+
+class ClusterManager:
+    def __init__(self, args, opts: RuntimeOptions, host: str, port: int, membership=None,
+                 master_capability=None, rejoin_timeout: float = 20.0):
+        self.args, self.opts, self.host, self.port = args, opts, host, port
+        self.membership, self.master_capability = membership, master_capability
+        self.rejoin_timeout = rejoin_timeout
+        self.hub: StarHub | None = None
+        self.cluster: RemoteCluster | None = None
+        self.engine: Engine | None = None
+        self.device_names: list[str] = []       # worker names in the current plan (rank order)
+        self.estimate: dict | None = None
+        self.rebuilds = 0
+        self._lock = threading.Lock()
+
+    # ---- building ---------------------------------------------------------------------
+
+    def build(self, workers: int, wait_timeout: float | None) -> RemoteCluster:
+        """A new hub for `workers` workers, a plan over those that join, their shards loaded."""
+        if self.hub is not None:
+            self.hub.close()
+        a = self.args
+        self.hub = StarHub(workers + 1, a.join_token, self.host, self.port, allreduce=a.allreduce,
+                           wire_dtype=a.wire_dtype or self.opts.torch_compute_dtype(),
+                           timeout=a.timeout, link=a.link)
+        self.port = self.hub.port
+        log.info("hub on ws://%s:%d waiting for %d worker(s)", self.host, self.port, workers)
+        self.hub.wait_for_workers(workers, timeout=wait_timeout)
+        joined = self.hub.workers()
+        self.device_names = [joined[r].name for r in sorted(joined)]
+        store = prepare_store(a.model, self._weights(), a.dtype, a.store)
+        runner = build_runner(store, 0, self.opts)
+        cluster = RemoteCluster(self.hub, store, runner, asdict(self.opts))
+        cluster.ensure_assigned()
+        if self.cluster is not None:
+            self.cluster.close()
+        self.cluster = cluster
+        if self.engine is not None:
+            self.engine.store = store
+            self.engine.cluster = self.engine.generator.cluster = cluster
+        log.info("cluster of %d device(s) ready: %s", workers + 1, ["master", *self.device_names])
+        return cluster
+
+    def _weights(self) -> list[float]:
+        if self.membership is None or self.master_capability is None:
+            if self.args.weights and len(self.args.weights.split(",")) == len(self.device_names) + 1:
+                return [float(w) for w in self.args.weights.split(",")]
+            return [1.0] * (len(self.device_names) + 1)
+        from tpi.config import load_model_config
+        from tpi.planner import PlannerSettings, plan_cluster
+        from tpi.weights.sources import resolve_model
+
+        records = self.membership.members()
+        caps = [self.master_capability] + [
+            records[n].capability if n in records else self.master_capability for n in self.device_names]
+        o = self.opts
+        settings = PlannerSettings(storage_dtype=o.dtype, compute_dtype=str(o.torch_compute_dtype()).removeprefix("torch."),
+                                   max_seq=o.max_seq, num_slots=o.num_slots, window_blocks=o.window)
+        planned = plan_cluster(load_model_config(resolve_model(self.args.model)), caps, None, settings)
+        self.estimate = planned.estimate.to_json()
+        return list(planned.weights)
+
+    # ---- hooks for the scheduler --------------------------------------------------------
+
+    def recover(self) -> bool:
+        """A worker was lost mid-step: re-plan over the workers still connected."""
+        with self._lock:
+            alive = len(self.hub.workers()) if self.hub else 0
+            log.warning("re-planning over %d surviving worker(s)", alive)
+            for attempt in range(3):
+                try:
+                    self.build(alive, wait_timeout=self.rejoin_timeout)
+                    self.rebuilds += 1
+                    return True
+                except CommError as e:
+                    log.warning("rebuild attempt %d failed: %s", attempt + 1, e)
+                    alive = max(0, alive - 1)  # someone else is gone too
+            return False
+
+    def between_requests(self) -> None:
+        """With a registry: admit devices that joined, drop those that left."""
+        if self.membership is None:
+            return
+        present = sorted(self.membership.members())
+        if present == sorted(self.device_names) or not self.membership.healthy:
+            return
+        with self._lock:
+            log.info("membership changed: %s -> %s; re-planning", self.device_names, present)
+            try:
+                self.build(len(present), wait_timeout=self.rejoin_timeout)
+                self.rebuilds += 1
+            except CommError as e:
+                log.warning("re-plan failed (%s); serving with what joined", e)
+                self.build(len(self.hub.workers()) if self.hub else 0, wait_timeout=5)
+
+    def status(self) -> dict:
+        return {"devices_in_plan": ["master", *self.device_names], "rebuilds": self.rebuilds,
+                "estimate": self.estimate,
+                "device_status": self.cluster.device_status() if self.cluster else []}
+
+    def close(self) -> None:
+        if self.cluster is not None:
+            self.cluster.close()
+        if self.hub is not None:
+            self.hub.close()

@@ -1,0 +1,70 @@
+"""The Hugging Face reference: small random-weight models of each family made with
+Hugging Face's own classes, and its greedy output. Imported by tests (not a conftest, so
+per-directory conftest files cannot shadow it)."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+# Each family's config as Hugging Face writes it; small enough to run in a second.
+TINY_FAMILIES = {
+    "llama3": dict(
+        architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=96, intermediate_size=200,
+        num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=2, rope_theta=500000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+        max_position_embeddings=512, tie_word_embeddings=False,
+    ),
+    "llama-tied": dict(
+        architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=64, intermediate_size=160,
+        num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=8, tie_word_embeddings=True,
+        max_position_embeddings=512,
+    ),
+    "mistral": dict(
+        architectures=["MistralForCausalLM"], model_type="mistral", hidden_size=80, intermediate_size=192,
+        num_hidden_layers=2, num_attention_heads=5, num_key_value_heads=1, sliding_window=None,
+        max_position_embeddings=512, tie_word_embeddings=False,
+    ),
+    "qwen2": dict(
+        architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_size=96, intermediate_size=224,
+        num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=3, tie_word_embeddings=True,
+        max_position_embeddings=512, use_sliding_window=False,
+    ),
+}
+
+
+def make_tiny_model(family: str, out: Path, smollm2: Path, init_range: float = 0.2) -> Path:
+    """A random-weight HF model directory of `family`, with SmolLM2's tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    spec = dict(TINY_FAMILIES[family])
+    spec.update(vocab_size=49152, rms_norm_eps=1e-5, hidden_act="silu", initializer_range=init_range,
+                bos_token_id=1, eos_token_id=2)
+    model_type = spec.pop("model_type")
+    config = AutoConfig.for_model(model_type, **spec)
+    torch.manual_seed(1234)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():  # HF zero-initialises biases; give Qwen2's q/k/v biases real values
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0, 0.1)
+    model.save_pretrained(out, safe_serialization=True)
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (smollm2 / f).is_file():
+            shutil.copyfile(smollm2 / f, out / f)
+    return out
+
+
+def hf_greedy(model_dir: Path, prompt: list[int], new_tokens: int) -> list[int]:
+    """The Hugging Face reference: float32, greedy, exactly `new_tokens` tokens."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.eval()
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    return out[0, len(prompt):].tolist()

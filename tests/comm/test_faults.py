@@ -1,6 +1,7 @@
 """A worker killed (SIGKILL) or stalled (SIGSTOP) in the middle of a run of all-reduces:
 the master's all_reduce raises CommError quickly, the survivors' calls fail too (Abort),
 and once a worker (re)joins, all_reduce works again."""
+import re
 import signal
 import threading
 import time
@@ -38,7 +39,7 @@ def test_killed_worker(make_group, mode):
     run_master(g.hub, comm, reps=5, shape=SHAPE)
     took, err, ranks = run_until_failure(g, comm, lambda: g.kill(2))
     assert took < 5.0, f"CommError only {took:.1f}s after the kill"
-    assert "rank 2" in str(err)
+    assert re.search(r"rank 2 lost|rank\(s\) \[2\] not connected", str(err)), str(err)
     for r in (1, 3):                                   # survivors' drills failed too
         reply = g.hub.recv(r, timeout=10)
         assert isinstance(reply, Reply) and not reply.ok     # aborted, or lost a ring link

@@ -86,14 +86,32 @@ def drop_caches() -> None:
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
+_CGROUPS = iter(range(1 << 30))
+
+
 def make_cgroup(name: str, limit: int | None) -> Path:
-    cg = CGROUP_ROOT / name
-    if cg.exists():
-        cg.rmdir()
+    cg = CGROUP_ROOT / f"{name}-{os.getpid()}-{next(_CGROUPS)}"  # never reuse a name
     cg.mkdir()
     if limit is not None:
         (cg / "memory.limit_in_bytes").write_text(str(limit))
     return cg
+
+
+def remove_cgroup(cg: Path) -> None:
+    """Kill what is left in the cgroup (only this benchmark's processes are put there), remove it."""
+    for _ in range(50):
+        pids = [int(p) for p in (cg / "cgroup.procs").read_text().split()]
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            cg.rmdir()
+            return
+        except OSError:
+            time.sleep(0.2)
+    print(f"warning: could not remove {cg}", file=sys.stderr)
 
 
 def cgroup_peak(cg: Path) -> int:
@@ -238,7 +256,7 @@ def run_tpi(name: str, store: Path, world: int, opts: dict, limits: list[int | N
             dev.update(json.loads(res.read_text()))
             res.unlink()
         out["devices"].append(dev)
-        cg.rmdir()
+        remove_cgroup(cg)
     d0 = out["devices"][0]
     out.update(ttft_s=d0.get("ttft_s"), token_latency_s=d0.get("token_latency_s"))
     return out
@@ -303,7 +321,7 @@ def run_hf(name: str, model: Path, limit: int | None, offload: bool, max_memory:
         out["devices"][0].update(r)
         out.update(ttft_s=r["ttft_s"], token_latency_s=r["token_latency_s"])
         res.unlink()
-    cg.rmdir()
+    remove_cgroup(cg)
     return out
 
 
@@ -323,7 +341,7 @@ def slice_info(store_dir: Path, world: int) -> dict:
 def systems(args, info: dict) -> list[tuple[str, dict]]:
     """(name, spec) for every system of the matrix."""
     L, head, slc, big = args.limit, info["head"], info["slice"], info["largest"]
-    base = dict(dtype="bfloat16", max_seq=args.max_seq)
+    base = dict(dtype="bfloat16", compute_dtype="bfloat16", max_seq=args.max_seq)  # zero-copy: compute in the storage dtype
     kv = info["kv"](base)
     tpi_limits = [L + head] + [L] * (args.world - 1)        # device 0 also holds the head
     out = [
@@ -419,7 +437,7 @@ def cmd_split(args) -> None:
         last = log.read_text().strip().splitlines()[-1] if log.read_text().strip() else "{}"
         rec = {"dtype": dtype, "exit_code": rc, "cgroup_limit": parse_size(args.limit), "cgroup_peak": cgroup_peak(cg),
                **(json.loads(last) if last.startswith("{") else {"error": last})}
-        cg.rmdir()
+        remove_cgroup(cg)
         records.append(rec)
         print(json.dumps(rec), flush=True)
     (out / "split-results.json").write_text(json.dumps(records, indent=1))

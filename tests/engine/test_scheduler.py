@@ -126,11 +126,11 @@ def test_tiny_greedy_same_under_every_schedule(tiny_model, devices):
 
 def test_smollm2_greedy_same_under_streaming_and_retention(smollm2_dir):
     weights = [1.0] * 3
-    base = RuntimeOptions(dtype="bfloat16", max_seq=64)
+    base = RuntimeOptions(dtype="bfloat16", compute_dtype="bfloat16", max_seq=64)
     store = prepare_store(str(smollm2_dir), weights, "bfloat16")
-    expected, _ = run(smollm2_dir, weights, RuntimeOptions(dtype="bfloat16", max_seq=64, scheduler=False), 8)
+    expected, _ = run(smollm2_dir, weights, RuntimeOptions(dtype="bfloat16", compute_dtype="bfloat16", max_seq=64, scheduler=False), 8)
     for window, fraction in [(1, 0.5), (2, 0.0), (4, 0.25)]:
-        opts = RuntimeOptions(dtype="bfloat16", max_seq=64, window=window,
+        opts = RuntimeOptions(dtype="bfloat16", compute_dtype="bfloat16", max_seq=64, window=window,
                               memory_budget=budget_for(store, base, window, fraction))
         tokens, blocks = run(smollm2_dir, weights, opts, 8)
         assert tokens == expected, (window, fraction)

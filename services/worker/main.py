@@ -50,7 +50,7 @@ def run(args) -> int:
             return 3
     backoff = 0.5
     while True:
-        url = args.master or master_url(args)
+        url = args.master or master_url(args, registration)
         if registration is not None and registration.rejected:
             log.error("the master refused this worker: %s", registration.rejected)
             return 3
@@ -95,11 +95,16 @@ def register(args):
     return registration
 
 
-def master_url(args) -> str:
-    from tpi.registry import find_master
+def master_url(args, registration) -> str | None:
+    """The master's hub address from the registry; None if this worker was refused."""
+    from tpi.registry import RegistryTimeout, find_master
 
-    record = find_master(args.registry, args.join_token)
-    return f"ws://{record.address}"
+    while not registration.rejected:
+        try:
+            return f"ws://{find_master(args.registry, args.join_token, timeout=2).address}"
+        except RegistryTimeout:
+            continue
+    return None
 
 
 def serve(client) -> None:

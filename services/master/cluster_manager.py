@@ -32,6 +32,7 @@ class ClusterManager:
         self.args, self.opts, self.host, self.port = args, opts, host, port
         self.membership, self.master_capability = membership, master_capability
         self.rejoin_timeout = rejoin_timeout
+        self.http_url: str | None = None       # where workers without the shared volume download shards
         self.hub: StarHub | None = None
         self.cluster: RemoteCluster | None = None
         self.engine: Engine | None = None
@@ -55,9 +56,9 @@ class ClusterManager:
         self.hub.wait_for_workers(workers, timeout=wait_timeout)
         joined = self.hub.workers()
         self.device_names = [joined[r].name for r in sorted(joined)]
-        store = prepare_store(a.model, self._weights(), a.dtype, a.store)
+        store = prepare_store(a.model, self._weights(), a.dtype, root=a.store)
         runner = build_runner(store, 0, self.opts)
-        cluster = RemoteCluster(self.hub, store, runner, asdict(self.opts))
+        cluster = RemoteCluster(self.hub, store, runner, asdict(self.opts), http_url=self.http_url)
         cluster.ensure_assigned()
         if self.cluster is not None:
             self.cluster.close()

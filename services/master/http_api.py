@@ -180,7 +180,8 @@ class ApiServer:
     def __init__(self, engine, host: str, port: int, *, api_key: str | None = None,
                  model_name: str = "smollm2", status_provider: Callable[[], dict] | None = None,
                  on_cluster_failure: Callable[[], bool] | None = None, num_slots: int | None = None,
-                 max_queue: int = 256, between_requests: Callable[[], None] | None = None):
+                 max_queue: int = 256, between_requests: Callable[[], None] | None = None,
+                 blueprints: list | None = None):
         from werkzeug.serving import make_server
 
         slots = num_slots or engine_slots(engine)
@@ -188,6 +189,8 @@ class ApiServer:
                                    between_requests=between_requests)
         status = ClusterStatus(engine, self.scheduler, model_name, status_provider)
         self.app = create_app(engine, self.scheduler, model_name=model_name, api_key=api_key, status=status)
+        for blueprint in blueprints or []:  # e.g. the shard server (tpi.shard_delivery)
+            self.app.register_blueprint(blueprint)
         self.httpd = make_server(host, port, self.app, threaded=True)
         self.host, self.port = host, self.httpd.server_port
 
@@ -208,7 +211,7 @@ def serve(engine, host: str, port: int, *, api_key: str | None = None, model_nam
           status_provider: Callable[[], dict] | None = None,
           on_cluster_failure: Callable[[], bool] | None = None,
           num_slots: int | None = None, max_queue: int = 256,
-          between_requests: Callable[[], None] | None = None) -> None:
+          between_requests: Callable[[], None] | None = None, blueprints: list | None = None) -> None:
     """Serve the API until interrupted (Ctrl-C or SIGTERM).
 
     status_provider: returns extra cluster status merged into GET /api/cluster (see status.py).
@@ -217,10 +220,12 @@ def serve(engine, host: str, port: int, *, api_key: str | None = None, model_nam
     num_slots: sequences decoded together (default: the engine's KV-cache slots).
     max_queue: requests allowed to wait for a slot; more are refused with 429.
     between_requests: called by the scheduler whenever no request is active (re-planning).
+    blueprints: more Flask blueprints to mount (the master's shard server).
     """
     server = ApiServer(engine, host, port, api_key=api_key, model_name=model_name,
                        status_provider=status_provider, on_cluster_failure=on_cluster_failure,
-                       num_slots=num_slots, max_queue=max_queue, between_requests=between_requests)
+                       num_slots=num_slots, max_queue=max_queue, between_requests=between_requests,
+                       blueprints=blueprints)
     if threading.current_thread() is threading.main_thread():
         # Docker stops containers with SIGTERM; shut down cleanly instead of being killed.
         signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())

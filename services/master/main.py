@@ -50,7 +50,8 @@ def runtime_options(args):
     return replace(common_options(args), num_slots=args.slots)
 
 
-def build_distributed_engine(args, world_size: int, on_listening=None, membership=None, capability=None):
+def build_distributed_engine(args, world_size: int, on_listening=None, membership=None, capability=None,
+                             http_url: str | None = None):
     """Start the hub, wait for the workers, assign shards; returns (engine, manager)."""
     from dataclasses import replace
 
@@ -60,10 +61,11 @@ def build_distributed_engine(args, world_size: int, on_listening=None, membershi
     if not args.join_token:
         raise SystemExit("tpi master: --join-token (or TPI_JOIN_TOKEN) is required when workers join")
     opts = runtime_options(args)
-    probe = prepare_store(args.model, [1.0], args.dtype, args.store)  # also converts the model once
+    probe = prepare_store(args.model, [1.0], args.dtype, root=args.store)  # also converts the model once
     opts = replace(opts, max_seq=max_context(probe, opts))
     host, port = split_hostport(args.listen or "0.0.0.0:29500", 29500)
     manager = ClusterManager(args, opts, host, port, membership=membership, master_capability=capability)
+    manager.http_url = http_url
     if on_listening is not None:  # the hub binds in build(); tell the launcher the port first
         manager.port = port if port else _free_port(host)
         on_listening(manager.port)
@@ -96,13 +98,19 @@ def run(args) -> int:
         if workers is None:
             workers = (args.devices - 1 if args.devices else 0) if args.listen else 0
         if workers > 0:
-            engine, manager = build_distributed_engine(args, workers + 1)
+            engine, manager = build_distributed_engine(args, workers + 1, http_url=f"http://{host}:{port}")
         else:
             weights = [float(w) for w in args.weights.split(",")] if args.weights else [1.0] * (args.devices or 1)
             engine = build_inproc_engine(args.model, weights, runtime_options(args))
     log.info("serving %s on http://%s:%d", engine.store.config.architecture, host, port)
+    blueprints = []
+    if manager is not None:  # workers that cannot see the store's volume download from here
+        from tpi.shard_delivery import shard_blueprint, stores_under
+        from tpi.weights.sources import cache_dir
+
+        blueprints.append(shard_blueprint(stores_under(args.store or cache_dir() / "stores"), args.join_token))
     try:
-        serve(engine, host, port, api_key=args.api_key, model_name=args.model or "smollm2",
+        serve(engine, host, port, blueprints=blueprints, api_key=args.api_key, model_name=args.model or "smollm2",
               num_slots=args.slots,
               status_provider=manager.status if manager else None,
               on_cluster_failure=manager.recover if (manager and args.registry) else None,
@@ -139,5 +147,6 @@ def start_with_registry(args, http_port: int):
         log.info("waiting up to %.0fs for %d worker(s) to register", args.start_timeout, args.min_workers)
         membership.wait(lambda ms: len(ms) >= args.min_workers, timeout=args.start_timeout)
     present = len(membership.members())
-    engine, manager = build_distributed_engine(args, present + 1, membership=membership, capability=capability)
+    engine, manager = build_distributed_engine(args, present + 1, membership=membership, capability=capability,
+                                               http_url=f"http://{advertise}:{http_port}")
     return engine, manager, registration, membership

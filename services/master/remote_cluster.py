@@ -25,8 +25,9 @@ log = logging.getLogger("tpi.master.cluster")
 
 class RemoteCluster(Cluster):
     def __init__(self, hub, store: ShardStore, runner: ShardRunner, options: dict,
-                 assign_timeout: float = 120.0):
+                 assign_timeout: float = 120.0, http_url: str | None = None):
         self.hub, self.store, self.runner, self.options = hub, store, runner, options
+        self.http_url = http_url  # the master's shard server, for workers without the volume
         self.world_size = store.plan.world_size
         self.assign_timeout = assign_timeout
         self.assigned: dict[int, object] = {}       # rank -> the connection it was assigned on
@@ -48,7 +49,8 @@ class RemoteCluster(Cluster):
                 self._assign(rank, info.address)
 
     def _assign(self, rank: int, address: str) -> None:
-        plan = {"store": str(self.store.root.resolve()), "options": self.options}
+        plan = {"store": str(self.store.root.resolve()), "store_id": self.store.root.name,
+                "shards_url": self.http_url, "options": self.options}
         self.hub.send(rank, Assignment(rank=rank, world_size=self.world_size, plan=plan))
         reply = self._next_reply(rank, -1, self.assign_timeout)
         if not reply.ok:

@@ -30,6 +30,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rank", type=int, default=None, help="ask for this rank")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds a collective may wait")
     p.add_argument("--once", action="store_true", help="exit when the master goes away")
+    p.add_argument("--download", action="store_true",
+                   help="always fetch shards from the master over HTTP, even if the store path is visible")
 
 
 def run(args) -> int:
@@ -74,7 +76,7 @@ def run(args) -> int:
         backoff = 0.5
         log.info("joined %s as rank %d of %d", url, client.rank, client.world_size)
         try:
-            serve(client)
+            serve(client, args.join_token, args.download)
         except CommError as e:
             log.warning("lost the master: %s", e)
         finally:
@@ -107,13 +109,32 @@ def master_url(args, registration) -> str | None:
     return None
 
 
-def serve(client) -> None:
+def open_store(plan: dict, rank: int, token: str, download: bool = False):
+    """The assigned store: on the shared volume when this device sees it, else downloaded
+    from the master's shard server (verified, resumable, cached by content)."""
+    from tpi.weights.sources import cache_dir
+    from tpi.weights.store import ShardStore, StoreError
+
+    if not download:
+        try:
+            return ShardStore(plan["store"])
+        except StoreError:
+            if not plan.get("shards_url"):
+                raise
+    from tpi.shard_delivery import ShardClient
+
+    log.info("store not on a shared volume here; downloading shard %d from %s", rank, plan["shards_url"])
+    result = ShardClient(plan["shards_url"], token, cache_dir() / "shards").fetch(plan["store_id"], rank)
+    log.info("shard %d: %d files downloaded (%d bytes), %d reused", rank, result.files_downloaded,
+             result.bytes_downloaded, result.files_reused)
+    return result.store
+
+
+def serve(client, token: str, download: bool = False) -> None:
     """Answer the master's control messages until Shutdown or a lost connection."""
     from tpi.engine import RuntimeOptions, build_runner
     from tpi.memory import peak_rss_bytes, rss_bytes
     from tpi.protocol import Assignment, ForwardStep, Reply, ResetCache, Shutdown
-    from tpi.weights.store import ShardStore
-
     runner = comm = None
     while True:
         msg = client.recv_control()
@@ -122,7 +143,7 @@ def serve(client) -> None:
             return
         if isinstance(msg, Assignment):
             try:
-                store = ShardStore(msg.plan["store"])
+                store = open_store(msg.plan, msg.rank, token, download)
                 opts = RuntimeOptions(**msg.plan["options"])
                 if runner is not None:
                     runner.blocks.close()

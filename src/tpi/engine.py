@@ -53,14 +53,17 @@ class RuntimeOptions:
         return DTYPES[self.kv_dtype]
 
 
-def prepare_store(model_src: str | None, weights: list[float], dtype: str, out: str | Path | None = None) -> ShardStore:
-    """Resolve the model, plan over `weights`, and split into a store (reused when identical)."""
+def prepare_store(model_src: str | None, weights: list[float], dtype: str, out: str | Path | None = None,
+                  root: str | Path | None = None) -> ShardStore:
+    """Resolve the model, plan over `weights`, and split into a store (reused when identical):
+    at `out`, or else in a directory named by a hash of (model, plan, dtype) under `root`
+    (default: the cache), so every plan a master re-plans to keeps its own store."""
     model_dir = resolve_model(model_src)
     cfg = load_model_config(model_dir)
     plan = make_plan(cfg, weights)
     if out is None:
         key = json.dumps([str(model_dir.resolve()), plan.to_json(), dtype], sort_keys=True)
-        out = cache_dir() / "stores" / hashlib.sha256(key.encode()).hexdigest()[:16]
+        out = Path(root or cache_dir() / "stores") / hashlib.sha256(key.encode()).hexdigest()[:16]
     return ShardStore(split_checkpoint(model_dir, plan, out, dtype))
 
 

@@ -32,10 +32,10 @@ def start_redis(port: int) -> subprocess.Popen:
     raise RuntimeError("redis-server did not start")
 
 
-def start_worker(registry: str, log_dir, name: str, token: str = TOKEN) -> subprocess.Popen:
+def start_worker(registry: str, log_dir, name: str, token: str = TOKEN, *extra: str) -> subprocess.Popen:
     log = open(log_dir / f"{name}.log", "wb")
     return subprocess.Popen([sys.executable, "-m", "tpi.cli", "worker", "--registry", registry,
-                             "--join-token", token, "--name", name, "--timeout", "3"],
+                             "--join-token", token, "--name", name, "--timeout", "3", *extra],
                             stdout=log, stderr=subprocess.STDOUT)
 
 
@@ -102,13 +102,15 @@ def test_join_kill_recover_rejoin(cluster):
     assert recovered == reference  # same greedy tokens as the uninterrupted run
     assert plan_devices(master) == ["master", "w2"]
 
-    cluster["workers"][0] = start_worker(cluster["registry"], cluster["dir"], "w3")
+    # the newcomer does not use the shared store: it downloads its shard from the master
+    cluster["workers"][0] = start_worker(cluster["registry"], cluster["dir"], "w3", TOKEN, "--download")
     deadline = time.monotonic() + 90
     while plan_devices(master) != ["master", "w2", "w3"]:
         assert time.monotonic() < deadline, f"w3 never joined the plan: {plan_devices(master)}"
         chat(master, stream=False, max_tokens=4)  # re-plans happen between requests
         time.sleep(1)
     assert chat(master, stream=False) == reference
+    assert "files downloaded" in (cluster["dir"] / "w3.log").read_text()
 
 
 def test_wrong_token_refused(cluster):

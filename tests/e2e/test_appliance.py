@@ -1,0 +1,391 @@
+"""The appliance end to end: compose.yaml on this machine's Docker engine, as a user runs it.
+
+    docker compose -p <unique> up -d --scale worker=4     (fresh secrets, free host ports)
+
+then, through the web UI's backend (POST /api/chat relays to the master):
+  * "What is the capital of France?" -> "Paris";
+  * the API key, join token and Redis password from the environment are in force;
+  * the emulated edge link is in force between the workers and the master: the sidecar shaped
+    every device, a bulk TCP transfer worker -> master runs at the link's rate, and a decode
+    step takes at least the all-reduces' share of the link latency (or the master's reported
+    link RTT, when it reports one);
+  * a worker killed in the middle of a streamed reply does not break the reply;
+  * a fifth worker started with --scale joins the plan at the next request;
+  * every container runs under its memory and CPU limit; the peak memory of each is recorded;
+then `down -v`. Figures go to artifacts/e2e-appliance.json, every container's log to
+artifacts/e2e-logs/<project>.log.
+
+Skipped only when `docker info` fails. Builds tpi:latest first (scripts/build-image.sh, seconds
+when cached; TPI_E2E_BUILD=0 skips it). TPI_E2E_COMPOSE_FILES (colon-separated) adds compose
+files after compose.yaml, e.g. to try a local override. About 6-10 minutes on 2 cores.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+REPO = Path(__file__).resolve().parents[2]
+ARTIFACTS = REPO / "artifacts"
+QUESTION = "What is the capital of France?"
+WORKERS = 4
+LINK = {"latency_s": 0.005, "jitter_s": 0.001, "rate_bps": 300e6}
+EDGE_LINK = "latency=5ms,bandwidth=300mbit,jitter=1ms"
+LAYERS = 30                # SmolLM2-135M
+UP_TIMEOUT_S = 900         # build-free: ~2 min converting the model, ~1 min splitting and loading
+REPLY_TIMEOUT_S = 300
+
+
+def docker_info_error() -> str | None:
+    try:
+        r = subprocess.run(["docker", "info"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return str(e)
+    return None if r.returncode == 0 else (r.stderr.strip().splitlines() or ["docker info failed"])[-1]
+
+
+_DOCKER_ERROR = docker_info_error()
+pytestmark = [
+    pytest.mark.skipif(_DOCKER_ERROR is not None, reason=f"no Docker engine (`docker info`: {_DOCKER_ERROR})"),
+    pytest.mark.timeout(1800),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Appliance:
+    """One Compose project of compose.yaml, driven like a user would (CLI) and inspected with
+    the Docker SDK."""
+
+    def __init__(self):
+        import docker
+
+        self.client = docker.from_env()
+        self.project = "tpie2e" + secrets.token_hex(3)
+        self.ports = {name: free_port() for name in ("webui", "api", "redis", "hub")}
+        self.secrets = {"TPI_JOIN_TOKEN": secrets.token_urlsafe(24), "REDIS_PASSWORD": secrets.token_urlsafe(24),
+                        "TPI_API_KEY": secrets.token_urlsafe(24)}
+        self.env = {**os.environ, **self.secrets,
+                    "COMPOSE_PROJECT_NAME": self.project, "TPI_PUBLISH_ADDRESS": "127.0.0.1",
+                    "TPI_WEBUI_ADDRESS": "127.0.0.1", "TPI_WEBUI_PORT": str(self.ports["webui"]),
+                    "TPI_API_PORT": str(self.ports["api"]), "TPI_REDIS_PORT": str(self.ports["redis"]),
+                    "TPI_HUB_PORT": str(self.ports["hub"]), "TPI_WORKERS": str(WORKERS),
+                    "TPI_MIN_WORKERS": str(WORKERS), "EDGE_LINK": EDGE_LINK}
+        for k in ("TPI_TRANSPORT_LINK", "DOCKER_DEFAULT_PLATFORM"):
+            self.env.pop(k, None)
+        files = ["compose.yaml"] + [f for f in os.environ.get("TPI_E2E_COMPOSE_FILES", "").split(":") if f]
+        self.files = [a for f in files for a in ("-f", f)]
+        self.webui = f"http://127.0.0.1:{self.ports['webui']}"
+        self.api = f"http://127.0.0.1:{self.ports['api']}"
+        self.figures: dict = {"project": self.project, "edge_link": EDGE_LINK, "timings_s": {}}
+
+    # --- the CLI ---------------------------------------------------------------------------
+    def compose(self, *args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+        r = subprocess.run(["docker", "compose", "-p", self.project, *self.files, *args], cwd=REPO, env=self.env,
+                           capture_output=True, text=True, timeout=timeout)
+        if check and r.returncode != 0:
+            raise AssertionError(f"docker compose {' '.join(args)} failed ({r.returncode}):\n{r.stderr[-4000:]}")
+        return r
+
+    def containers(self, service: str | None = None, all: bool = False) -> list:
+        labels = [f"com.docker.compose.project={self.project}"]
+        if service:
+            labels.append(f"com.docker.compose.service={service}")
+        found = self.client.containers.list(all=all, filters={"label": labels})
+        return sorted(found, key=lambda c: c.name)
+
+    def one(self, service: str):
+        (c,) = self.containers(service)
+        return c
+
+    def exec(self, container, cmd: list[str], user: str = "") -> str:
+        rc, out = container.exec_run(cmd, user=user, demux=False)
+        out = out.decode(errors="replace")
+        assert rc == 0, f"{container.name}: {cmd} -> exit {rc}: {out[-2000:]}"
+        return out
+
+    def health(self, container) -> str:
+        container.reload()
+        return container.attrs["State"].get("Health", {}).get("Status", container.status)
+
+    # --- the web UI's backend ------------------------------------------------------------------
+    def cluster(self) -> dict:
+        r = requests.get(self.webui + "/api/cluster", timeout=30)
+        r.raise_for_status()
+        return r.json()
+
+    def chat(self, content: str, max_tokens: int, on_content=None) -> dict:
+        """POST /api/chat (streamed); returns text, finish reason, errors, timings."""
+        body = {"messages": [{"role": "user", "content": content}], "max_tokens": max_tokens, "temperature": 0}
+        t0 = time.monotonic()
+        out = {"text": "", "finish_reason": None, "errors": [], "done": False, "chunks": 0, "ttft_s": None}
+        with requests.post(self.webui + "/api/chat", json=body, stream=True, timeout=(10, REPLY_TIMEOUT_S)) as r:
+            if r.status_code != 200:
+                out["errors"].append(f"HTTP {r.status_code}: {r.text[:500]}")
+                return out
+            for line in r.iter_lines(decode_unicode=True):
+                if not line or not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    out["done"] = True
+                    break
+                event = json.loads(data)
+                if "error" in event:
+                    out["errors"].append(event["error"])
+                    continue
+                for choice in event.get("choices", []):
+                    piece = (choice.get("delta") or {}).get("content") or ""
+                    if piece:
+                        out["chunks"] += 1
+                        out["ttft_s"] = out["ttft_s"] or time.monotonic() - t0
+                        out["text"] += piece
+                        if on_content is not None:
+                            on_content(out)
+                    out["finish_reason"] = choice.get("finish_reason") or out["finish_reason"]
+        out["total_s"] = time.monotonic() - t0
+        return out
+
+    # --- lifecycle -----------------------------------------------------------------------------
+    def wait_until(self, what: str, check, timeout_s: float, every_s: float = 3.0):
+        deadline = time.monotonic() + timeout_s
+        last = None
+        while time.monotonic() < deadline:
+            try:
+                last = check()
+                if last:
+                    return last
+            except (requests.RequestException, ValueError, KeyError) as e:
+                last = e
+            time.sleep(every_s)
+        raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what} (last: {last!r})\n"
+                             + self.status_text())
+
+    def status_text(self) -> str:
+        lines = [f"{c.name}: {c.status} / {self.health(c)}" for c in self.containers(all=True)]
+        return "\n".join(lines)
+
+    def worker_devices(self, cluster: dict) -> list[dict]:
+        return [d for d in cluster.get("devices", []) if d.get("role", "worker") == "worker" and d.get("rank", 1) != 0]
+
+    def wait_ready(self, workers: int) -> dict:
+        def ready():
+            states = {c.name: self.health(c) for c in self.containers()}
+            if any(s != "healthy" for s in states.values()):
+                return None
+            if len(self.containers("worker")) != workers:
+                return None
+            cluster = self.cluster()
+            return cluster if len(self.worker_devices(cluster)) >= workers else None
+
+        return self.wait_until(f"every service healthy and {workers} workers in /api/cluster", ready, UP_TIMEOUT_S)
+
+    def dump_logs(self) -> None:
+        out = ARTIFACTS / "e2e-logs" / f"{self.project}.log"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        r = self.compose("logs", "--no-color", "--timestamps", check=False, timeout=120)
+        out.write_text(r.stdout + r.stderr)
+
+    def down(self) -> None:
+        self.compose("down", "-v", "--remove-orphans", "--timeout", "10", check=False, timeout=300)
+        for helper in self.client.containers.list(all=True, filters={"label": f"tpi.netem.helper={self.project}"}):
+            helper.remove(force=True)
+
+    def write_figures(self) -> None:
+        ARTIFACTS.mkdir(exist_ok=True)
+        (ARTIFACTS / "e2e-appliance.json").write_text(json.dumps(self.figures, indent=2, default=str))
+
+
+@pytest.fixture(scope="module")
+def app():
+    a = Appliance()
+    t0 = time.monotonic()
+    if os.environ.get("TPI_E2E_BUILD", "1") != "0":
+        r = subprocess.run(["bash", "scripts/build-image.sh"], cwd=REPO, capture_output=True, text=True, timeout=1800)
+        assert r.returncode == 0, f"scripts/build-image.sh failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    a.figures["timings_s"]["build"] = round(time.monotonic() - t0, 1)
+    try:
+        t0 = time.monotonic()
+        a.compose("up", "-d", "--scale", f"worker={WORKERS}", timeout=UP_TIMEOUT_S)
+        a.figures["timings_s"]["compose_up"] = round(time.monotonic() - t0, 1)
+        a.wait_ready(WORKERS)
+        a.figures["timings_s"]["until_ready"] = round(time.monotonic() - t0, 1)
+        yield a
+    finally:
+        try:
+            a.dump_logs()
+            a.write_figures()
+        finally:
+            a.down()
+
+
+def test_chat_through_the_web_ui_says_paris(app):
+    reply = app.chat(QUESTION, max_tokens=16)
+    app.figures["chat"] = reply
+    assert not reply["errors"], reply
+    assert reply["done"], reply
+    assert "Paris" in reply["text"], reply
+
+
+def test_secrets_from_the_environment_are_in_force(app):
+    # The API key: the master refuses without it, accepts with it (the web UI holds it).
+    assert requests.get(app.api + "/v1/models", timeout=10).status_code == 401
+    ok = requests.get(app.api + "/v1/models", timeout=10,
+                      headers={"Authorization": f"Bearer {app.secrets['TPI_API_KEY']}"})
+    assert ok.status_code == 200, ok.text
+    # The Redis password: refused without it, PONG with it.
+    redis = app.one("redis")
+    rc, out = redis.exec_run(["redis-cli", "ping"])
+    assert b"NOAUTH" in out, out
+    assert "PONG" in app.exec(redis, ["sh", "-c", 'REDISCLI_AUTH="$REDIS_PASSWORD" redis-cli ping'])
+    # Neither default secret reached a container.
+    for c in app.containers():
+        env = "\n".join(c.attrs["Config"].get("Env") or []) + " ".join(c.attrs.get("Args") or [])
+        assert "change-me" not in env, f"{c.name} got a default secret"
+
+
+def test_the_edge_link_is_in_force(app):
+    # 1. The sidecar shaped the master and every worker (and says what it did).
+    status = json.loads(app.exec(app.one("netem"), ["cat", "/tmp/netem-status.json"]))
+    shaped = {v["name"]: v for v in status["containers"].values()}
+    devices = app.containers("master") + app.containers("worker")
+    link_report = {"netem_in_kernel": status["netem"], "per_container": {}}
+    for c in devices:
+        entry = shaped.get(c.name)
+        assert entry and entry["ok"], f"{c.name} not shaped: {status}"
+        assert entry["kernel"].get("rate_bps") == LINK["rate_bps"], entry
+        delay_by = "kernel" if entry["kernel"].get("latency_s") else "transport"
+        assert (entry["kernel"] if delay_by == "kernel" else entry["transport"]).get("latency_s") == LINK["latency_s"]
+        if not status["netem"]:
+            assert delay_by == "transport", entry
+        link_report["per_container"][c.name] = {"delay_by": delay_by, "tc": entry["tc"]}
+
+    # 2. Rate: a bulk TCP transfer worker -> master runs at about the shaped rate.
+    master, worker = app.one("master"), app.containers("worker")[0]
+    size = 24 * 2**20
+    sink = ("import socket; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); "
+            "s.bind(('0.0.0.0', 29599)); s.listen(1); c, _ = s.accept()\n"
+            "while c.recv(1 << 20): pass")
+    master.exec_run(["python", "-c", sink], detach=True)
+    time.sleep(1.5)
+    send = ("import socket, time; s = socket.create_connection(('master', 29599)); b = bytes(1 << 20); "
+            f"t = time.monotonic()\nfor _ in range({size >> 20}): s.sendall(b)\n"
+            "s.shutdown(socket.SHUT_WR); s.recv(1); print(time.monotonic() - t)")
+    seconds = float(app.exec(worker, ["python", "-c", send]).strip())
+    mbit = size * 8 / seconds / 1e6
+    link_report["bulk_worker_to_master_mbit_s"] = round(mbit, 1)
+    assert mbit < LINK["rate_bps"] / 1e6 * 1.15, f"{mbit:.0f} Mbit/s: the rate limit is not in force"
+
+    # 3. Latency: the master's measured link RTT when it reports one; in any case a decode step
+    #    cannot be faster than its all-reduces' share of the link: 2 per layer, each a worker ->
+    #    master and a master -> worker message of at least latency - jitter.
+    cluster = app.cluster()
+    rtts = [d["link"]["rtt_ms"] for d in app.worker_devices(cluster) if (d.get("link") or {}).get("rtt_ms")]
+    link_report["reported_rtt_ms"] = rtts
+    if rtts:
+        assert min(rtts) >= 2 * (LINK["latency_s"] - LINK["jitter_s"]) * 1e3 * 0.9, rtts
+    steps = [s["wall_s"] for s in cluster["scheduler"]["last_request"]["per_token"] if not s.get("prefill")]
+    floor_s = LAYERS * 2 * 2 * (LINK["latency_s"] - LINK["jitter_s"])
+    link_report["decode_step_s"] = {"min": min(steps), "mean": sum(steps) / len(steps), "link_floor": floor_s}
+    app.figures["link"] = link_report
+    assert min(steps) >= floor_s, f"decode steps {steps} faster than the link allows ({floor_s:.3f} s)"
+
+
+def test_a_worker_killed_mid_reply_does_not_break_the_reply(app):
+    victim = app.containers("worker")[-1]
+    killed: dict = {}
+
+    def kill_after_two_chunks(reply):
+        if reply["chunks"] == 2 and not killed:
+            killed["name"], killed["at_chunk"], killed["t"] = victim.name, 2, time.monotonic()
+            victim.kill()
+
+    reply = app.chat("Write two sentences about Paris.", max_tokens=24, on_content=kill_after_two_chunks)
+    app.figures["kill_worker_mid_reply"] = {"killed": killed, "reply": reply}
+    assert killed, f"the reply ended before a worker could be killed: {reply}"
+    assert not reply["errors"], f"the reply broke when {victim.name} was killed: {reply['errors']}"
+    assert reply["done"] and reply["finish_reason"] in ("stop", "length"), reply
+    assert reply["chunks"] > 2, reply
+
+
+def test_a_fifth_worker_joins_the_plan_at_the_next_request(app):
+    # The killed worker may still be coming back (restart policy): let the cluster settle first.
+    app.wait_until("every worker healthy", lambda: all(app.health(c) == "healthy" for c in app.containers("worker")),
+                   300)
+    before = {c.name for c in app.containers("worker")}
+    app.compose("up", "-d", "--no-deps", "--no-recreate", "--scale", f"worker={WORKERS + 1}", "worker")
+    new = [c for c in app.containers("worker") if c.name not in before]
+    running = app.containers("worker")
+    # A newcomer registers, then waits to be admitted: the master re-plans between requests.
+    app.wait_until("the new worker registered", lambda: all(
+        b"registered as" in c.logs() for c in new), 300)
+    reply = app.chat(QUESTION, max_tokens=8)
+    app.wait_until("the new worker joined the hub", lambda: all(app.health(c) == "healthy" for c in running), 300)
+    cluster = app.cluster()
+    workers = app.worker_devices(cluster)
+    app.figures["scale_to_5"] = {"new": [c.name for c in new], "running_workers": len(running),
+                                 "plan_workers": len(workers), "world_size": cluster.get("world_size"),
+                                 "reply": reply}
+    assert not reply["errors"] and "Paris" in reply["text"], reply
+    assert len(running) == WORKERS + 1 or new, app.status_text()
+    assert len(workers) == len(running), f"{len(running)} workers running, {len(workers)} in the plan"
+    # The netem sidecar shaped the newcomer too.
+    status = json.loads(app.exec(app.one("netem"), ["cat", "/tmp/netem-status.json"]))
+    names = {v["name"] for v in status["containers"].values() if v["ok"]}
+    assert {c.name for c in running} <= names, status
+
+
+def cgroup(container, name: str) -> int:
+    rc, out = container.exec_run(["cat", f"/sys/fs/cgroup/{name}"])
+    return int(out) if rc == 0 else -1
+
+
+def test_every_container_runs_under_its_limits(app):
+    config = json.loads(app.compose("config", "--format", "json").stdout)["services"]
+    report = {}
+    for c in app.containers(all=True):
+        c.reload()
+        service = c.labels["com.docker.compose.service"]
+        limits = config[service]["deploy"]["resources"]["limits"]
+        host = c.attrs["HostConfig"]
+        entry = {"service": service, "status": c.status, "memory_limit": host["Memory"],
+                 "memswap_limit": host["MemorySwap"], "nano_cpus": host["NanoCpus"],
+                 "oom_killed": c.attrs["State"]["OOMKilled"]}
+        assert host["Memory"] == int(limits["memory"]), (c.name, host["Memory"], limits)
+        assert host["NanoCpus"] == round(float(limits["cpus"]) * 1e9), (c.name, host["NanoCpus"], limits)
+        assert host["MemorySwap"] == host["Memory"], f"{c.name} may swap"
+        if c.status == "running":
+            entry.update(
+                cgroup_limit=cgroup(c, "memory/memory.limit_in_bytes"),
+                peak_bytes=cgroup(c, "memory/memory.max_usage_in_bytes"),
+                usage_bytes=cgroup(c, "memory/memory.usage_in_bytes"),
+                failcnt=cgroup(c, "memory/memory.failcnt"),
+                cfs_quota_us=cgroup(c, "cpu/cpu.cfs_quota_us"), cfs_period_us=cgroup(c, "cpu/cpu.cfs_period_us"))
+            stat = c.exec_run(["cat", "/sys/fs/cgroup/memory/memory.stat"])[1].decode()
+            fields = dict(line.split() for line in stat.splitlines() if line.count(" ") == 1)
+            entry.update(rss_bytes=int(fields.get("total_rss", -1)), cache_bytes=int(fields.get("total_cache", -1)))
+            assert entry["cgroup_limit"] == host["Memory"], entry
+            assert entry["cfs_quota_us"] == host["NanoCpus"] * entry["cfs_period_us"] // 10**9, entry
+            assert 0 < entry["peak_bytes"] <= host["Memory"], entry
+        if service == "model":
+            log = c.logs().decode(errors="replace")
+            m = re.search(r"peak RSS (\d+) MiB", log)
+            entry["peak_rss_bytes"] = int(m.group(1)) * 2**20 if m else None
+            assert c.attrs["State"]["ExitCode"] == 0, log[-2000:]
+        assert not entry["oom_killed"], entry
+        report[c.name] = entry
+    app.figures["containers"] = report
+    worker = config["worker"]["deploy"]["resources"]["limits"]
+    assert int(worker["memory"]) == 2**30 and float(worker["cpus"]) == 1.0, "the edge-device default changed"

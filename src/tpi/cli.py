@@ -89,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_webui_args(w)
 
+    b = sub.add_parser("bench", help="benchmarks: emulated testbed, baselines, report (docs/benchmarks.md)")
+    from tpi.bench.cli import add_args as add_bench_args
+
+    add_bench_args(b)
+
     p = sub.add_parser("prepare", help="split a model into a shard store")
     add_model_args(p)
     p.add_argument("--out", required=True, help="directory of the shard store")
@@ -183,8 +188,14 @@ def cmd_webui(args) -> int:
     return run(args)
 
 
+def cmd_bench(args) -> int:
+    from tpi.bench.cli import run
+
+    return run(args)
+
+
 COMMANDS = {"generate": cmd_generate, "prepare": cmd_prepare, "master": cmd_master, "worker": cmd_worker,
-            "webui": cmd_webui}
+            "webui": cmd_webui, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,115 @@
+"""Physical bounds on the time per token of one configuration, and the planner's prediction.
+
+    latency  = 2 all-reduces/layer x layers x hops x one-way link latency
+               hops = 2 for star (partial sum in, total out), 2(N-1) for ring
+    compute  = FLOPs per token / the machine's GFLOP/s (all emulated devices share its cores)
+    memory   = weight bytes touched per token / memory bandwidth
+    disk     = bytes re-read from disk per token (the planner's streamed bytes) / disk bandwidth
+Compute, memory and disk overlap (the scheduler prefetches while computing), but every
+all-reduce waits for the compute before it, so the bound is latency + max(compute, memory, disk).
+A measured time far above it is time spent where this model of the system does not look
+(Python and framework overhead per layer, thread wake-ups, a busy shared host).
+"""
+from __future__ import annotations
+
+import time
+
+from tpi.planner import ALL_REDUCES_PER_LAYER, DTYPE_BYTES, Link, PlannerSettings, plan_cluster
+
+
+def hops(allreduce: str, devices: int) -> int:
+    if devices <= 1:
+        return 0
+    return 2 if allreduce == "star" else 2 * (devices - 1)
+
+
+def probe_memory_bandwidth(mb: int = 256, repeats: int = 3) -> float:
+    """Bytes/s of a large tensor copy (read + write counted), best of a few."""
+    import torch
+
+    src = torch.empty(mb << 18, dtype=torch.float32)  # (mb MiB / 4 bytes,)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t)
+    return 2 * src.numel() * 4 / best
+
+
+def machine_capability() -> dict:
+    """One measurement of the whole machine: GFLOP/s (float32 decode-shaped matmul), disk MB/s,
+    memory GB/s. Taken under whatever load the shared machine had at the time."""
+    from tpi.capability import measure
+
+    cap = measure("float32")
+    return {"capability": cap.to_json(), "mem_bandwidth_gbs": probe_memory_bandwidth() / 1e9}
+
+
+def parse_size(text: str | None) -> int | None:
+    if not text:
+        return None
+    from tpi.weights.scheduler import parse_size as ps
+
+    return ps(text)
+
+
+def model_facts(cfg) -> dict:
+    from tpi.planner import _attn_flops, _attn_params, _head_flops, _head_params, _mlp_flops, _mlp_params
+
+    L = cfg.num_layers
+    layer_params = L * (_attn_params(cfg, cfg.num_heads, cfg.num_kv_heads, True)
+                        + _mlp_params(cfg, cfg.intermediate_size, True))
+    flops = L * (_attn_flops(cfg, cfg.num_heads, cfg.num_kv_heads, 64) + _mlp_flops(cfg, cfg.intermediate_size))
+    return {"layers": L, "layer_params": layer_params, "head_params": _head_params(cfg),
+            "flops_per_token": flops + _head_flops(cfg),
+            "hidden_size": cfg.hidden_size}
+
+
+def bounds(cfg, run: dict, machine_cap: dict) -> dict:
+    """Bounds (ms/token) and the planner's prediction for one run's configuration."""
+    from tpi.capability import DeviceCapability
+
+    n = run["devices"]
+    facts = model_facts(cfg)
+    lat_s = (run.get("latency_ms") or 0.0) / 1e3
+    h = hops(run.get("allreduce", "star"), n)
+    latency_ms = ALL_REDUCES_PER_LAYER * facts["layers"] * h * lat_s * 1e3
+    cap = DeviceCapability.from_json(machine_cap["capability"])
+    compute_ms = facts["flops_per_token"] / (cap.gflops * 1e9) * 1e3
+    cdt = run.get("compute_dtype") or "float32"
+    sdt = run.get("dtype") or "bfloat16"
+    wdt = sdt if sdt in ("int8", "int4") else cdt
+    touched = facts["layer_params"] * DTYPE_BYTES[wdt] + facts["head_params"] * DTYPE_BYTES[cdt]
+    memory_ms = touched / (machine_cap["mem_bandwidth_gbs"] * 1e9) * 1e3
+
+    # The planner: N devices, each a share of this machine's cores (they run on it together).
+    per_dev_cores = min(run.get("cpus") or cap.cores / n, cap.cores / n)
+    budget = parse_size(run.get("memory_budget"))
+    if budget is None and run.get("mem_limit"):
+        from tpi.capability import default_budget
+
+        budget = default_budget(parse_size(run["mem_limit"]))
+    dev = DeviceCapability(arch=cap.arch, cores=max(1, int(per_dev_cores)), mem_total_bytes=cap.mem_total_bytes,
+                           mem_budget_bytes=budget or cap.mem_budget_bytes,
+                           gflops=cap.gflops * per_dev_cores / cap.cores, disk_mbps=cap.disk_mbps)
+    bw = run.get("bandwidth_bytes_s") or 1e12
+    links = [None] + [Link(rtt_s=2 * lat_s, bandwidth_bytes_s=bw)] * (n - 1)
+    settings = PlannerSettings(storage_dtype=sdt, compute_dtype=cdt, window_blocks=run.get("window") or 2)
+    planner = None
+    disk_ms = 0.0
+    try:
+        est = plan_cluster(cfg, [dev] * n, links, settings).estimate
+        planner = {"total_ms": est.total_ms, "compute_ms": est.compute_ms, "disk_ms": est.disk_ms,
+                   "latency_ms": est.latency_ms, "transfer_ms": est.transfer_ms, "head_ms": est.head_ms,
+                   "bottleneck": est.bottleneck, "notes": list(est.notes),
+                   "models": "star links (2 hops) only" if run.get("allreduce") == "ring" else "as run"}
+        if not run.get("no_scheduler"):
+            disk_ms = est.disk_ms
+    except Exception as e:  # noqa: BLE001 - a plan the planner refuses is a finding, not a crash
+        planner = {"error": str(e)}
+    parts = {"compute": compute_ms, "memory": memory_ms, "disk": disk_ms}
+    local = max(parts, key=parts.get)
+    return {"latency_ms": latency_ms, **{f"{k}_ms": v for k, v in parts.items()}, "hops": h,
+            "bound_ms": latency_ms + parts[local],
+            "bound_by": "latency" if latency_ms > parts[local] else local, "planner": planner}

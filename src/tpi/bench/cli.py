@@ -1,0 +1,57 @@
+"""`tpi bench testbed|baselines|report`: flags here, work in the modules (imported lazily)."""
+from __future__ import annotations
+
+import argparse
+
+from tpi.bench.testbed import PROMPT, RESULTS
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="bench_command", required=True)
+
+    t = sub.add_parser("testbed", help="run emulated edge clusters over a sweep; one results JSON per run")
+    t.add_argument("--runner", choices=["docker", "local"], default="docker",
+                   help="docker: containers from --image with limits; local: `tpi generate --transport ws` processes")
+    t.add_argument("--devices", default="1,2,4", help="device counts, e.g. 1,2,4")
+    t.add_argument("--latencies", default="0", help="one-way link latencies in ms, e.g. 0,1,5,20")
+    t.add_argument("--bandwidths", default=None, help="link bandwidths, e.g. 300mbit,20mbit (default: unlimited)")
+    t.add_argument("--allreduce", default="star", help="star, ring or star,ring")
+    t.add_argument("--window", default="2", help="scheduler windows, e.g. 2,4")
+    t.add_argument("--budget", default=None, help="per-device memory budgets, e.g. 64MB,128MB")
+    t.add_argument("--no-scheduler", action="store_true")
+    t.add_argument("--dtype", default="bfloat16", help="storage dtypes, e.g. bfloat16,int8")
+    t.add_argument("--compute-dtype", default=None)
+    t.add_argument("--mem-limit", default=None, help="docker: memory limit per container, e.g. 1g")
+    t.add_argument("--cpus", type=float, default=None, help="docker: CPUs per container, e.g. 0.5")
+    t.add_argument("--tokens", type=int, default=16, help="new tokens per run (greedy)")
+    t.add_argument("--prompt", default=PROMPT)
+    t.add_argument("--model", default=None)
+    t.add_argument("--timeout", type=float, default=900.0, help="seconds per run")
+    t.add_argument("--out", default=str(RESULTS))
+
+    b = sub.add_parser("baselines", help="Hugging Face transformers on the same model, prompt and tokens")
+    b.add_argument("--dtype", default="float32,bfloat16")
+    b.add_argument("--tokens", type=int, default=16)
+    b.add_argument("--prompt", default=PROMPT)
+    b.add_argument("--model", default=None)
+    b.add_argument("--rounds", type=int, default=3, help="median over this many rounds")
+    b.add_argument("--offload", action="store_true", help="also Accelerate disk offload (max_memory 64MiB)")
+    b.add_argument("--out", default=str(RESULTS))
+
+    r = sub.add_parser("report", help="regenerate docs/benchmarks.md and its plots from the results")
+    r.add_argument("--results", default=str(RESULTS))
+    r.add_argument("--out", default="docs/benchmarks.md")
+
+
+def run(args) -> int:
+    if args.bench_command == "testbed":
+        from tpi.bench.testbed import run_sweep
+
+        return run_sweep(args)
+    if args.bench_command == "baselines":
+        from tpi.bench.baselines import run_baselines
+
+        return run_baselines(args)
+    from tpi.bench.report import write_report
+
+    return write_report(args)

@@ -1,0 +1,298 @@
+"""`tpi bench testbed`: run clusters over a sweep of configurations and write one results JSON
+per run under bench/results/.
+
+Two runners, one workload (prompt, new tokens, greedy):
+  docker  a master container + N-1 worker containers from tpi:latest on a fresh bridge network,
+          each with its own mem_limit and nano_cpus, a named volume for the shard store and a
+          read-only bind mount of the model; the link is emulated in the transport (--link),
+          because this kernel has no netem. The workload goes through the master's HTTP API
+          (streamed /v1/completions, temperature 0, ignore_eos); peak memory is each
+          container's cgroup v1 memory.max_usage_in_bytes (page cache included) and the
+          largest VmHWM of its processes.
+  local   `tpi generate --transport ws --json`: a master and N-1 worker processes on loopback,
+          no per-device memory limit (peak RSS per process instead).
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import secrets
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from tpi.bench import machine
+
+RESULTS = Path("bench/results")
+PROMPT = "The history of the printing press begins"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    runner: str                  # "docker" | "local"
+    devices: int
+    latency_ms: float = 0.0      # one-way, every message each device sends
+    bandwidth: str | None = None  # e.g. "300mbit"
+    allreduce: str = "star"
+    window: int = 2
+    memory_budget: str | None = None
+    no_scheduler: bool = False
+    dtype: str = "bfloat16"
+    compute_dtype: str | None = None
+    mem_limit: str | None = None  # docker: per container, e.g. "1g"
+    cpus: float | None = None     # docker: per container
+    tokens: int = 16
+    prompt: str = PROMPT
+    model: str | None = None
+
+    @property
+    def link(self) -> str | None:
+        parts = []
+        if self.latency_ms:
+            parts.append(f"latency={self.latency_ms:g}ms")
+        if self.bandwidth:
+            parts.append(f"bandwidth={self.bandwidth}")
+        return ",".join(parts) or None
+
+    @property
+    def bandwidth_bytes_s(self) -> float | None:
+        if not self.bandwidth:
+            return None
+        m = re.fullmatch(r"([\d.]+)\s*([kmg]?)bit", self.bandwidth.lower())
+        if not m:
+            return None
+        return float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}[m.group(2)] / 8
+
+    def name(self) -> str:
+        s = f"{self.runner}-n{self.devices}-{self.allreduce}-lat{self.latency_ms:g}ms"
+        if self.bandwidth:
+            s += f"-bw{self.bandwidth}"
+        s += f"-{self.dtype}-w{self.window}"
+        if self.memory_budget:
+            s += f"-budget{self.memory_budget}"
+        if self.no_scheduler:
+            s += "-nosched"
+        if self.mem_limit:
+            s += f"-mem{self.mem_limit}"
+        return s
+
+    def engine_flags(self) -> list[str]:
+        f = ["--dtype", self.dtype, "--window", str(self.window), "--allreduce", self.allreduce]
+        if self.compute_dtype:
+            f += ["--compute-dtype", self.compute_dtype]
+        if self.memory_budget:
+            f += ["--memory-budget", self.memory_budget]
+        if self.no_scheduler:
+            f += ["--no-scheduler"]
+        return f
+
+
+# ---------------------------------------------------------------------------------------
+# local runner
+
+def run_local(cfg: RunConfig, timeout: float) -> dict:
+    cmd = [sys.executable, "-m", "tpi.cli", "generate", "--transport", "ws", "--devices", str(cfg.devices),
+           "--json", "--greedy", "--prompt", cfg.prompt, "--max-new-tokens", str(cfg.tokens), *cfg.engine_flags()]
+    if cfg.model:
+        cmd += ["--model", cfg.model]
+    if cfg.link:
+        cmd += ["--link", cfg.link]
+    t = time.perf_counter()
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    wall = time.perf_counter() - t
+    if out.returncode != 0:
+        raise RuntimeError(f"tpi generate failed ({out.returncode}): {out.stderr[-2000:]}")
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    devices = [{"rank": d["rank"], "peak_rss_bytes": d["peak_rss_bytes"], "per_token": d["per_token"]}
+               for d in r["devices"]]
+    for d in devices:
+        d["per_token"].pop("layers", None)
+    return {"ttft_s": r["ttft_s"], "token_latency_s": r["token_latency_s"], "tokens": len(r["tokens"]),
+            "prompt_tokens": r["prompt_tokens"], "text": r["text"], "devices": devices, "wall_s": wall,
+            "engine_command": " ".join(cmd[2:]).replace("tpi.cli", "tpi", 1)}
+
+
+# ---------------------------------------------------------------------------------------
+# docker runner
+
+def _http(url: str, body: dict | None = None, timeout: float = 10.0):
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    return urllib.request.urlopen(req, timeout=timeout)
+
+
+def stream_completion(base: str, prompt: str, tokens: int, timeout: float) -> dict:
+    """Streamed greedy completion: TTFT = first text chunk; ms/token from the chunks after it."""
+    body = {"model": "smollm2", "prompt": prompt, "max_tokens": tokens, "temperature": 0,
+            "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
+    t0 = time.perf_counter()
+    times, text, usage = [], [], None
+    with _http(f"{base}/v1/completions", body, timeout=timeout) as resp:
+        for raw in resp:
+            line = raw.decode().strip()
+            if not line.startswith("data:") or line == "data: [DONE]":
+                continue
+            obj = json.loads(line[5:])
+            if obj.get("usage"):
+                usage = obj["usage"]
+            for ch in obj.get("choices") or []:
+                if ch.get("text"):
+                    times.append(time.perf_counter() - t0)
+                    text.append(ch["text"])
+    n = (usage or {}).get("completion_tokens") or len(times)
+    ttft = times[0] if times else float("nan")
+    per = (times[-1] - times[0]) / (n - 1) if n > 1 and len(times) > 1 else float("nan")
+    return {"ttft_s": ttft, "token_latency_s": per, "tokens": n,
+            "prompt_tokens": (usage or {}).get("prompt_tokens"), "text": "".join(text), "chunks": len(times)}
+
+
+def _container_memory(container) -> dict:
+    code, out = container.exec_run(["sh", "-c", "cat /sys/fs/cgroup/memory/memory.max_usage_in_bytes; "
+                                    "grep -h VmHWM /proc/[0-9]*/status 2>/dev/null"])
+    lines = out.decode().split("\n")
+    hwm = [int(x.split()[1]) * 1024 for x in lines[1:] if x.startswith("VmHWM")]
+    return {"cgroup_max_usage_bytes": int(lines[0]) if lines[0].strip().isdigit() else None,
+            "peak_rss_bytes": max(hwm) if hwm else None}
+
+
+def run_docker(cfg: RunConfig, timeout: float, image: str = "tpi:latest") -> dict:
+    import docker
+
+    from tpi.weights.sources import resolve_model
+
+    client = docker.from_env()
+    tag = secrets.token_hex(3)
+    token = secrets.token_hex(16)
+    model_dir = str(resolve_model(cfg.model))
+    net = client.networks.create(f"tpibench-{tag}", driver="bridge")
+    volume = "tpi-bench-data"
+    common = dict(image=image, detach=True, network=net.name, init=True,
+                  environment={"TPI_CACHE": "/data/cache"},
+                  volumes={volume: {"bind": "/data", "mode": "rw"}, model_dir: {"bind": "/models/model", "mode": "ro"}},
+                  labels={"tpi.bench": tag})
+    limits = {}
+    if cfg.mem_limit:
+        limits.update(mem_limit=cfg.mem_limit, memswap_limit=cfg.mem_limit)
+    if cfg.cpus:
+        limits["nano_cpus"] = int(cfg.cpus * 1e9)
+    link = ["--link", cfg.link] if cfg.link else []
+    containers = []
+    try:
+        t_start = time.perf_counter()
+        master = client.containers.run(
+            command=["master", "--model", "/models/model", "--listen", "0.0.0.0:29500", "--http", "0.0.0.0:8000",
+                     "--devices", str(cfg.devices), "--join-token", token, "--store", "/data/store", "--slots", "1",
+                     *cfg.engine_flags(), *link],
+            name=f"tpibench-{tag}-master", **common, **limits)
+        containers.append(master)
+        for rank in range(1, cfg.devices):
+            containers.append(client.containers.run(
+                command=["worker", "--master", f"ws://tpibench-{tag}-master:29500", "--join-token", token,
+                         "--rank", str(rank), "--name", f"dev-{rank}", *link],
+                name=f"tpibench-{tag}-w{rank}", **common, **limits))
+        master.reload()
+        ip = master.attrs["NetworkSettings"]["Networks"][net.name]["IPAddress"]
+        base = f"http://{ip}:8000"
+        deadline = time.time() + timeout
+        while True:
+            try:
+                with _http(f"{base}/healthz", timeout=5) as r:
+                    if json.load(r).get("devices") == cfg.devices:
+                        break
+            except Exception:  # noqa: BLE001 - not up yet
+                pass
+            master.reload()
+            if master.status == "exited" or time.time() > deadline:
+                raise RuntimeError(f"master not ready: {master.logs(tail=30).decode()}")
+            time.sleep(2)
+        startup = time.perf_counter() - t_start
+        stream_completion(base, cfg.prompt, 2, timeout)  # warm-up
+        r = stream_completion(base, cfg.prompt, cfg.tokens, timeout)
+        with _http(f"{base}/api/cluster", timeout=30) as resp:
+            status = json.load(resp)
+        devices = []
+        for rank, c in enumerate(containers):
+            d = {"rank": rank, **_container_memory(c)}
+            st = next((x for x in status.get("devices", []) if x.get("rank") == rank), {})
+            d["last_forward"] = st.get("last_forward")
+            d["memory_status"] = st.get("memory")
+            devices.append(d)
+        r.update(devices=devices, startup_s=startup, cluster_transport=status.get("transport"))
+        return r
+    finally:
+        for c in containers:
+            try:
+                c.remove(force=True)
+            except Exception:  # noqa: BLE001
+                pass
+        try:
+            net.remove()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+# ---------------------------------------------------------------------------------------
+# the sweep
+
+def configs_from_args(args) -> list[RunConfig]:
+    floats = lambda s: [float(x) for x in s.split(",")]  # noqa: E731
+    out = []
+    for n, lat, bw, ar, w, b, dt in itertools.product(
+            [int(x) for x in args.devices.split(",")], floats(args.latencies),
+            (args.bandwidths.split(",") if args.bandwidths else [None]), args.allreduce.split(","),
+            [int(x) for x in args.window.split(",")], (args.budget.split(",") if args.budget else [None]),
+            args.dtype.split(",")):
+        if n == 1 and (ar != "star" or lat or bw):
+            continue  # one device: no link, no all-reduce
+        out.append(RunConfig(runner=args.runner, devices=n, latency_ms=lat, bandwidth=bw, allreduce=ar, window=w,
+                             memory_budget=b, no_scheduler=args.no_scheduler, dtype=dt,
+                             compute_dtype=args.compute_dtype, mem_limit=args.mem_limit, cpus=args.cpus,
+                             tokens=args.tokens, prompt=args.prompt, model=args.model))
+    seen, unique = set(), []
+    for c in out:
+        if c not in seen:
+            seen.add(c)
+            unique.append(c)
+    return unique
+
+
+def run_sweep(args) -> int:
+    from tpi.bench.bounds import bounds, machine_capability
+    from tpi.config import load_model_config
+    from tpi.weights.sources import resolve_model
+
+    configs = configs_from_args(args)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg_model = load_model_config(resolve_model(args.model))
+    print(f"[bench] measuring the machine (load {os.getloadavg()[0]:.1f}) ...", flush=True)
+    cap = machine_capability()
+    print(f"[bench] {cap['capability']['gflops']:.1f} GFLOP/s, {cap['capability']['disk_mbps']:.0f} MB/s disk, "
+          f"{cap['mem_bandwidth_gbs']:.1f} GB/s memory; {len(configs)} run(s)", flush=True)
+    failures = 0
+    for i, cfg in enumerate(configs, 1):
+        before = machine.snapshot()
+        t = time.perf_counter()
+        record = {"kind": "testbed", "config": {**asdict(cfg), "link": cfg.link}, "command": machine.command_line(),
+                  "machine": before, "machine_capability": cap}
+        try:
+            r = run_docker(cfg, args.timeout) if cfg.runner == "docker" else run_local(cfg, args.timeout)
+            record["result"] = r
+            record["bounds"] = bounds(cfg_model, {**asdict(cfg), "bandwidth_bytes_s": cfg.bandwidth_bytes_s}, cap)
+            msg = (f"TTFT {r['ttft_s']:.2f} s, {r['token_latency_s'] * 1e3:.0f} ms/token "
+                   f"(bound {record['bounds']['bound_ms']:.0f})")
+        except Exception as e:  # noqa: BLE001 - record the failure and go on with the sweep
+            failures += 1
+            record["error"] = f"{type(e).__name__}: {e}"
+            msg = f"FAILED: {record['error'][:200]}"
+        record["machine_after"] = machine.snapshot()
+        path = out_dir / f"{cfg.name()}-{time.strftime('%Y%m%dT%H%M%S')}.json"
+        path.write_text(json.dumps(record, indent=1))
+        print(f"[bench {i}/{len(configs)}] {cfg.name()}: {msg}  [{time.perf_counter() - t:.0f} s, "
+              f"load {before['loadavg'][0]:.1f}] -> {path}", flush=True)
+    return 1 if failures == len(configs) else 0

@@ -10,7 +10,10 @@ import platform
 import statistics
 import time
 
-import torch
+from tpi.threads import prefer_passive_wait
+
+prefer_passive_wait()  # as the tpi command does, before torch loads (applies to both systems)
+import torch  # noqa: E402
 
 
 def hf_token_latency(model, prompt: list[int], tokens: int) -> float:

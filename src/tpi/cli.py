@@ -203,10 +203,9 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = build_parser().parse_args(argv)
-    if args.command in ("master", "worker") or getattr(args, "transport", None) == "ws":
-        from tpi.threads import prefer_passive_wait
+    from tpi.threads import prefer_passive_wait
 
-        prefer_passive_wait()
+    prefer_passive_wait()  # before torch loads: shards (threads or processes) share the cores
     try:
         return COMMANDS[args.command](args)
     except (PlanError, ValueError, FileNotFoundError) as e:

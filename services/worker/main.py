@@ -14,9 +14,6 @@ import socket
 import time
 import uuid
 
-from tpi.comm.base import CommError
-from tpi.comm.handshake import JoinRefused
-
 log = logging.getLogger("tpi.worker")
 
 
@@ -35,7 +32,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    from tpi.comm.base import CommError
     from tpi.comm.client import StarClient
+    from tpi.comm.handshake import JoinRefused
 
     from tpi.threads import configure_threads
 
@@ -132,6 +131,7 @@ def open_store(plan: dict, rank: int, token: str, download: bool = False):
 
 def serve(client, token: str, download: bool = False) -> None:
     """Answer the master's control messages until Shutdown or a lost connection."""
+    from tpi.comm.base import CommError
     from tpi.engine import RuntimeOptions, build_runner
     from tpi.memory import peak_rss_bytes, rss_bytes
     from tpi.protocol import Assignment, ForwardStep, Reply, ResetCache, Shutdown

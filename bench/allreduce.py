@@ -63,7 +63,8 @@ def reps_for(numel: int, link: LinkSpec | None, mode: str, n: int, budget: float
 
 
 def run_config(ctx, mode: str, n: int, link: str | None, sizes: list[int], wire: str,
-               budget: float) -> list[tuple[int, float, float]]:
+               budget: float) -> list[tuple[int, float, float, float, float]]:
+    """Per size: (numel, median s, p90 s, rank 0 CPU s, mean worker CPU s) per all_reduce."""
     spec = LinkSpec.parse(link)
     hub = StarHub(n, TOKEN, allreduce=mode, wire_dtype=wire, link=spec, timeout=30.0,
                   max_bytes=256 << 20)
@@ -85,7 +86,8 @@ def run_config(ctx, mode: str, n: int, link: str | None, sizes: list[int], wire:
             if wire == "float32" and err > 1e-5:
                 raise SystemExit(f"{mode} N={n}: wrong sum (relative error {err:.2e})")
             ts = sorted(r.master_times)
-            rows.append((numel, statistics.median(ts), ts[int(0.9 * (len(ts) - 1))]))
+            rows.append((numel, statistics.median(ts), ts[int(0.9 * (len(ts) - 1))],
+                         r.master_cpu, r.worker_cpu))
         hub.broadcast(Shutdown(reason="bench done"))
         return rows
     finally:
@@ -181,6 +183,8 @@ def main() -> None:
         spec = LinkSpec.parse(link)
         print(f"### {'loopback, no emulation' if link is None else 'emulated link ' + link}\n")
         head = "| mode | N | " + " | ".join(f"{s} floats" for s in sizes) + " |"
+        if spec is None:
+            head += f" CPU µs per call, {sizes[0]} floats: rank 0 / worker |"
         print(head)
         print("|" + "---|" * (head.count("|") - 1))
         for mode in modes:
@@ -191,8 +195,10 @@ def main() -> None:
                 rows = run_config(ctx, mode, n, link, sizes, args.wire, args.budget)
                 cells = [f"{fmt_ms(m)} ({fmt_ms(p)})"
                          + (f" ≥{fmt_ms(floor_s(mode, n, s, spec))}" if spec else "")
-                         for s, m, p in rows]
+                         for s, m, p, _, _ in rows]
                 line = f"| {mode} | {n} | " + " | ".join(cells) + " |"
+                if spec is None:
+                    line += f" {rows[0][3] * 1e6:.0f} / {rows[0][4] * 1e6:.0f} |"
                 print(line, flush=True)
                 print(f"<!-- {mode} N={n} took {time.monotonic() - t0:.0f}s -->",
                       file=sys.stderr)

@@ -45,14 +45,14 @@ def partial_header_only(shape=(576,)):
     return full[:len(full) - 100]                      # truncated payload
 
 
+GOOD = encode(Partial(torch.zeros(4)))                 # header 24 B, shape at 24, payload 16 B
 BAD = {
     "text": "hello?",
     "garbage": b"\x00\x01GET / HTTP/1.1\r\n",
     "truncated": partial_header_only(),
-    "bad_dtype": encode(Partial(torch.zeros(4)))[:6] + b"\x63" + encode(Partial(torch.zeros(4)))[7:],
+    "bad_dtype": GOOD[:6] + b"\x63" + GOOD[7:],           # dtype code 99
     "hub_only_kind": encode(Reduced(torch.zeros(4))),
-    "lying_shape": encode(Partial(torch.zeros(4)))[:24] + struct.pack("<I", 5)
-    + encode(Partial(torch.zeros(4)))[28:],
+    "lying_shape": GOOD[:24] + struct.pack("<I", 5) + GOOD[28:],   # shape [5], 16 bytes
 }
 
 

@@ -91,8 +91,8 @@ def test_frame_helper_builds_valid_frames():
     (frame(kind=5, dtype=0, shape=(), meta=b'{"code":"x"}', payload=b""), "missing fields"),
     (frame(kind=32, dtype=0, shape=(), meta=b'{"seq":"1"}', payload=b""), "is not int"),
     (frame(kind=32, dtype=0, shape=(), meta=b'{"seq":true}', payload=b""), "is not int"),
-    (frame(kind=31, dtype=1, shape=(1,), meta=json.dumps({"seq": 1, "slots": [0], "starts": [1, "a"]})
-           .encode()), "starts"),
+    (frame(kind=31, dtype=1, shape=(1,),
+           meta=json.dumps({"seq": 1, "slots": [0], "starts": [1, "a"]}).encode()), "starts"),
     (frame(kind=33, dtype=0, shape=(), payload=b"xx"), "trailing bytes"),
     (frame(shape=(1,) * 9, payload=b"\0" * 4), "dimensions"),
 ])

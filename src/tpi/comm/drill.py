@@ -29,16 +29,19 @@ def expected_sum(seed: int, world_size: int, rep: int, shape: list[int],
     return total * (1 + rep % 7)
 
 
-def _run(comm: Communicator, d: CollectiveDrill) -> tuple[torch.Tensor, list[float]]:
+def _run(comm: Communicator, d: CollectiveDrill) -> tuple[torch.Tensor, list[float], float]:
+    """Returns the last result, wall seconds per call, and process CPU seconds per call
+    (all threads: the engine's and the I/O loop's)."""
     dtype = dtype_from_name(d.dtype)
     base = base_input(d.seed, comm.rank, d.shape, dtype)
     inputs = [base * (1 + i % 7) for i in range(min(d.reps, 7))]
     times, out = [], base
+    cpu0 = time.process_time()
     for i in range(d.reps):
         t0 = time.perf_counter()
         out = comm.all_reduce(inputs[i % 7])
         times.append(time.perf_counter() - t0)
-    return out, times
+    return out, times, (time.process_time() - cpu0) / max(1, d.reps)
 
 
 def serve_worker(client, comm: Communicator) -> None:
@@ -54,12 +57,12 @@ def serve_worker(client, comm: Communicator) -> None:
             client.send(Reply(seq=-1, ok=False, detail=f"drill worker: {type(msg).__name__}"))
             continue
         try:
-            out, times = _run(comm, msg)
+            out, times, cpu = _run(comm, msg)
         except CommError as e:
             client.send(Reply(seq=msg.seq, ok=False, detail=str(e)))
             continue
-        client.send(Reply(seq=msg.seq, detail=json.dumps({"median": statistics.median(times)}),
-                          tensor=out))
+        detail = {"median": statistics.median(times), "cpu": cpu}
+        client.send(Reply(seq=msg.seq, detail=json.dumps(detail), tensor=out))
 
 
 def worker_main(url: str, token: str, *, threads: int | None = 1, cafile: str | None = None,
@@ -83,6 +86,7 @@ def worker_main(url: str, token: str, *, threads: int | None = 1, cafile: str | 
 @dataclass
 class DrillResult:
     master_times: list[float]                 # seconds per all_reduce on rank 0
+    master_cpu: float                         # rank 0's process CPU seconds per all_reduce
     master_out: torch.Tensor                  # rank 0's last result
     replies: dict[int, Reply]                 # each worker's answer (tensor = its last result)
     expected: torch.Tensor                    # float32 sum of the last repetition
@@ -90,6 +94,12 @@ class DrillResult:
     @property
     def median(self) -> float:
         return statistics.median(self.master_times)
+
+    @property
+    def worker_cpu(self) -> float:
+        """Mean over workers of their process CPU seconds per all_reduce."""
+        cpus = [json.loads(r.detail)["cpu"] for r in self.replies.values()]
+        return statistics.mean(cpus) if cpus else 0.0
 
     def max_error(self) -> float:
         """Largest |result - expected| over all devices' last results."""
@@ -106,7 +116,7 @@ def run_master(hub, comm: Communicator, reps: int, shape: list[int], seed: int =
     drill = CollectiveDrill(seq=seq, reps=reps, shape=list(shape), seed=seed, dtype=dtype)
     ranks = hub.broadcast(drill)
     try:
-        out, times = _run(comm, drill)
+        out, times, cpu = _run(comm, drill)
     except CommError:
         for r in ranks:  # let survivors report; their drills fail too
             try:
@@ -119,4 +129,4 @@ def run_master(hub, comm: Communicator, reps: int, shape: list[int], seed: int =
     if bad:
         raise CommError(f"drill failed on workers: {bad}")
     exp = expected_sum(seed, hub.world_size, reps - 1, list(shape), dtype_from_name(dtype))
-    return DrillResult(times, out, replies, exp)
+    return DrillResult(times, cpu, out, replies, exp)

@@ -64,8 +64,12 @@ class _Peer:
 
 
 def _advertised(host: str) -> str:
+    """A host workers can use in `hub.url` (pass advertise_host to choose it)."""
     if host in ("", "0.0.0.0", "::"):
-        return socket.gethostbyname(socket.gethostname())
+        try:
+            return socket.gethostbyname(socket.gethostname())
+        except OSError:
+            return "127.0.0.1"
     return f"[{host}]" if ":" in host else host
 
 

@@ -67,9 +67,10 @@ def group(runs: list[dict]) -> list[dict]:
             "rss_master": devs[0].get("peak_rss_bytes"),
             "rss_worker": max((d.get("peak_rss_bytes") or 0 for d in devs[1:]), default=None),
             "load": [r["machine"]["loadavg"][0] for r in rs],
-            "comm": [d.get("per_token", {}).get("comm_s") for d in devs],
-            "compute": [d.get("per_token", {}).get("compute_s") for d in devs],
-            "disk": [d.get("per_token", {}).get("disk_wait_s") for d in devs],
+            # local: the mean per decode step; docker: the last decode step (/api/cluster)
+            "comm": [(d.get("per_token") or d.get("last_forward") or {}).get("comm_s") for d in devs],
+            "compute": [(d.get("per_token") or d.get("last_forward") or {}).get("compute_s") for d in devs],
+            "disk": [(d.get("per_token") or d.get("last_forward") or {}).get("disk_wait_s") for d in devs],
         })
     return rows
 
@@ -212,6 +213,7 @@ def plot_memory(rows: list[dict], baselines: list[dict], path: Path) -> bool:
             ax.axhline(b["result"]["peak_rss_bytes"] / MiB, ls=":", color="gray")
             ax.text(1, b["result"]["peak_rss_bytes"] / MiB, f" transformers {b['config']['dtype']}", fontsize=7,
                     va="bottom")
+    ax.set_xticks(sorted({n for by_n in pts.values() for n in by_n}))
     ax.set_xlabel("devices")
     ax.set_ylabel("peak memory per device (MiB)")
     ax.set_title("Peak memory per device vs device count")
@@ -312,6 +314,21 @@ def discussion(rows: list[dict], baselines: list[dict]) -> str:
     return "\n".join(s) + "\n"
 
 
+def agreement(testbed: list[dict], baselines: list[dict]) -> str:
+    """Do all systems produce the same greedy text from the same prompt tokens?"""
+    texts = defaultdict(list)
+    for r in testbed + baselines:
+        c = r["config"]
+        label = (f"{c['runner']} n={c['devices']}" if r["kind"] == "testbed" else f"transformers {c['dtype']}")
+        texts[(r["result"].get("prompt_tokens"), r["result"]["text"])].append(label)
+    if len(texts) == 1:
+        (n, text), = texts
+        return (f"All {len(testbed) + len(baselines)} runs (every tpi configuration and every baseline) had the "
+                f"same {n} prompt tokens and produced the same greedy text: `{text.strip()}`.")
+    return "Greedy outputs differ between runs:\n\n" + "\n".join(
+        f"- {n} prompt tokens, `{t.strip()}`: {', '.join(sorted(set(labels)))}" for (n, t), labels in texts.items())
+
+
 def write_report(args) -> int:
     results, out = Path(args.results), Path(args.out)
     testbed, baselines, failed = load(results)
@@ -335,7 +352,9 @@ def write_report(args) -> int:
                      "loopback, links emulated in the transport (`--link`), **no per-device memory or CPU limit** "
                      "(peak memory is each process's VmHWM). Runner `docker` = one container per device from "
                      "tpi:latest with `mem_limit`/`nano_cpus`, the workload through the master's HTTP API, peak "
-                     "memory = the container's cgroup `memory.max_usage_in_bytes` (page cache included). "
+                     "memory = the container's cgroup `memory.max_usage_in_bytes` (page cache included; it can be below "
+                     "the process's VmHWM because pages of shared files, such as torch's libraries, are charged to "
+                     "the cgroup that first read them). "
                      "The containers are slow to start on this loaded machine (image start, torch import and "
                      "shard load per device), so the sweeps below ran with the local runner unless the table says "
                      "`docker`.\n")
@@ -352,7 +371,8 @@ def write_report(args) -> int:
         parts.append(testbed_table(rows) + "\n")
         bt = breakdown_table(rows)
         if bt:
-            parts.append("Where the time goes (per decode step, from each device's own timers; comm = waiting "
+            parts.append("Where the time goes (per decode step, from each device's own timers: the mean over the "
+                         "run for `local`, the last step as /api/cluster reports it for `docker`; comm = waiting "
                          "in all-reduces, which includes waiting for the slowest device's compute):\n\n" + bt + "\n")
         if plot_latency(rows, docs / "bench-latency-vs-link.png"):
             parts.append("### Token latency vs link latency, star vs ring\n\n![latency vs link latency]"
@@ -366,8 +386,8 @@ def write_report(args) -> int:
     if baselines:
         parts.append("Whole model in one process (`AutoModelForCausalLM.generate`, greedy, `min_new_tokens` = "
                      "tokens); TTFT = generate(1 token); token latency = (generate(T) - generate(1)) / (T-1); "
-                     "medians of the rounds after a warm-up; peak RSS = VmHWM of a fresh process. The prompt "
-                     "token count can differ by the BOS token (tpi's tokenizer adds it).\n\n"
+                     "medians of the rounds after a warm-up; peak RSS = VmHWM of a fresh process.\n\n"
+                     + agreement(testbed, baselines) + "\n\n"
                      + commands(baselines) + "\n" + baseline_table(baselines) + "\n")
     else:
         parts.append("No baseline results yet: `tpi bench baselines`.\n")

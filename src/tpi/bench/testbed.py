@@ -3,8 +3,8 @@ per run under bench/results/.
 
 Two runners, one workload (prompt, new tokens, greedy):
   docker  a master container + N-1 worker containers from tpi:latest on a fresh bridge network,
-          each with its own mem_limit and nano_cpus, a named volume for the shard store and a
-          read-only bind mount of the model; the link is emulated in the transport (--link),
+          each with its own mem_limit and nano_cpus, one named volume for the model (copied in
+          once), the shard store and TPI_CACHE; the link is emulated in the transport (--link),
           because this kernel has no netem. The workload goes through the master's HTTP API
           (streamed /v1/completions, temperature 0, ignore_eos); peak memory is each
           container's cgroup v1 memory.max_usage_in_bytes (page cache included) and the
@@ -128,7 +128,9 @@ def _http(url: str, body: dict | None = None, timeout: float = 10.0):
 
 def stream_completion(base: str, prompt: str, tokens: int, timeout: float) -> dict:
     """Streamed greedy completion: TTFT = first text chunk; ms/token from the chunks after it."""
-    body = {"model": "smollm2", "prompt": prompt, "max_tokens": tokens, "temperature": 0,
+    with _http(f"{base}/v1/models", timeout=30) as r:
+        model = json.load(r)["data"][0]["id"]
+    body = {"model": model, "prompt": prompt, "max_tokens": tokens, "temperature": 0,
             "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
     t0 = time.perf_counter()
     times, text, usage = [], [], None
@@ -160,6 +162,19 @@ def _container_memory(container) -> dict:
             "peak_rss_bytes": max(hwm) if hwm else None}
 
 
+VOLUME = "tpi-bench-data"  # shared by every device of a run: the model copy, the shard stores, TPI_CACHE
+
+
+def prepare_volume(client, model_dir: str, image: str) -> None:
+    """Copy the model into the named volume once, owned by the image's user (the host's
+    copy may be readable by root only)."""
+    client.containers.run(
+        image, entrypoint=["sh", "-c"], user="0", remove=True,
+        command=["test -f /data/model/config.json || { mkdir -p /data/model.tmp && cp -r /src/. /data/model.tmp/ "
+                 "&& mv /data/model.tmp /data/model; }; chown -R 10001:10001 /data"],
+        volumes={VOLUME: {"bind": "/data", "mode": "rw"}, model_dir: {"bind": "/src", "mode": "ro"}})
+
+
 def run_docker(cfg: RunConfig, timeout: float, image: str = "tpi:latest") -> dict:
     import docker
 
@@ -169,12 +184,11 @@ def run_docker(cfg: RunConfig, timeout: float, image: str = "tpi:latest") -> dic
     tag = secrets.token_hex(3)
     token = secrets.token_hex(16)
     model_dir = str(resolve_model(cfg.model))
+    prepare_volume(client, model_dir, image)
     net = client.networks.create(f"tpibench-{tag}", driver="bridge")
-    volume = "tpi-bench-data"
     common = dict(image=image, detach=True, network=net.name, init=True,
                   environment={"TPI_CACHE": "/data/cache"},
-                  volumes={volume: {"bind": "/data", "mode": "rw"}, model_dir: {"bind": "/models/model", "mode": "ro"}},
-                  labels={"tpi.bench": tag})
+                  volumes={VOLUME: {"bind": "/data", "mode": "rw"}}, labels={"tpi.bench": tag})
     limits = {}
     if cfg.mem_limit:
         limits.update(mem_limit=cfg.mem_limit, memswap_limit=cfg.mem_limit)
@@ -185,7 +199,7 @@ def run_docker(cfg: RunConfig, timeout: float, image: str = "tpi:latest") -> dic
     try:
         t_start = time.perf_counter()
         master = client.containers.run(
-            command=["master", "--model", "/models/model", "--listen", "0.0.0.0:29500", "--http", "0.0.0.0:8000",
+            command=["master", "--model", "/data/model", "--listen", "0.0.0.0:29500", "--http", "0.0.0.0:8000",
                      "--devices", str(cfg.devices), "--join-token", token, "--store", "/data/store", "--slots", "1",
                      *cfg.engine_flags(), *link],
             name=f"tpibench-{tag}-master", **common, **limits)

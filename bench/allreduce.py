@@ -42,7 +42,7 @@ def hops(mode: str, n: int) -> int:
     return 2 if mode == "star" else 2 * (n - 1)
 
 
-def floor_s(mode: str, n: int, numel: int, spec: LinkSpec) -> float:
+def floor_s(mode: str, n: int, numel: int, spec: LinkSpec, itemsize: int = 4) -> float:
     """Physical lower bound under an emulated link: serialization on each sender's uplink
     plus latency per hop. Star: the workers' partials leave in parallel, then the hub sends
     N-1 sums one after another on its uplink. Ring: 2(N-1) hops of one chunk each."""
@@ -50,8 +50,8 @@ def floor_s(mode: str, n: int, numel: int, spec: LinkSpec) -> float:
         return wire_bytes(nbytes) * 8 / spec.bandwidth if spec.bandwidth else 0.0
 
     if mode == "star":
-        return n * ser(numel * 4 + 40) + 2 * spec.latency
-    return 2 * (n - 1) * (ser(numel * 4 // n + 40) + spec.latency)
+        return n * ser(numel * itemsize + 40) + 2 * spec.latency
+    return 2 * (n - 1) * (ser(numel * itemsize // n + 40) + spec.latency)
 
 
 def reps_for(numel: int, link: LinkSpec | None, mode: str, n: int, budget: float) -> int:
@@ -166,6 +166,7 @@ def main() -> None:
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "tpi.comm.client", "tpi.comm.drill"])
     modes = args.modes.split(",")
+    itemsize = 4 if args.wire == "float32" else 2
     devices = [int(x) for x in args.devices.split(",")]
     links = [None if x.strip().lower() in ("", "none") else x.strip()
              for x in args.links.split(";")]
@@ -194,7 +195,7 @@ def main() -> None:
                 t0 = time.monotonic()
                 rows = run_config(ctx, mode, n, link, sizes, args.wire, args.budget)
                 cells = [f"{fmt_ms(m)} ({fmt_ms(p)})"
-                         + (f" ≥{fmt_ms(floor_s(mode, n, s, spec))}" if spec else "")
+                         + (f" ≥{fmt_ms(floor_s(mode, n, s, spec, itemsize))}" if spec else "")
                          for s, m, p, _, _ in rows]
                 line = f"| {mode} | {n} | " + " | ".join(cells) + " |"
                 if spec is None:

@@ -40,7 +40,10 @@ def start_worker(registry: str, log_dir, name: str, token: str = TOKEN, *extra: 
 
 
 def plan_devices(master) -> list[str]:
-    return requests.get(master.url + "/api/cluster", timeout=10).json()["devices_in_plan"]
+    """The master first, then its workers by name (their ranks follow the order they joined)."""
+    devices = requests.get(master.url + "/api/cluster", timeout=10).json()["devices_in_plan"]
+    assert devices[0] == "master"
+    return ["master", *sorted(devices[1:])]
 
 
 def chat(master, stream: bool, max_tokens: int = 64, on_chunk=None) -> str:

@@ -15,8 +15,9 @@ OTHER_PAGES = [  # (file, title) folded into the report when present
     ("docs/benchmarks-inproc.md", "In-process engine vs transformers"),
     ("docs/benchmarks-batching.md", "Batched decoding"),
     ("docs/benchmarks-memory.md", "Memory scheduler"),
-    ("docs/memory-scheduler.md", "Memory scheduler"),
+    ("docs/memory-scheduler.md", "Memory scheduler"),  # a design page: linked, not copied
 ]
+LINK_ONLY = {"docs/memory-scheduler.md"}
 
 
 def load(results: Path) -> tuple[list[dict], list[dict], list[dict]]:
@@ -94,20 +95,24 @@ def machine_text(runs: list[dict]) -> str:
     m = runs[0]["machine"]
     loads = [r["machine"]["loadavg"][0] for r in runs] + [r.get("machine_after", r["machine"])["loadavg"][0] for r in runs]
     times = sorted(r["machine"]["time_utc"] for r in runs)
-    cap = runs[0].get("machine_capability")
+    caps = [r["machine_capability"] for r in runs if r.get("machine_capability")]
     s = (f"Machine: `nproc` = {m['nproc']}, {m['cpu_model']}, {m['mem_total_bytes'] / 2**30:.0f} GiB, "
          f"kernel {m['kernel']}; runs from {times[0]} to {times[-1]}; 1-minute load average "
          f"{min(loads):.1f}–{max(loads):.1f} on {m['nproc']} cores during the runs.")
-    if cap:
-        c = cap["capability"]
-        s += (f" Measured at the start of the sweep (under that load): {c['gflops']:.1f} GFLOP/s float32 "
-              f"(decode-shaped matmul, `tpi.capability.measure()`), disk {c['disk_mbps']:.0f} MB/s, memory copy "
-              f"{cap['mem_bandwidth_gbs']:.1f} GB/s.")
+    if caps:
+        def rng(vals, fmt):
+            return f"{fmt.format(min(vals))}–{fmt.format(max(vals))}"
+
+        s += (" Measured at the start of each sweep (under that load): "
+              f"{rng([c['capability']['gflops'] for c in caps], '{:.1f}')} GFLOP/s float32 (decode-shaped matmul, "
+              f"`tpi.capability.measure()`), disk {rng([c['capability']['disk_mbps'] for c in caps], '{:.0f}')} MB/s, "
+              f"memory copy {rng([c['mem_bandwidth_gbs'] for c in caps], '{:.1f}')} GB/s; each run's bounds use its "
+              f"own sweep's figures.")
     return s
 
 
 def testbed_table(rows: list[dict]) -> str:
-    head = ("| runner | devices | all-reduce | link | dtype | window | budget | TTFT (s) | ms/token | "
+    head = ("| runner | devices | all-reduce | link | dtype | window | budget / limit | TTFT (s) | ms/token | "
             "bound (ms) | latency / compute / memory / disk bound (ms) | planner (ms) | measured / bound | "
             "peak memory master / worker (MiB) | load |\n"
             "|---|---:|---|---|---|---:|---|---:|---:|---:|---|---:|---:|---|---:|\n")
@@ -128,8 +133,8 @@ def testbed_table(rows: list[dict]) -> str:
 
 
 def breakdown_table(rows: list[dict]) -> str:
-    head = ("| runner | devices | all-reduce | link | master compute / comm (ms/token) | "
-            "workers compute / comm, mean (ms/token) |\n|---|---:|---|---|---|---|\n")
+    head = ("| runner | devices | all-reduce | link | budget / limit | master compute / comm (ms/token) | "
+            "workers compute / comm, mean (ms/token) |\n|---|---:|---|---|---|---|---|\n")
     lines = []
     for r in rows:
         c = r["config"]
@@ -139,7 +144,8 @@ def breakdown_table(rows: list[dict]) -> str:
         wm = [x for x in r["comm"][1:] if x is not None]
         w = f"{statistics.mean(wc) * 1e3:.0f} / {statistics.mean(wm) * 1e3:.0f}" if wc else "–"
         lines.append(f"| {c['runner']} | {c['devices']} | {c['allreduce'] if c['devices'] > 1 else '–'} | "
-                     f"{link_text(c)} | {r['compute'][0] * 1e3:.0f} / {r['comm'][0] * 1e3:.0f} | {w} |")
+                     f"{link_text(c)} | {c.get('memory_budget') or c.get('mem_limit') or 'none'} | "
+                     f"{r['compute'][0] * 1e3:.0f} / {r['comm'][0] * 1e3:.0f} | {w} |")
     return head + "\n".join(lines) + "\n" if lines else ""
 
 
@@ -164,7 +170,7 @@ def plot_latency(rows: list[dict], path: Path) -> bool:
     series = defaultdict(list)
     for r in rows:
         c = r["config"]
-        if c["devices"] > 1 and not c.get("bandwidth"):
+        if c["devices"] > 1 and not c.get("bandwidth") and not c.get("memory_budget"):
             series[(c["runner"], c["devices"], c["allreduce"])].append(r)
     series = {k: v for k, v in series.items() if len({r["config"]["latency_ms"] for r in v}) > 1}
     if not series:
@@ -196,7 +202,7 @@ def plot_memory(rows: list[dict], baselines: list[dict], path: Path) -> bool:
     pts = defaultdict(dict)
     for r in rows:
         c = r["config"]
-        if c["latency_ms"] == 0 and not c.get("bandwidth") and c["allreduce"] == "star":
+        if c["latency_ms"] == 0 and not c.get("bandwidth") and c["allreduce"] == "star" and not c.get("memory_budget"):
             pts[c["runner"]][c["devices"]] = r
     pts = {k: v for k, v in pts.items() if len(v) > 1}
     if not pts:
@@ -231,7 +237,7 @@ def slopes(rows: list[dict]) -> str:
     series = defaultdict(list)
     for r in rows:
         c = r["config"]
-        if c["devices"] > 1 and not c.get("bandwidth"):
+        if c["devices"] > 1 and not c.get("bandwidth") and not c.get("memory_budget"):
             series[(c["runner"], c["devices"], c["allreduce"])].append(r)
     for (runner, n, mode), rs in sorted(series.items()):
         pts = sorted((r["config"]["latency_ms"], r["ms"]) for r in rs)
@@ -240,6 +246,8 @@ def slopes(rows: list[dict]) -> str:
         xs, ys = zip(*pts)
         mx, my = statistics.mean(xs), statistics.mean(ys)
         sxx = sum((x - mx) ** 2 for x in xs)
+        if sxx == 0:
+            continue
         slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
         intercept = my - slope * mx
         layers_x_2 = None
@@ -275,6 +283,11 @@ def fold_page(path: Path, title: str) -> str:
         elif in_table:
             keep.append("")
         in_table = is_table
+    # drop headings with no table or command under them
+    lines = [x for x in keep if x.strip()]
+    keep = [x for i, x in enumerate(keep)
+            if not (x.startswith("####") and not any(not y.startswith("####") for y in
+                                                     lines[lines.index(x) + 1:lines.index(x) + 2]))]
     body = re.sub(r"\n{3,}", "\n\n", "\n".join(keep)).strip()
     return (f"### {title} (from [{path.name}]({path.name}))\n\nCopied from that page (its tables and the "
             f"commands that produced them; not re-measured here). Read the page for conditions and discussion.\n\n"
@@ -282,35 +295,23 @@ def fold_page(path: Path, title: str) -> str:
 
 
 def discussion(rows: list[dict], baselines: list[dict]) -> str:
-    lines = []
-    one = next((r for r in rows if r["config"]["devices"] == 1), None)
+    """One line per configuration: measured beside its bound and where the devices' time went."""
+    s = []
     for r in rows:
         c, b = r["config"], r["bounds"]
-        if c["devices"] == 1:
-            continue
-        comm = statistics.mean([x for x in r["comm"] if x is not None] or [0]) * 1e3
-        lines.append((c, r, comm))
-    s = []
-    if one:
-        s.append(f"- One device (no network) runs at {one['ms']:.0f} ms/token against a compute bound of "
-                 f"{one['bounds']['compute_ms']:.1f} ms and a memory bound of {one['bounds']['memory_ms']:.1f} ms: "
-                 f"{one['ms'] / one['bounds']['bound_ms']:.0f}x the bound. SmolLM2-135M is tiny (30 layers of "
-                 f"576 wide): a token is ~210 small matrix-vector products whose cost is Python and "
-                 f"PyTorch dispatch, not FLOPs, and the shared machine's other jobs take most of the 2 cores.")
-    hf = [b for b in baselines if not b["config"]["offload"]]
-    if hf and one:
-        best = min(hf, key=lambda b: b["result"]["token_latency_s"])
-        s.append(f"- transformers ({best['config']['dtype']}, whole model, one process) takes "
-                 f"{best['result']['token_latency_s'] * 1e3:.0f} ms/token in the same conditions, "
-                 f"so tpi on one device is {one['ms'] / (best['result']['token_latency_s'] * 1e3):.1f}x its time per token; "
-                 f"its peak RSS is {mib(best['result']['peak_rss_bytes'])} MiB.")
-    for c, r, comm in lines:
-        if c["latency_ms"]:
-            b = r["bounds"]
-            s.append(f"- {c['allreduce']}, {c['devices']} devices, {c['latency_ms']:g} ms: {r['ms']:.0f} ms/token vs "
-                     f"bound {b['bound_ms']:.0f} ms ({b['latency_ms']:.0f} ms of it link latency, "
-                     f"{b['hops']} hops x {b['latency_ms'] / max(c['latency_ms'], 1e-9) / b['hops']:.0f} "
-                     f"all-reduces); devices wait in all-reduces {comm:.0f} ms/token on average.")
+        label = f"{c['runner']}, {c['devices']} device(s)"
+        if c["devices"] > 1:
+            label += f", {c['allreduce']}, link {link_text(c)}"
+        limit = c.get("memory_budget") or c.get("mem_limit")
+        if limit:
+            label += f", budget/limit {limit}"
+        comm = [x for x in r["comm"][: c["devices"]] if x is not None]
+        comp = [x for x in r["compute"][: c["devices"]] if x is not None]
+        where = (f"; the devices computed {statistics.mean(comp) * 1e3:.0f} and waited in all-reduces "
+                 f"{statistics.mean(comm) * 1e3:.0f} ms per step" if comm and comp and c["devices"] > 1 else "")
+        s.append(f"- {label}: {r['ms']:.0f} ms/token, {r['ms'] / b['bound_ms']:.1f}x its bound of "
+                 f"{b['bound_ms']:.0f} ms ({b['bound_by']}-bound; {b['latency_ms']:.0f} ms of it link latency = "
+                 f"{b['hops']} hops x 60 all-reduces x latency){where}.")
     return "\n".join(s) + "\n"
 
 
@@ -329,6 +330,13 @@ def agreement(testbed: list[dict], baselines: list[dict]) -> str:
         f"- {n} prompt tokens, `{t.strip()}`: {', '.join(sorted(set(labels)))}" for (n, t), labels in texts.items())
 
 
+def error_line(text: str) -> str:
+    """The line that says what went wrong (an `error:` line), else the last one."""
+    lines = [x for x in text.strip().splitlines() if x.strip()]
+    hits = [x for x in lines if " error: " in x] or [x for x in lines if "Error" in x and "failed (" not in x]
+    return (hits[0] if hits else lines[-1] if lines else "?")[:300]
+
+
 def write_report(args) -> int:
     results, out = Path(args.results), Path(args.out)
     testbed, baselines, failed = load(results)
@@ -341,7 +349,7 @@ def write_report(args) -> int:
              "every system. Token latency excludes the first token; TTFT is from request to first token with the "
              "weights already loaded.\n",
              "**The machine is shared and noisy.** It has 2 cores and other sessions' builds and tests ran on it "
-             "throughout (load averages are given per run, often 5–12 on 2 cores). Every emulated device also "
+             "throughout (load averages are given per run). Every emulated device also "
              "shares those same 2 cores, so adding devices adds no compute here. Read absolute figures as upper "
              "bounds and compare within one table.\n",
              machine_text(testbed + baselines) + "\n"]
@@ -398,14 +406,18 @@ def write_report(args) -> int:
         parts.append(notes.read_text() + "\n")
     if failed:
         parts.append("## Runs that failed\n\n" + "\n".join(
-            f"- `{Path(f['_file']).name}`: {f['error'].strip().splitlines()[-1][:300]}" for f in failed) + "\n")
+            f"- `{Path(f['_file']).name}`: {error_line(f['error'])}" for f in failed) + "\n")
     parts.append("## Other benchmark pages\n")
     seen = set()
     for page, title in OTHER_PAGES:
         p = Path(page)
         if p.exists() and title not in seen:
             seen.add(title)
-            parts.append(fold_page(p, title))
+            if page in LINK_ONLY:
+                parts.append(f"### {title}\n\nThat page holds no measured table to copy; "
+                             f"the design, budgets and options are in [{p.name}]({p.name}).\n")
+            else:
+                parts.append(fold_page(p, title))
     out.write_text("\n".join(parts))
     print(f"wrote {out} ({len(rows)} configurations, {len(baselines)} baselines, {len(failed)} failed runs)")
     return 0

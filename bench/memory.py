@@ -460,14 +460,13 @@ def cmd_plot(args) -> None:
             continue
         med[n] = (statistics.median(r["token_latency_s"] for r in runs),
                   statistics.median(r["ttft_s"] for r in runs),
-                  max(max((d.get("peak_rss") or 0) for d in r["devices"]) for r in runs) / GiB)
+                  max(max((d.get("peak_rss") or 0) for d in (r["devices"][1:] or r["devices"])) for r in runs) / GiB)
     names = list(med)
     fig, axes = plt.subplots(1, 3, figsize=(15, 5.5))
     colors = ["#888888" if "accelerate" in n or "transformers" in n else "#1f77b4" for n in names]
-    for ax, k, label in zip(axes, range(3), ["ms / token (decode, median)", "TTFT s (median)", "peak RSS per device, GiB (max)"]):
+    for ax, k, label in zip(axes, range(3), ["ms / token (decode, median)", "TTFT s (median)", "peak RSS GiB, devices 1-3 (device 0: + head)"]):
         vals = [med[n][k] * (1000 if k == 0 else 1) for n in names]
         ax.barh(names, vals, color=colors)
-        ax.set_xscale("log" if k == 0 else "linear")
         ax.set_title(label)
         ax.invert_yaxis()
         for y, v in enumerate(vals):

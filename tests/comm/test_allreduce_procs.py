@@ -8,7 +8,8 @@ and, in the ring and in gloo, so is every partial sum on the way, so elementwise
 import pytest
 import torch
 
-from tpi.comm.drill import base_input, run_master
+from tpi.comm.drill import base_input, expected_sum, run_master
+from tpi.protocol import CollectiveDrill
 
 SHAPE = [1, 1, 576]     # one decode token of SmolLM2
 
@@ -55,3 +56,21 @@ def test_world_of_one(make_group):
     comm = g.start()
     x = torch.randn(2, 3)
     assert torch.equal(comm.all_reduce(x), x)
+
+
+@pytest.mark.parametrize("mode", ["star", "ring", "gloo"])
+def test_master_may_set_up_after_broadcasting(make_group, mode):
+    """The order the master service uses: broadcast the step, then hub.communicator()."""
+    n = 3
+    g = make_group(n, mode)
+    for r in range(1, n):
+        g.spawn(r)
+    g.hub.wait_for_workers(timeout=60)
+    ranks = g.hub.broadcast(CollectiveDrill(seq=1, reps=4, shape=SHAPE))
+    comm = g.hub.communicator()
+    x = base_input(0, 0, SHAPE, torch.float32)
+    outs = [comm.all_reduce(x * (1 + i % 7)) for i in range(4)]
+    replies = g.hub.gather(timeout=30, ranks=ranks)
+    assert all(m.ok for m in replies.values())
+    exp = expected_sum(0, n, 3, SHAPE, torch.float32)
+    assert (outs[-1] - exp).abs().max() <= 1e-5 * exp.abs().max()

@@ -25,7 +25,7 @@ from websockets.exceptions import ConnectionClosed
 from tpi.comm import auth, handshake
 from tpi.comm.base import CommError, Communicator
 from tpi.comm.conn import Conn
-from tpi.comm.gloo import GlooCommunicator, make_store
+from tpi.comm.gloo import GlooCommunicator, LazyGlooCommunicator, make_store
 from tpi.comm.link import Link, LinkSpec
 from tpi.comm.loop import LoopThread
 from tpi.comm.ring import RingCommunicator, RingReducer
@@ -64,7 +64,8 @@ class StarClient:
         self._star = StarWaiter()             # loop side of the star all-reduce
         self._ring_reducer = RingReducer()    # loop side of the ring all-reduce
         self._control: queue.SimpleQueue = queue.SimpleQueue()
-        self._setup_q: queue.SimpleQueue = queue.SimpleQueue()
+        self._gloo: GlooCommunicator | Exception | None = None
+        self._gloo_ready = threading.Event()
         self._ring_links: RingLinks | None = None
         self._ring_server = None
         self._ring_ready = threading.Event()
@@ -163,8 +164,9 @@ class StarClient:
                     self._ring_reducer.on_abort(h.step >> 32, msg.reason)
                 elif isinstance(msg, RingSetup):
                     conn._loop.create_task(self._build_ring(msg))
-                elif isinstance(msg, GlooSetup):
-                    self._setup_q.put(msg)
+                elif isinstance(msg, GlooSetup) and not self._gloo_ready.is_set():
+                    threading.Thread(target=self._join_gloo, args=(msg,), daemon=True,
+                                     name="tpi-gloo-join").start()
                 elif isinstance(msg, Error):
                     reason = f"hub reported {msg.code}: {msg.message}"
                     log.error("rank %d: %s", self.rank, reason)
@@ -220,9 +222,9 @@ class StarClient:
         self._send(encode(msg, max_bytes=self.max_bytes))
 
     def communicator(self, timeout: float = 60.0) -> Communicator:
-        """This worker's Communicator. Star and ring: at once (a ring all_reduce waits, up to
-        `timeout`, for the master to build the ring). Gloo: joins the process group when the
-        master sets it up (blocks up to `timeout`)."""
+        """This worker's Communicator, at once. Ring: an all_reduce waits (up to the client's
+        `timeout`) for the master to build the ring. Gloo: the first all_reduce joins the
+        process group, waiting up to `timeout` for the master's hub.communicator()."""
         if self._comm is not None:
             return self._comm
         if self.allreduce == "star":
@@ -230,16 +232,28 @@ class StarClient:
         elif self.allreduce == "ring":
             self._comm = RingCommunicator(self)       # the first all_reduce waits for the ring
         else:
-            try:
-                setup = self._setup_q.get(timeout=timeout)
-            except queue.Empty:
-                raise CommError(f"the master did not set up gloo within {timeout:g}s") \
-                    from None
+            self._comm = LazyGlooCommunicator(self.rank, self.world_size,
+                                              lambda: self._gloo_joined(timeout))
+        return self._comm
+
+    def _join_gloo(self, setup: GlooSetup) -> None:
+        """Join the gloo group as soon as the master sets it up, whatever the engine thread
+        is doing (one helper thread, once): init_process_group blocks until all ranks join."""
+        try:
             host = setup.host or urlsplit(self.url).hostname
             store = make_store(host, setup.port, self.world_size, False, setup.timeout)
-            self._comm = GlooCommunicator(self.rank, self.world_size, store, setup.timeout,
+            self._gloo = GlooCommunicator(self.rank, self.world_size, store, setup.timeout,
                                           self.wire_dtype)
-        return self._comm
+        except Exception as e:  # noqa: BLE001 - handed to the first all_reduce
+            self._gloo = CommError(f"joining the gloo group: {e}")
+        self._gloo_ready.set()
+
+    def _gloo_joined(self, timeout: float) -> GlooCommunicator:
+        if not self._gloo_ready.wait(timeout):
+            raise CommError(f"the master did not set up gloo within {timeout:g}s")
+        if isinstance(self._gloo, Exception):
+            raise self._gloo
+        return self._gloo
 
     def close(self) -> None:
         """Leave the group. Idempotent."""
@@ -248,6 +262,8 @@ class StarClient:
         self._closed = True
         if self._comm is not None:
             self._comm.close()
+        if isinstance(self._gloo, GlooCommunicator):
+            self._gloo.close()
         try:
             self._io.run(self._shutdown(), 5)
         except Exception as e:  # noqa: BLE001 - best effort on shutdown

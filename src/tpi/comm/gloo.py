@@ -7,6 +7,7 @@ the group cannot be rebuilt without restarting the processes (one group per proc
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
 
 import torch
@@ -52,3 +53,22 @@ class GlooCommunicator(Communicator):
                 self._dist.destroy_process_group()
             except Exception:  # noqa: BLE001 - best effort
                 pass
+
+
+class LazyGlooCommunicator(Communicator):
+    """A worker's gloo communicator, formed at its first all_reduce by `join()` (which waits
+    for the master's GlooSetup), so a worker can hold it before the master sets gloo up."""
+
+    def __init__(self, rank: int, world_size: int, join: Callable[[], GlooCommunicator]):
+        self.rank, self.world_size = rank, world_size
+        self._join = join
+        self._comm: GlooCommunicator | None = None
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self._comm is None:
+            self._comm = self._join()
+        return self._comm.all_reduce(tensor)
+
+    def close(self) -> None:
+        if self._comm is not None:
+            self._comm.close()

@@ -26,7 +26,8 @@ class Group:
 
     def __init__(self, n: int, allreduce: str = "star", worker_kwargs: dict | None = None,
                  **hub_kwargs):
-        torch.set_num_threads(1)
+        self._threads = torch.get_num_threads()    # restored in close(): other suites
+        torch.set_num_threads(1)                   # share this pytest process
         self.hub = StarHub(n, TOKEN, allreduce=allreduce, **hub_kwargs)
         self.worker_kwargs = dict(worker_kwargs or {})
         self.procs: dict[int, mp.Process] = {}
@@ -59,6 +60,7 @@ class Group:
                 p.kill()
                 p.join(5)
         self.hub.close()
+        torch.set_num_threads(self._threads)
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """StarClient: a worker's end of the group. It needs only the hub's URL and the join token.
 
     client = StarClient.connect("ws://master:29500", token="s3cret")
-    comm = client.communicator()         # star: at once; ring / gloo: when the master sets up
+    comm = client.communicator()         # at once; ring / gloo wait for the master's setup
     while True:
         msg = client.recv_control()      # ForwardStep, ResetCache, Shutdown, ...
         ...
@@ -12,6 +12,7 @@ If the hub connection drops, every call raises CommError; make a new client to r
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import threading
@@ -70,6 +71,7 @@ class StarClient:
         self._ring_server = None
         self._ring_ready = threading.Event()
         self._comm: Communicator | None = None
+        self._tasks: set[asyncio.Task] = set()
         self._lost: str | None = None
         self._closed = False
         self._io = LoopThread("tpi-client")
@@ -122,7 +124,7 @@ class StarClient:
             host = self._ring_advertise or ws.local_address[0]
             host = f"[{host}]" if ":" in host else host
             conn.put(encode(PeerInfo(ring_url=f"ws://{host}:{port}")))
-        self._reader = conn._loop.create_task(self._read())
+        self._reader = asyncio.get_running_loop().create_task(self._read())
         return welcome
 
     async def _handle_ring(self, ws) -> None:
@@ -163,7 +165,9 @@ class StarClient:
                     self._star.on_abort(h.step >> 32, msg.reason)
                     self._ring_reducer.on_abort(h.step >> 32, msg.reason)
                 elif isinstance(msg, RingSetup):
-                    conn._loop.create_task(self._build_ring(msg))
+                    task = asyncio.get_running_loop().create_task(self._build_ring(msg))
+                    self._tasks.add(task)             # keep a reference until it is done
+                    task.add_done_callback(self._tasks.discard)
                 elif isinstance(msg, GlooSetup) and not self._gloo_ready.is_set():
                     threading.Thread(target=self._join_gloo, args=(msg,), daemon=True,
                                      name="tpi-gloo-join").start()
@@ -184,6 +188,8 @@ class StarClient:
         succ = (self.rank + 1) % self.world_size
         url = self.url if succ == 0 else msg.peers.get(str(succ), "")
         try:
+            if self._ring_links is None:
+                raise CommError(f"RingSetup, but this group runs {self.allreduce}")
             await self._ring_links.build(msg.generation, url)
             done = SetupDone(generation=msg.generation)
         except Exception as e:  # noqa: BLE001 - reported to the master

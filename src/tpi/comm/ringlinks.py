@@ -41,6 +41,7 @@ class RingLinks:
         self.generation = 0
         self.current: tuple[int, Conn, Conn] | None = None  # (generation, in, out)
         self._incoming: dict[int, Conn] = {}
+        self._tasks: set[asyncio.Task] = set()
         self._changed = asyncio.Condition()
 
     @property
@@ -100,7 +101,9 @@ class RingLinks:
         except BaseException:
             await conn.close(1000, "ring setup failed")
             raise
-        asyncio.get_running_loop().create_task(self._watch_out(conn))
+        task = asyncio.get_running_loop().create_task(self._watch_out(conn))
+        self._tasks.add(task)                          # keep a reference until it is done
+        task.add_done_callback(self._tasks.discard)
         return conn
 
     async def _watch_out(self, conn: Conn) -> None:

@@ -125,8 +125,8 @@ def decide(link: Link, own: Link, netem: bool) -> Decision:
     if netem:
         args = ["netem"]
         if kernel_delay:
-            args += ["delay", ms(link.latency_s)] + ([ms(link.jitter_s), "distribution", "normal"]
-                                                     if link.jitter_s else [])
+            # netem's default jitter is uniform, like the transport's (no distribution table)
+            args += ["delay", ms(link.latency_s)] + ([ms(link.jitter_s)] if link.jitter_s else [])
             kernel.update(latency_s=link.latency_s, jitter_s=link.jitter_s)
         if link.loss_pct:
             args += ["loss", f"{link.loss_pct:g}%"]

@@ -290,6 +290,7 @@ def test_the_edge_link_is_in_force(app):
     mbit = size * 8 / seconds / 1e6
     link_report["bulk_worker_to_master_mbit_s"] = round(mbit, 1)
     assert mbit < LINK["rate_bps"] / 1e6 * 1.15, f"{mbit:.0f} Mbit/s: the rate limit is not in force"
+    assert mbit > LINK["rate_bps"] / 1e6 * 0.5, f"{mbit:.0f} Mbit/s: far below the configured rate"
 
     # 3. Latency, directly: an all-reduce of one token's hidden state (1 x 576) between a
     #    process in the master's network namespace and one in a worker's, each emulating the

@@ -58,7 +58,7 @@ def test_with_netem_the_kernel_adds_loss_and_rate_but_never_a_second_delay():
 
 def test_with_netem_a_process_without_link_gets_the_delay_in_the_kernel():
     d = decide(EDGE, Link(), netem=True)
-    assert d.qdisc[:5] == ["netem", "delay", "5ms", "1ms", "distribution"]
+    assert d.qdisc == ["netem", "delay", "5ms", "1ms", "loss", "0.5%", "rate", "300000kbit", "limit", "10000"]
     assert d.kernel["latency_s"] == 0.005 and not d.missing
 
 

@@ -17,7 +17,7 @@ artifacts/e2e-logs/<project>.log.
 
 Skipped only when `docker info` fails. Builds tpi:latest first (scripts/build-image.sh, seconds
 when cached; TPI_E2E_BUILD=0 skips it). TPI_E2E_COMPOSE_FILES (colon-separated) adds compose
-files after compose.yaml, e.g. to try a local override. 3-8 minutes on 2 cores (docs/appliance.md).
+files after compose.yaml, e.g. to try a local override. 2-8 minutes on 2 cores (docs/appliance.md).
 """
 from __future__ import annotations
 

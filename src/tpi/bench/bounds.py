@@ -4,7 +4,8 @@
                hops = 2 for star (partial sum in, total out), 2(N-1) for ring
     compute  = FLOPs per token / the machine's GFLOP/s (all emulated devices share its cores)
     memory   = weight bytes touched per token / memory bandwidth
-    disk     = bytes re-read from disk per token (the planner's streamed bytes) / disk bandwidth
+    disk     = bytes re-read from disk per token (the planner's streamed bytes, summed over the
+               devices: they share this machine's one disk) / disk bandwidth
 Compute, memory and disk overlap (the scheduler prefetches while computing), but every
 all-reduce waits for the compute before it, so the bound is latency + max(compute, memory, disk).
 A measured time far above it is time spent where this model of the system does not look
@@ -15,6 +16,9 @@ from __future__ import annotations
 import time
 
 from tpi.planner import ALL_REDUCES_PER_LAYER, DTYPE_BYTES, Link, PlannerSettings, plan_cluster
+
+
+IDLE_RSS_BYTES = 220 * 10**6  # a Python process that has imported torch (/work/shared/BENCHMARKING.md)
 
 
 def hops(allreduce: str, devices: int) -> int:
@@ -54,6 +58,15 @@ def parse_size(text: str | None) -> int | None:
     return ps(text)
 
 
+def docker_size(text: str | None) -> int | None:
+    """A docker memory limit ('1g', '1536m': binary units) in bytes."""
+    if not text:
+        return None
+    t = text.strip().lower()
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    return int(float(t[:-1]) * units[t[-1]]) if t[-1] in units else int(t)
+
+
 def model_facts(cfg) -> dict:
     from tpi.planner import _attn_flops, _attn_params, _head_flops, _head_params, _mlp_flops, _mlp_params
 
@@ -85,31 +98,45 @@ def bounds(cfg, run: dict, machine_cap: dict) -> dict:
 
     # The planner: N devices, each a share of this machine's cores (they run on it together).
     per_dev_cores = min(run.get("cpus") or cap.cores / n, cap.cores / n)
+    # Budgets as the runtime applies them: --memory-budget covers a device's layer weights and
+    # KV cache (the master's head comes on top); without one, each container's limit (the
+    # master's own) through the planner's default rule; without a limit, the machine's.
+    head_bytes = facts["head_params"] * DTYPE_BYTES[cdt]
     budget = parse_size(run.get("memory_budget"))
+    budgets = [budget + head_bytes] + [budget] * (n - 1) if budget is not None else [cap.mem_budget_bytes] * n
     if budget is None and run.get("mem_limit"):
-        from tpi.capability import default_budget
+        # The runtime's rule (limit - the process's RSS - headroom), with the RSS of an idle
+        # worker process: the budget it derives in a container of that limit, give or take
+        # what the process holds beyond the idle runtime when it builds its runner.
+        from tpi.weights.scheduler import default_device_budget
 
-        budget = default_budget(parse_size(run["mem_limit"]))
-    dev = DeviceCapability(arch=cap.arch, cores=max(1, int(per_dev_cores)), mem_total_bytes=cap.mem_total_bytes,
-                           mem_budget_bytes=budget or cap.mem_budget_bytes,
-                           gflops=cap.gflops * per_dev_cores / cap.cores, disk_mbps=cap.disk_mbps)
+        def rule(limit: str) -> int:
+            return default_device_budget(1, limit=docker_size(limit), rss=IDLE_RSS_BYTES)
+
+        budgets = [rule(run.get("master_mem_limit") or run["mem_limit"]) + head_bytes] + [rule(run["mem_limit"])] * (n - 1)
+    devs = [DeviceCapability(arch=cap.arch, cores=max(1, int(per_dev_cores)), mem_total_bytes=cap.mem_total_bytes,
+                             mem_budget_bytes=b, gflops=cap.gflops * per_dev_cores / cap.cores,
+                             disk_mbps=cap.disk_mbps) for b in budgets]
     bw = run.get("bandwidth_bytes_s") or 1e12
     links = [None] + [Link(rtt_s=2 * lat_s, bandwidth_bytes_s=bw)] * (n - 1)
-    settings = PlannerSettings(storage_dtype=sdt, compute_dtype=cdt, window_blocks=run.get("window") or 2)
+    settings = PlannerSettings(storage_dtype=sdt, compute_dtype=cdt, window_blocks=run.get("window") or 2,
+                               **({"max_seq": run["max_seq"]} if run.get("max_seq") else {}))
     planner = None
     disk_ms = 0.0
     try:
-        est = plan_cluster(cfg, [dev] * n, links, settings).estimate
+        est = plan_cluster(cfg, devs, links, settings).estimate
         planner = {"total_ms": est.total_ms, "compute_ms": est.compute_ms, "disk_ms": est.disk_ms,
                    "latency_ms": est.latency_ms, "transfer_ms": est.transfer_ms, "head_ms": est.head_ms,
                    "bottleneck": est.bottleneck, "notes": list(est.notes),
                    "models": "star links (2 hops) only" if run.get("allreduce") == "ring" else "as run"}
+        planner["streamed_bytes"] = [d.streamed_bytes for d in est.devices]
         if not run.get("no_scheduler"):
-            disk_ms = est.disk_ms
+            # The emulated devices share this machine's one disk: their streams add up.
+            disk_ms = sum(d.streamed_bytes for d in est.devices) / (cap.disk_mbps * 1e6) * 1e3
     except Exception as e:  # noqa: BLE001 - a plan the planner refuses is a finding, not a crash
         planner = {"error": str(e)}
     parts = {"compute": compute_ms, "memory": memory_ms, "disk": disk_ms}
     local = max(parts, key=parts.get)
-    return {"latency_ms": latency_ms, **{f"{k}_ms": v for k, v in parts.items()}, "hops": h,
+    return {"latency_ms": latency_ms, **{f"{k}_ms": v for k, v in parts.items()}, "hops": h, "layers": facts["layers"],
             "bound_ms": latency_ms + parts[local],
             "bound_by": "latency" if latency_ms > parts[local] else local, "planner": planner}

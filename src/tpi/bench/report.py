@@ -1,6 +1,7 @@
 """`tpi bench report`: docs/benchmarks.md and its plots, regenerated from bench/results/*.json
-(written by `tpi bench testbed` and `tpi bench baselines`), plus the figures of the other
-benchmark pages folded in as sections (their tables and commands, copied, not re-measured)."""
+(written by `tpi bench testbed` and `tpi bench baselines`), one section per model, plus the
+figures of the other benchmark pages folded in (their tables and commands, copied, not
+re-measured). The discussion is computed (findings.py); only preface.md is hand-written."""
 from __future__ import annotations
 
 import json
@@ -8,6 +9,8 @@ import re
 import statistics
 from collections import defaultdict
 from pathlib import Path
+
+from tpi.bench import findings, plots
 
 MiB = 2**20
 OTHER_PAGES = [  # (file, title) folded into the report when present
@@ -20,28 +23,62 @@ OTHER_PAGES = [  # (file, title) folded into the report when present
 LINK_ONLY = {"docs/memory-scheduler.md"}
 
 
-def load(results: Path) -> tuple[list[dict], list[dict], list[dict]]:
-    testbed, baselines, failed = [], [], []
+def model_of(r: dict) -> str:
+    """The short model name of a record: 'smollm2' or the model directory's name."""
+    if r.get("model"):
+        return r["model"]
+    m = (r.get("config") or {}).get("model")
+    return "smollm2" if not m or "smollm2" in str(m).lower() else Path(m).name
+
+
+def load(results: Path) -> tuple[list[dict], list[dict], list[dict], list[dict]]:
+    """(testbed runs, baseline runs, failed runs, other results) from results/*.json."""
+    testbed, baselines, failed, other = [], [], [], []
     for p in sorted(results.glob("*.json")):
         try:
             r = json.loads(p.read_text())
         except (OSError, ValueError):
             continue
+        if not isinstance(r, dict):
+            continue
         r["_file"] = str(p)
-        if "error" in r:
+        if r.get("kind") not in ("testbed", "baseline"):
+            other.append(r)
+        elif "error" in r:
             failed.append(r)
-        elif r.get("kind") == "baseline":
+        elif r["kind"] == "baseline":
             baselines.append(r)
-        elif r.get("kind") == "testbed":
+        else:
             testbed.append(r)
-    return testbed, baselines, failed
+    return testbed, baselines, failed, other
+
+
+def recompute_bounds(runs: list[dict]) -> None:
+    """Bounds from each run's configuration and its sweep's machine figures, with today's
+    bounds.py (so a fix to the bound applies to every stored run alike)."""
+    from tpi.bench.bounds import bounds
+    from tpi.bench.testbed import RunConfig
+    from tpi.config import load_model_config
+    from tpi.weights.sources import resolve_model
+
+    cfgs = {}
+    for r in runs:
+        c = r["config"]
+        try:
+            if c.get("model") not in cfgs:
+                cfgs[c.get("model")] = load_model_config(resolve_model(c.get("model")))
+            rc = RunConfig(**{k: v for k, v in c.items() if k in RunConfig.__dataclass_fields__})
+            r["bounds"] = bounds(cfgs[c.get("model")], {**c, "bandwidth_bytes_s": rc.bandwidth_bytes_s},
+                                 r["machine_capability"])
+        except Exception:  # noqa: BLE001 - model not on this machine: keep the stored bounds
+            pass
 
 
 def key(r: dict) -> tuple:
     c = r["config"]
-    return (c["runner"], c["devices"], c["allreduce"], c["latency_ms"], c.get("bandwidth") or "", c["dtype"],
-            c["window"], c.get("memory_budget") or "", c.get("no_scheduler", False), c.get("mem_limit") or "",
-            c.get("cpus") or 0, c["tokens"])
+    return (model_of(r), c["runner"], c["devices"], c["allreduce"], c["latency_ms"], c.get("bandwidth") or "",
+            c["dtype"], c["window"], c.get("memory_budget") or "", c.get("no_scheduler", False),
+            c.get("mem_limit") or "", c.get("master_mem_limit") or "", c.get("cpus") or 0, c["tokens"])
 
 
 def group(runs: list[dict]) -> list[dict]:
@@ -67,7 +104,7 @@ def group(runs: list[dict]) -> list[dict]:
             "master_peak": peak(devs[0]), "worker_peak": max((peak(d) for d in devs[1:]), default=None),
             "rss_master": devs[0].get("peak_rss_bytes"),
             "rss_worker": max((d.get("peak_rss_bytes") or 0 for d in devs[1:]), default=None),
-            "load": [r["machine"]["loadavg"][0] for r in rs],
+            "load": [r["machine"]["loadavg"][0] for r in rs], "ttft_all": [x["ttft_s"] for x in res],
             # local: the mean per decode step; docker: the last decode step (/api/cluster)
             "comm": [(d.get("per_token") or d.get("last_forward") or {}).get("comm_s") for d in devs],
             "compute": [(d.get("per_token") or d.get("last_forward") or {}).get("compute_s") for d in devs],
@@ -112,7 +149,7 @@ def machine_text(runs: list[dict]) -> str:
 
 
 def testbed_table(rows: list[dict]) -> str:
-    head = ("| runner | devices | all-reduce | link | dtype | window | budget / limit | TTFT (s) | ms/token | "
+    head = ("| runner | devices | all-reduce | link | dtype | scheduler | limit per device | TTFT (s) | ms/token | "
             "bound (ms) | latency / compute / memory / disk bound (ms) | planner (ms) | measured / bound | "
             "peak memory master / worker (MiB) | load |\n"
             "|---|---:|---|---|---|---:|---|---:|---:|---:|---|---:|---:|---|---:|\n")
@@ -121,10 +158,10 @@ def testbed_table(rows: list[dict]) -> str:
         c, b = r["config"], r["bounds"]
         pl = b.get("planner") or {}
         planner = f"{pl['total_ms']:.0f}" if "total_ms" in pl else "–"
-        ms = f"{r['ms']:.0f}" + (f" (n={r['n']})" if r["n"] > 1 else "")
+        ms = f"{r['ms']:.0f}" + (f" (n={r['n']}: {', '.join(f'{x:.0f}' for x in r['ms_all'])})" if r["n"] > 1 else " (n=1)")
         lines.append(
             f"| {c['runner']} | {c['devices']} | {c['allreduce'] if c['devices'] > 1 else '–'} | {link_text(c)} | "
-            f"{c['dtype']} | {c['window']} | {c.get('memory_budget') or c.get('mem_limit') or 'none'} | "
+            f"{c['dtype']} | {sched_text(c)} | {limit_text(c)} | "
             f"{r['ttft_s']:.2f} | {ms} | {b['bound_ms']:.0f} ({b['bound_by']}) | "
             f"{b['latency_ms']:.0f} / {b['compute_ms']:.1f} / {b['memory_ms']:.1f} / {b['disk_ms']:.1f} | {planner} | "
             f"{r['ms'] / b['bound_ms']:.1f}x | {mib(r['master_peak'])} / {mib(r['worker_peak'])} | "
@@ -133,134 +170,87 @@ def testbed_table(rows: list[dict]) -> str:
 
 
 def breakdown_table(rows: list[dict]) -> str:
-    head = ("| runner | devices | all-reduce | link | budget / limit | master compute / comm (ms/token) | "
-            "workers compute / comm, mean (ms/token) |\n|---|---:|---|---|---|---|---|\n")
+    head = ("| runner | devices | all-reduce | link | scheduler | limit | master compute / comm / disk wait (ms) | "
+            "workers compute / comm / disk wait, mean (ms) | measured ms/token |\n|---|---:|---|---|---|---|---|---|---:|\n")
     lines = []
     for r in rows:
         c = r["config"]
         if r["compute"][0] is None:
             continue
-        wc = [x for x in r["compute"][1:] if x is not None]
-        wm = [x for x in r["comm"][1:] if x is not None]
-        w = f"{statistics.mean(wc) * 1e3:.0f} / {statistics.mean(wm) * 1e3:.0f}" if wc else "–"
-        lines.append(f"| {c['runner']} | {c['devices']} | {c['allreduce'] if c['devices'] > 1 else '–'} | "
-                     f"{link_text(c)} | {c.get('memory_budget') or c.get('mem_limit') or 'none'} | "
-                     f"{r['compute'][0] * 1e3:.0f} / {r['comm'][0] * 1e3:.0f} | {w} |")
+
+        def trio(i):
+            vals = [[x for x in r[k][i] if x is not None] for k in ("compute", "comm", "disk")]
+            return " / ".join(f"{statistics.mean(v) * 1e3:.0f}" if v else "–" for v in vals)
+
+        devs = c["devices"]
+        w = trio(slice(1, devs)) if devs > 1 else "–"
+        lines.append(f"| {c['runner']} | {devs} | {c['allreduce'] if devs > 1 else '–'} | {link_text(c)} | "
+                     f"{sched_text(c)} | {limit_text(c)} | {trio(slice(0, 1))} | {w} | {r['ms']:.0f} |")
     return head + "\n".join(lines) + "\n" if lines else ""
 
 
+def sched_text(c: dict) -> str:
+    if c.get("no_scheduler"):
+        return "off"
+    return f"window {c['window']}, " + (f"budget {c['memory_budget']}" if c.get("memory_budget") else
+                                        "default budget" if c.get("mem_limit") else "no budget")
+
+
+def limit_text(c: dict) -> str:
+    if not c.get("mem_limit"):
+        return "none"
+    return c["mem_limit"] + (f" (master {c['master_mem_limit']})" if c.get("master_mem_limit") else "")
+
+
 def baseline_table(runs: list[dict]) -> str:
-    head = ("| system | dtype | TTFT (s) | ms/token | peak RSS (MiB) | prompt tokens | torch threads | load |\n"
-            "|---|---|---:|---:|---:|---:|---:|---:|\n")
+    head = ("| system | dtype | max_memory | limit | TTFT (s) | ms/token | peak RSS (MiB) | cgroup peak (MiB) | "
+            "prompt tokens | torch threads | load |\n|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|\n")
     lines = []
-    for r in runs:
+    for r in sorted(runs, key=lambda r: (r["config"]["system"], r["config"]["dtype"], r["machine"]["time_utc"])):
         c, x = r["config"], r["result"]
-        lines.append(f"| {c['system']} | {c['dtype']} | {x['ttft_s']:.3f} | {x['token_latency_s'] * 1e3:.1f} | "
-                     f"{mib(x['peak_rss_bytes'])} | {x['prompt_tokens']} | {x.get('torch_threads', '–')} | "
+        lines.append(f"| {c['system']} | {c['dtype']} | {mib(c.get('max_memory_bytes'))} MiB | "
+                     f"{mib(c.get('mem_limit_bytes')) + ' MiB' if c.get('mem_limit_bytes') else 'none'} | "
+                     f"{x['ttft_s']:.2f} | {x['token_latency_s'] * 1e3:.0f} | {mib(x['peak_rss_bytes'])} | "
+                     f"{mib(x.get('cgroup_max_usage_bytes'))} | {x['prompt_tokens']} | {x.get('torch_threads', '–')} | "
                      f"{r['machine']['loadavg'][0]:.1f} |")
     return head + "\n".join(lines) + "\n"
 
 
-def plot_latency(rows: list[dict], path: Path) -> bool:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    series = defaultdict(list)
-    for r in rows:
-        c = r["config"]
-        if c["devices"] > 1 and not c.get("bandwidth") and not c.get("memory_budget"):
-            series[(c["runner"], c["devices"], c["allreduce"])].append(r)
-    series = {k: v for k, v in series.items() if len({r["config"]["latency_ms"] for r in v}) > 1}
-    if not series:
-        return False
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for (runner, n, mode), rs in sorted(series.items()):
-        rs = sorted(rs, key=lambda r: r["config"]["latency_ms"])
-        xs = [r["config"]["latency_ms"] for r in rs]
-        line, = ax.plot(xs, [r["ms"] for r in rs], "o-", label=f"{mode}, {n} devices ({runner}): measured")
-        ax.plot(xs, [r["bounds"]["bound_ms"] for r in rs], "--", color=line.get_color(),
-                label=f"{mode}: bound (2·L·{rs[0]['bounds']['hops']} hops·latency + compute)")
-    ax.set_xlabel("emulated one-way link latency (ms)")
-    ax.set_ylabel("ms per token")
-    ax.set_title("Token latency vs link latency (SmolLM2-135M, greedy)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
-
-
-def plot_memory(rows: list[dict], baselines: list[dict], path: Path) -> bool:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    pts = defaultdict(dict)
-    for r in rows:
-        c = r["config"]
-        if c["latency_ms"] == 0 and not c.get("bandwidth") and c["allreduce"] == "star" and not c.get("memory_budget"):
-            pts[c["runner"]][c["devices"]] = r
-    pts = {k: v for k, v in pts.items() if len(v) > 1}
-    if not pts:
-        return False
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for runner, by_n in sorted(pts.items()):
-        ns = sorted(by_n)
-        ax.plot(ns, [by_n[n]["master_peak"] / MiB for n in ns], "o-", label=f"master (device 0), {runner}")
-        wn = [n for n in ns if by_n[n]["worker_peak"]]
-        if wn:
-            ax.plot(wn, [by_n[n]["worker_peak"] / MiB for n in wn], "s-", label=f"largest worker, {runner}")
-    for b in baselines:
-        if not b["config"]["offload"]:
-            ax.axhline(b["result"]["peak_rss_bytes"] / MiB, ls=":", color="gray")
-            ax.text(1, b["result"]["peak_rss_bytes"] / MiB, f" transformers {b['config']['dtype']}", fontsize=7,
-                    va="bottom")
-    ax.set_xticks(sorted({n for by_n in pts.values() for n in by_n}))
-    ax.set_xlabel("devices")
-    ax.set_ylabel("peak memory per device (MiB)")
-    ax.set_title("Peak memory per device vs device count")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
-
-
-def slopes(rows: list[dict]) -> str:
-    """Measured ms/token per ms of link latency beside the bound's slope (2·L·hops)."""
-    out = []
-    series = defaultdict(list)
-    for r in rows:
-        c = r["config"]
-        if c["devices"] > 1 and not c.get("bandwidth") and not c.get("memory_budget"):
-            series[(c["runner"], c["devices"], c["allreduce"])].append(r)
-    for (runner, n, mode), rs in sorted(series.items()):
-        pts = sorted((r["config"]["latency_ms"], r["ms"]) for r in rs)
-        if len(pts) < 2:
-            continue
-        xs, ys = zip(*pts)
-        mx, my = statistics.mean(xs), statistics.mean(ys)
-        sxx = sum((x - mx) ** 2 for x in xs)
-        if sxx == 0:
-            continue
-        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
-        intercept = my - slope * mx
-        layers_x_2 = None
-        for r in rs:
-            if r["config"]["latency_ms"]:
-                layers_x_2 = r["bounds"]["latency_ms"] / r["config"]["latency_ms"]
-                break
-        out.append(f"| {mode} | {n} | {runner} | {slope:.0f} | {layers_x_2:.0f} | {slope / layers_x_2:.2f} | "
-                   f"{intercept:.0f} |")
-    if not out:
+def paper_table(rows: list[dict], baselines: list[dict]) -> str:
+    """The paper's shape: TTFT, token latency and peak memory per system, scheduler off and on,
+    at 0 ms star links with the largest device count measured, beside the baselines."""
+    base = [r for r in rows if r["config"]["latency_ms"] == 0 and r["config"]["allreduce"] == "star"
+            and not r["config"].get("bandwidth") and r["config"]["dtype"] == "bfloat16"]
+    if not base:
         return ""
-    return ("| all-reduce | devices | runner | measured slope (ms/token per ms) | bound slope (2·L·hops) | ratio | "
-            "fitted ms/token at 0 ms |\n|---|---:|---|---:|---:|---:|---:|\n" + "\n".join(out) + "\n")
+    n = max(r["config"]["devices"] for r in base)
+    base = sorted((r for r in base if r["config"]["devices"] == n),
+                  key=lambda r: (not r["config"].get("no_scheduler"), r["config"].get("memory_budget") or "~"))
+    acc = [b["result"]["token_latency_s"] * 1e3 for b in baselines if b["config"].get("offload")]
+    acc_ms = statistics.median(acc) if acc else None
+
+    def ratio(ms: float) -> str:
+        return f"{acc_ms / ms:.1f}x" if acc_ms else "–"
+
+    head = ("| system | devices | limit per device | TTFT (s) | ms/token | peak memory per device (MiB) | "
+            "Accelerate / this (ms/token) | load |\n|---|---:|---|---:|---:|---|---:|---:|\n")
+    lines = []
+    for r in base:
+        c = r["config"]
+        peaks = f"{mib(r['master_peak'])} (master)" + (f", {mib(r['worker_peak'])} (largest worker)"
+                                                       if r["worker_peak"] else "")
+        lines.append(f"| tpi, scheduler {sched_text(c)} ({c['runner']}) | {n} | {limit_text(c)} | {r['ttft_s']:.1f} | "
+                     f"{r['ms']:.0f} (n={r['n']}) | {peaks} | {ratio(r['ms'])} | {statistics.median(r['load']):.1f} |")
+    by = {}
+    for b in baselines:
+        by.setdefault((b["config"]["system"], b["config"]["dtype"], b["config"].get("mem_limit_bytes")), []).append(b)
+    for (system, dtype, limit), bs in sorted(by.items(), key=lambda kv: kv[0][:2]):
+        ms = statistics.median(b["result"]["token_latency_s"] for b in bs) * 1e3
+        peak = max(b["result"].get("cgroup_max_usage_bytes") or b["result"]["peak_rss_bytes"] for b in bs)
+        lines.append(f"| {system}, {dtype} | 1 | {mib(limit) + ' MiB' if limit else 'none'} | "
+                     f"{statistics.median(b['result']['ttft_s'] for b in bs):.1f} | {ms:.0f} (n={len(bs)}) | "
+                     f"{mib(peak)} | {ratio(ms)} | {statistics.median(b['machine']['loadavg'][0] for b in bs):.1f} |")
+    return head + "\n".join(lines) + "\n"
 
 
 def fold_page(path: Path, title: str) -> str:
@@ -294,27 +284,6 @@ def fold_page(path: Path, title: str) -> str:
             f"{body}\n")
 
 
-def discussion(rows: list[dict], baselines: list[dict]) -> str:
-    """One line per configuration: measured beside its bound and where the devices' time went."""
-    s = []
-    for r in rows:
-        c, b = r["config"], r["bounds"]
-        label = f"{c['runner']}, {c['devices']} device(s)"
-        if c["devices"] > 1:
-            label += f", {c['allreduce']}, link {link_text(c)}"
-        limit = c.get("memory_budget") or c.get("mem_limit")
-        if limit:
-            label += f", budget/limit {limit}"
-        comm = [x for x in r["comm"][: c["devices"]] if x is not None]
-        comp = [x for x in r["compute"][: c["devices"]] if x is not None]
-        where = (f"; the devices computed {statistics.mean(comp) * 1e3:.0f} and waited in all-reduces "
-                 f"{statistics.mean(comm) * 1e3:.0f} ms per step" if comm and comp and c["devices"] > 1 else "")
-        s.append(f"- {label}: {r['ms']:.0f} ms/token, {r['ms'] / b['bound_ms']:.1f}x its bound of "
-                 f"{b['bound_ms']:.0f} ms ({b['bound_by']}-bound; {b['latency_ms']:.0f} ms of it link latency = "
-                 f"{b['hops']} hops x 60 all-reduces x latency){where}.")
-    return "\n".join(s) + "\n"
-
-
 def agreement(testbed: list[dict], baselines: list[dict]) -> str:
     """Do all systems produce the same greedy text from the same prompt tokens?"""
     texts = defaultdict(list)
@@ -337,76 +306,134 @@ def error_line(text: str) -> str:
     return (hits[0] if hits else lines[-1] if lines else "?")[:300]
 
 
-def write_report(args) -> int:
-    results, out = Path(args.results), Path(args.out)
-    testbed, baselines, failed = load(results)
-    rows = group(testbed)
-    docs = out.parent
-    parts = ["# Benchmarks\n",
-             "Generated by `tpi bench report` from `bench/results/*.json` (written by `tpi bench testbed` and "
-             "`tpi bench baselines`; src/tpi/bench/). Edit the code, not this file. Model: SmolLM2-135M-Instruct "
-             "(the embedded default; 30 layers, hidden 576, 9 query / 3 KV heads), greedy, the same prompt for "
-             "every system. Token latency excludes the first token; TTFT is from request to first token with the "
-             "weights already loaded.\n",
-             "**The machine is shared and noisy.** It has 2 cores and other sessions' builds and tests ran on it "
-             "throughout (load averages are given per run). Every emulated device also "
-             "shares those same 2 cores, so adding devices adds no compute here. Read absolute figures as upper "
-             "bounds and compare within one table.\n",
-             machine_text(testbed + baselines) + "\n"]
-    runners = {r["config"]["runner"] for r in rows}
-    parts.append("## Emulated edge testbed\n")
-    if "docker" not in runners or "local" in runners:
-        parts.append("Runner `local` = `tpi generate --transport ws`: a master and N-1 worker processes on "
-                     "loopback, links emulated in the transport (`--link`), **no per-device memory or CPU limit** "
-                     "(peak memory is each process's VmHWM). Runner `docker` = one container per device from "
-                     "tpi:latest with `mem_limit`/`nano_cpus`, the workload through the master's HTTP API, peak "
-                     "memory = the container's cgroup `memory.max_usage_in_bytes` (page cache included; it can be below "
-                     "the process's VmHWM because pages of shared files, such as torch's libraries, are charged to "
-                     "the cgroup that first read them). "
-                     "The containers are slow to start on this loaded machine (image start, torch import and "
-                     "shard load per device), so the sweeps below ran with the local runner unless the table says "
-                     "`docker`.\n")
-    parts.append("Bounds per configuration (src/tpi/bench/bounds.py): latency = 2 all-reduces/layer x 30 layers x "
-                 "hops x one-way latency (hops 2 for star, 2(N-1) for ring); compute = FLOPs per token / the "
-                 "machine's measured GFLOP/s (the emulated devices share its cores); memory = weight bytes touched "
-                 "per token / measured copy bandwidth; disk = the planner's re-read bytes / disk bandwidth (0 when "
-                 "everything fits). Every all-reduce waits for the compute before it, so bound = latency + "
-                 "max(compute, memory, disk). Planner = `tpi.planner.plan_cluster(...).estimate.total_ms` with "
-                 "each device given 1/N of the measured machine (it models star links only: its ring figures use "
-                 "2 hops).\n")
+MODELS = {  # short name -> what the section calls it (others: their directory's name)
+    "smollm2": "SmolLM2-135M-Instruct (the embedded default: 30 layers, hidden 576, 9 query / 3 KV heads)",
+    "llama2-7b-8l": ("Llama-2-7B shape truncated to 8 layers, random weights, bfloat16 (hidden 4096, MLP 11008, "
+                     "32 heads, vocab 32000; 1.9 B parameters, 3.76 GB; `bench/memory.py make-model`; it carries "
+                     "SmolLM2's tokenizer, whose ids for the prompt fit its vocabulary, so the same text prompt "
+                     "works; its output text is meaningless)"),
+}
+MEMORY_70B = ("70b", "Llama-3.1-70B")  # results whose file name or model names one of these fill the 70B slot
+
+
+def model_section(name: str, runs: list[dict], baselines: list[dict], docs: Path) -> str:
+    rows = group(runs)
+    title = MODELS.get(name, name)
+    short = title.split(" (")[0]
+    parts = [f"## {short}\n", f"Model: {title}. Greedy, the same prompt and token count for every system of this "
+             f"section.\n", machine_text(runs + baselines) + "\n"]
+    pt = paper_table(rows, baselines)
+    if pt:
+        parts.append("### TTFT, token latency and peak memory (the paper's table)\n\nAt 0 ms star links with the "
+                     "largest device count measured; the baselines are one process. Medians of n runs; peak "
+                     "memory is the cgroup's peak in a container (page cache included), else VmHWM.\n\n" + pt + "\n")
     if rows:
-        parts.append(commands(testbed) + "\n")
-        parts.append(testbed_table(rows) + "\n")
+        parts.append("### Every configuration, beside its bound and the planner\n\n" + commands(runs) + "\n"
+                     + testbed_table(rows) + "\n")
         bt = breakdown_table(rows)
         if bt:
-            parts.append("Where the time goes (per decode step, from each device's own timers: the mean over the "
-                         "run for `local`, the last step as /api/cluster reports it for `docker`; comm = waiting "
-                         "in all-reduces, which includes waiting for the slowest device's compute):\n\n" + bt + "\n")
-        if plot_latency(rows, docs / "bench-latency-vs-link.png"):
-            parts.append("### Token latency vs link latency, star vs ring\n\n![latency vs link latency]"
-                         "(bench-latency-vs-link.png)\n\n" + slopes(rows) + "\n")
-        if plot_memory(rows, baselines, docs / "bench-memory-vs-devices.png"):
-            parts.append("### Peak memory per device vs device count\n\n![memory vs devices]"
-                         "(bench-memory-vs-devices.png)\n\nWithout a memory limit the scheduler keeps every "
-                         "block a device owns resident, so a device's peak is the ~220 MB torch runtime floor plus "
-                         "its 1/N of the layers; the master also holds the embedding/LM head (tied, 49152 x 576).\n")
-    parts.append("## Baselines: Hugging Face transformers\n")
+            parts.append("Where the time goes per decode step, from each device's own timers (the mean over the run "
+                         "for `local`; the last step, as /api/cluster reports it, for `docker`; medians over the "
+                         "repeats). comm = waiting in all-reduces, which includes waiting for the slowest device's "
+                         "compute; disk wait = the scheduler waiting for a block being read.\n\n" + bt + "\n")
+    slug = name.replace("/", "-")
+    figures = [
+        ("latency vs link latency", f"bench-{slug}-latency-vs-link.png", lambda p: plots.plot_latency(rows, short, p)),
+        ("memory vs devices", f"bench-{slug}-memory-vs-devices.png",
+         lambda p: plots.plot_memory(rows, [b for b in baselines if not b["config"].get("offload")], short, p)),
+        ("latency vs memory budget", f"bench-{slug}-latency-vs-budget.png",
+         lambda p: plots.plot_budget(rows, baselines, short, p)),
+    ]
+    drawn = [(t, f) for t, f, draw in figures if draw(docs / f)]
+    if drawn:
+        parts.append("### Plots\n\nFrom the rows above (same commands, same machine).\n\n"
+                     + "\n\n".join(f"![{t}]({f})" for t, f in drawn) + "\n")
+    missing = [t for t, f, _ in figures if (t, f) not in drawn]
+    if missing:
+        parts.append(f"No plot of {', '.join(missing)}: the results hold too few points for it.\n")
     if baselines:
-        parts.append("Whole model in one process (`AutoModelForCausalLM.generate`, greedy, `min_new_tokens` = "
-                     "tokens); TTFT = generate(1 token); token latency = (generate(T) - generate(1)) / (T-1); "
-                     "medians of the rounds after a warm-up; peak RSS = VmHWM of a fresh process.\n\n"
-                     + agreement(testbed, baselines) + "\n\n"
-                     + commands(baselines) + "\n" + baseline_table(baselines) + "\n")
-    else:
-        parts.append("No baseline results yet: `tpi bench baselines`.\n")
-    parts.append("## Discussion: where the system is far from its bound, and why\n")
-    parts.append(discussion(rows, baselines) + "\n")
-    notes = Path(__file__).with_name("discussion.md")
-    if notes.exists():
-        parts.append(notes.read_text() + "\n")
+        parts.append("### Baselines\n\nTransformers with the whole model in one process (no limit), and with "
+                     "Accelerate disk offload (`device_map=\"auto\"`, `max_memory` = the per-device budget, "
+                     "`offload_folder`) in a cgroup of the stated limit; page cache dropped before each; TTFT = "
+                     "generate(1 token), token latency = (generate(T) - generate(1)) / (T-1), median of the rounds "
+                     "after a warm-up.\n\n" + agreement(runs, baselines) + "\n\n" + commands(baselines) + "\n"
+                     + baseline_table(baselines) + "\n")
+    if rows:
+        parts.append("### Where it is far from its bound, and why (computed from the rows above)\n\n"
+                     + findings.discussion(rows, baselines) + "\n")
+    return "\n".join(parts)
+
+
+def memory_70b_section(other: list[dict]) -> str:
+    hits = [r for r in other if any(k.lower() in (Path(r["_file"]).name + str(r.get("model", ""))).lower()
+                                    for k in MEMORY_70B)]
+    head = "## Llama-3.1-70B shape: memory test\n\n"
+    if not hits:
+        return head + ("Slot for the 70B-shaped memory test (hidden 8192, 64 heads, 8 KV heads, MLP 28672, vocab "
+                       "128256, a few layers, 8 devices, window 2). No results file for it is in bench/results/ yet: "
+                       "a JSON there whose name contains `70b` is folded in here by `tpi bench report`.\n")
+    out = [head]
+    for r in hits:
+        out.append(f"From `{Path(r['_file']).name}`" + (f", command `{r['command']}`" if r.get("command") else "")
+                   + ".\n")
+        runs = r.get("runs") or []
+        if runs:
+            lines = []
+            for x in runs:
+                devs = x.get("devices") or []
+                lines.append(f"| {x.get('system', '?')} | "
+                             + (f"{x['token_latency_s'] * 1e3:.0f}" if x.get("token_latency_s") else "–") + " | "
+                             + (f"{x['ttft_s']:.1f}" if x.get("ttft_s") else "–") + " | "
+                             + " / ".join(mib(d.get("peak_rss")) for d in devs) + " | "
+                             + " / ".join(mib(d.get("cgroup_peak")) for d in devs) + " | "
+                             + (f"{x['loadavg'][0]:.1f}" if x.get("loadavg") else "–") + " |")
+            out.append("| system | ms/token | TTFT (s) | peak RSS per device (MiB) | cgroup peak per device (MiB) | "
+                       "load |\n|---|---:|---:|---|---|---:|\n" + "\n".join(lines) + "\n")
+        else:
+            out.append("```\n" + json.dumps({k: v for k, v in r.items() if k != "_file"}, indent=1)[:3000] + "\n```\n")
+    return "\n".join(out)
+
+
+def write_report(args) -> int:
+    results, out = Path(args.results), Path(args.out)
+    testbed, baselines, failed, other = load(results)
+    recompute_bounds(testbed)
+    docs = out.parent
+    names = sorted({model_of(r) for r in testbed + baselines},
+                   key=lambda m: (list(MODELS).index(m) if m in MODELS else len(MODELS), m))
+    parts = ["# Benchmarks\n",
+             "Generated by `tpi bench report` from `bench/results/*.json` (written by `tpi bench testbed` and "
+             "`tpi bench baselines`, src/tpi/bench/; the sweeps are `bench/sweeps.sh`). Edit the code, not this "
+             "file. Token latency excludes the first token; TTFT is from request to first token with the weights "
+             "already prepared. Older results are kept, unreported, in subfolders of bench/results/.\n",
+             machine_text(testbed + baselines) + "\n",
+             Path(__file__).with_name("preface.md").read_text() + "\n",
+             "## How to read the tables\n",
+             "Runner `local` = `tpi generate --transport ws`: a master and N-1 worker processes on loopback, links "
+             "emulated in the transport (`--link`), no per-device memory limit (peak memory = each process's "
+             "VmHWM). Runner `docker` = one container per device from tpi:latest with its own `mem_limit`, the "
+             "model copied into a volume and split into shard stores before the run (so a device's peak is not "
+             "the splitter's), the page cache dropped before each run, the workload through the master's HTTP API "
+             "(streamed `/v1/completions`); peak memory = the container's cgroup `memory.max_usage_in_bytes` "
+             "(page cache included).\n",
+             "Bounds per configuration (src/tpi/bench/bounds.py, recomputed by the report from each run's "
+             "configuration and its sweep's measurements of the machine): latency = 2 all-reduces per layer x "
+             "layers x hops x one-way link latency (hops 2 for star, 2(N-1) for ring); compute = FLOPs per token / "
+             "the machine's measured float32 GFLOP/s (the emulated devices share its cores); memory = weight bytes "
+             "touched per token / measured copy bandwidth; disk = the bytes the planner says the devices re-read "
+             "per token, summed (they share one disk) / measured disk bandwidth; with a container limit and no "
+             "explicit budget, the runtime's default-budget rule (limit - idle RSS of 220 MB - headroom) gives "
+             "the budgets. Every all-reduce waits for the compute before it, so bound = latency + max(compute, "
+             "memory, disk). Planner = `tpi.planner.plan_cluster(...).estimate.total_ms` with each device given "
+             "1/N of the measured machine (it models star links: its ring figures use 2 hops).\n"]
+    for name in names:
+        parts.append(model_section(name, [r for r in testbed if model_of(r) == name],
+                                   [b for b in baselines if model_of(b) == name], docs))
+    parts.append(memory_70b_section(other))
     if failed:
         parts.append("## Runs that failed\n\n" + "\n".join(
-            f"- `{Path(f['_file']).name}`: {error_line(f['error'])}" for f in failed) + "\n")
+            f"- `{Path(f['_file']).name}` ({f['machine']['time_utc']}, load {f['machine']['loadavg'][0]:.1f}): "
+            f"{error_line(f['error'])}" for f in failed) + "\n")
     parts.append("## Other benchmark pages\n")
     seen = set()
     for page, title in OTHER_PAGES:
@@ -419,5 +446,6 @@ def write_report(args) -> int:
             else:
                 parts.append(fold_page(p, title))
     out.write_text("\n".join(parts))
-    print(f"wrote {out} ({len(rows)} configurations, {len(baselines)} baselines, {len(failed)} failed runs)")
+    print(f"wrote {out} ({len(testbed)} runs in {len(group(testbed))} configurations, {len(baselines)} baselines, "
+          f"{len(failed)} failed runs, models: {', '.join(names)})")
     return 0

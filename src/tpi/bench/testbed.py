@@ -45,10 +45,12 @@ class RunConfig:
     dtype: str = "bfloat16"
     compute_dtype: str | None = None
     mem_limit: str | None = None  # docker: per container, e.g. "1g"
+    master_mem_limit: str | None = None  # docker: the master's container (it also holds the head); default mem_limit
     cpus: float | None = None     # docker: per container
     tokens: int = 16
     prompt: str = PROMPT
     model: str | None = None
+    max_seq: int | None = None    # context length (KV cache size); default: the engine's
 
     @property
     def link(self) -> str | None:
@@ -79,6 +81,10 @@ class RunConfig:
             s += "-nosched"
         if self.mem_limit:
             s += f"-mem{self.mem_limit}"
+        if self.master_mem_limit:
+            s += f"-master{self.master_mem_limit}"
+        if self.model:
+            s = f"{model_slug(self.model)}-{s}"
         return s
 
     def engine_flags(self) -> list[str]:
@@ -89,7 +95,14 @@ class RunConfig:
             f += ["--memory-budget", self.memory_budget]
         if self.no_scheduler:
             f += ["--no-scheduler"]
+        if self.max_seq:
+            f += ["--max-seq", str(self.max_seq)]
         return f
+
+
+def model_slug(model: str | None) -> str:
+    """A short name for a model source: 'smollm2' or a directory's name."""
+    return Path(model).name if model else "smollm2"
 
 
 # ---------------------------------------------------------------------------------------
@@ -162,17 +175,52 @@ def _container_memory(container) -> dict:
             "peak_rss_bytes": max(hwm) if hwm else None}
 
 
-VOLUME = "tpi-bench-data"  # shared by every device of a run: the model copy, the shard stores, TPI_CACHE
+VOLUME = "tpi-bench-data"  # shared by every device of a run: the models, the shard stores, TPI_CACHE
 
 
-def prepare_volume(client, model_dir: str, image: str) -> None:
-    """Copy the model into the named volume once, owned by the image's user (the host's
-    copy may be readable by root only)."""
+def prepare_volume(client, model_dir: str, image: str, cfg: RunConfig) -> str:
+    """Copy the model into the named volume once (the host's copy may be readable by root
+    only), owned by the image's user, and split the stores the master will ask for (its
+    1-device probe and the N-device plan) in a separate container without a limit, so a
+    run's memory peaks do not include the splitter. Returns the model's path in the volume."""
+    import hashlib
+
+    slug = model_slug(model_dir) + "-" + hashlib.sha256(str(Path(model_dir).resolve()).encode()).hexdigest()[:8]
+    dst = f"/data/models/{slug}"
+    split = (f"from tpi.engine import prepare_store; [prepare_store({dst!r}, [1.0] * n, {cfg.dtype!r}, "
+             f"root='/data/store') for n in sorted({{1, {cfg.devices}}})]")
     client.containers.run(
         image, entrypoint=["sh", "-c"], user="0", remove=True,
-        command=["test -f /data/model/config.json || { mkdir -p /data/model.tmp && cp -r /src/. /data/model.tmp/ "
-                 "&& mv /data/model.tmp /data/model; }; chown -R 10001:10001 /data"],
+        command=[f"test -f {dst}/config.json || {{ mkdir -p {dst}.tmp && cp -r /src/. {dst}.tmp/ "
+                 f"&& mv {dst}.tmp {dst}; }}; chown -R 10001:10001 /data"],
         volumes={VOLUME: {"bind": "/data", "mode": "rw"}, model_dir: {"bind": "/src", "mode": "ro"}})
+    client.containers.run(
+        image, entrypoint=["python", "-c"], command=[split], remove=True, environment={"TPI_CACHE": "/data/cache"},
+        volumes={VOLUME: {"bind": "/data", "mode": "rw"}})
+    return dst
+
+
+def drop_caches() -> bool:
+    """Empty the host's page cache (root only), so no run reads another run's cached pages."""
+    try:
+        subprocess.run(["sync"], check=True)
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def _oom_note(containers) -> str:
+    """Which containers the kernel killed for memory, as the reason a run failed."""
+    killed = []
+    for rank, c in enumerate(containers):
+        try:
+            c.reload()
+            if c.attrs["State"].get("OOMKilled"):
+                killed.append(f"device {rank}")
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+    return f" [OOM-killed: {', '.join(killed)}]" if killed else ""
 
 
 def run_docker(cfg: RunConfig, timeout: float, image: str = "tpi:latest") -> dict:
@@ -184,25 +232,29 @@ def run_docker(cfg: RunConfig, timeout: float, image: str = "tpi:latest") -> dic
     tag = secrets.token_hex(3)
     token = secrets.token_hex(16)
     model_dir = str(resolve_model(cfg.model))
-    prepare_volume(client, model_dir, image)
+    model_in_volume = prepare_volume(client, model_dir, image, cfg)
+    dropped = drop_caches()
     net = client.networks.create(f"tpibench-{tag}", driver="bridge")
     common = dict(image=image, detach=True, network=net.name, init=True,
                   environment={"TPI_CACHE": "/data/cache"},
                   volumes={VOLUME: {"bind": "/data", "mode": "rw"}}, labels={"tpi.bench": tag})
-    limits = {}
+    limits, master_limits = {}, {}
     if cfg.mem_limit:
         limits.update(mem_limit=cfg.mem_limit, memswap_limit=cfg.mem_limit)
+    if cfg.master_mem_limit or cfg.mem_limit:
+        m = cfg.master_mem_limit or cfg.mem_limit
+        master_limits.update(mem_limit=m, memswap_limit=m)
     if cfg.cpus:
-        limits["nano_cpus"] = int(cfg.cpus * 1e9)
+        limits["nano_cpus"] = master_limits["nano_cpus"] = int(cfg.cpus * 1e9)
     link = ["--link", cfg.link] if cfg.link else []
     containers = []
     try:
         t_start = time.perf_counter()
         master = client.containers.run(
-            command=["master", "--model", "/data/model", "--listen", "0.0.0.0:29500", "--http", "0.0.0.0:8000",
+            command=["master", "--model", model_in_volume, "--listen", "0.0.0.0:29500", "--http", "0.0.0.0:8000",
                      "--devices", str(cfg.devices), "--join-token", token, "--store", "/data/store", "--slots", "1",
                      *cfg.engine_flags(), *link],
-            name=f"tpibench-{tag}-master", **common, **limits)
+            name=f"tpibench-{tag}-master", **common, **master_limits)
         containers.append(master)
         for rank in range(1, cfg.devices):
             containers.append(client.containers.run(
@@ -236,8 +288,10 @@ def run_docker(cfg: RunConfig, timeout: float, image: str = "tpi:latest") -> dic
             d["last_forward"] = st.get("last_forward")
             d["memory_status"] = st.get("memory")
             devices.append(d)
-        r.update(devices=devices, startup_s=startup, cluster_transport=status.get("transport"))
+        r.update(devices=devices, startup_s=startup, cluster_transport=status.get("transport"), caches_dropped=dropped)
         return r
+    except Exception as e:
+        raise RuntimeError(f"{e}{_oom_note(containers)}") from e
     finally:
         for c in containers:
             try:
@@ -253,20 +307,31 @@ def run_docker(cfg: RunConfig, timeout: float, image: str = "tpi:latest") -> dic
 # ---------------------------------------------------------------------------------------
 # the sweep
 
+def _none_or(text: str) -> str | None:
+    return None if text.lower() in ("none", "default", "") else text
+
+
 def configs_from_args(args) -> list[RunConfig]:
     floats = lambda s: [float(x) for x in s.split(",")]  # noqa: E731
+    schedulers = ["off"] if args.no_scheduler else args.scheduler.split(",")
     out = []
-    for n, lat, bw, ar, w, b, dt in itertools.product(
+    for n, lat, bw, ar, w, b, dt, sched, lim in itertools.product(
             [int(x) for x in args.devices.split(",")], floats(args.latencies),
             (args.bandwidths.split(",") if args.bandwidths else [None]), args.allreduce.split(","),
-            [int(x) for x in args.window.split(",")], (args.budget.split(",") if args.budget else [None]),
-            args.dtype.split(",")):
+            [int(x) for x in args.window.split(",")],
+            ([_none_or(x) for x in args.budget.split(",")] if args.budget else [None]),
+            args.dtype.split(","), schedulers,
+            ([_none_or(x) for x in args.mem_limit.split(",")] if args.mem_limit else [None])):
         if n == 1 and (ar != "star" or lat or bw):
             continue  # one device: no link, no all-reduce
+        off = sched == "off"
+        if off and (b or w != int(args.window.split(",")[0])):
+            continue  # scheduler off: no window, no budget
         out.append(RunConfig(runner=args.runner, devices=n, latency_ms=lat, bandwidth=bw, allreduce=ar, window=w,
-                             memory_budget=b, no_scheduler=args.no_scheduler, dtype=dt,
-                             compute_dtype=args.compute_dtype, mem_limit=args.mem_limit, cpus=args.cpus,
-                             tokens=args.tokens, prompt=args.prompt, model=args.model))
+                             memory_budget=b, no_scheduler=off, dtype=dt, compute_dtype=args.compute_dtype,
+                             mem_limit=lim, master_mem_limit=args.master_mem_limit if lim else None,
+                             cpus=args.cpus, tokens=args.tokens, prompt=args.prompt, model=args.model,
+                             max_seq=args.max_seq))
     seen, unique = set(), []
     for c in out:
         if c not in seen:
@@ -275,12 +340,22 @@ def configs_from_args(args) -> list[RunConfig]:
     return unique
 
 
+def progress(i: int, total: int, started: float) -> str:
+    """`[####------] 4/10, 3m12s left` from the mean time per run so far."""
+    done = i - 1
+    bar = "#" * round(10 * done / total) + "-" * (10 - round(10 * done / total))
+    if not done:
+        return f"[{bar}] {i}/{total}"
+    left = (time.perf_counter() - started) / done * (total - done)
+    return f"[{bar}] {i}/{total}, ~{int(left // 60)}m{int(left % 60):02d}s left"
+
+
 def run_sweep(args) -> int:
     from tpi.bench.bounds import bounds, machine_capability
     from tpi.config import load_model_config
     from tpi.weights.sources import resolve_model
 
-    configs = configs_from_args(args)
+    configs = configs_from_args(args) * args.repeats  # repeats interleaved: round 1 of every config, then round 2
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg_model = load_model_config(resolve_model(args.model))
@@ -289,11 +364,13 @@ def run_sweep(args) -> int:
     print(f"[bench] {cap['capability']['gflops']:.1f} GFLOP/s, {cap['capability']['disk_mbps']:.0f} MB/s disk, "
           f"{cap['mem_bandwidth_gbs']:.1f} GB/s memory; {len(configs)} run(s)", flush=True)
     failures = 0
+    started = time.perf_counter()
     for i, cfg in enumerate(configs, 1):
+        print(f"[bench {progress(i, len(configs), started)}] {cfg.name()} ...", flush=True)
         before = machine.snapshot()
         t = time.perf_counter()
         record = {"kind": "testbed", "config": {**asdict(cfg), "link": cfg.link}, "command": machine.command_line(),
-                  "machine": before, "machine_capability": cap}
+                  "model": model_slug(args.model), "machine": before, "machine_capability": cap}
         try:
             r = run_docker(cfg, args.timeout) if cfg.runner == "docker" else run_local(cfg, args.timeout)
             record["result"] = r

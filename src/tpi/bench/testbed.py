@@ -83,9 +83,7 @@ class RunConfig:
             s += f"-mem{self.mem_limit}"
         if self.master_mem_limit:
             s += f"-master{self.master_mem_limit}"
-        if self.model:
-            s = f"{model_slug(self.model)}-{s}"
-        return s
+        return f"{model_slug(self.model)}-{s}"
 
     def engine_flags(self) -> list[str]:
         f = ["--dtype", self.dtype, "--window", str(self.window), "--allreduce", self.allreduce]

@@ -1,0 +1,110 @@
+"""`tpi bench testbed` (local runner), `tpi bench baselines` and `tpi bench report`, for real:
+a short sweep on SmolLM2 (2 devices, 0 and 1 ms links, 3 tokens) and one transformers
+baseline write results JSONs, and the report built from them must carry their figures, the
+bounds recomputed from their configurations, a plot and the computed discussion.
+
+About two minutes on the 2-core machine. The docker runner is exercised by bench/sweeps.sh
+against a real engine, not here (CI has no image at test time)."""
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+
+from tpi.bench.testbed import configs_from_args
+
+
+def tpi(*args: str, cwd: Path) -> str:
+    p = subprocess.run([sys.executable, "-m", "tpi.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=900)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    return p.stdout
+
+
+def sweep_args(**kw) -> Namespace:
+    base = dict(runner="local", devices="1,2", latencies="0,5", bandwidths=None, allreduce="star,ring", window="2",
+                budget=None, no_scheduler=False, scheduler="on", dtype="bfloat16", compute_dtype=None, mem_limit=None,
+                master_mem_limit=None, cpus=None, tokens=4, prompt="x", model=None, max_seq=None)
+    return Namespace(**{**base, **kw})
+
+
+def test_sweep_configurations():
+    names = [c.name() for c in configs_from_args(sweep_args())]
+    # one device: no link and no all-reduce to vary
+    assert names == ["smollm2-local-n1-star-lat0ms-bfloat16-w2", "smollm2-local-n2-star-lat0ms-bfloat16-w2",
+                     "smollm2-local-n2-ring-lat0ms-bfloat16-w2", "smollm2-local-n2-star-lat5ms-bfloat16-w2",
+                     "smollm2-local-n2-ring-lat5ms-bfloat16-w2"]
+    cs = configs_from_args(sweep_args(devices="2", latencies="0", allreduce="star", budget="none,60MB",
+                                      scheduler="on,off", mem_limit="1g,none", master_mem_limit="1536m"))
+    off = [c for c in cs if c.no_scheduler]
+    assert {c.memory_budget for c in off} == {None}  # scheduler off: no budget to vary
+    assert {(c.mem_limit, c.master_mem_limit) for c in cs} == {("1g", "1536m"), (None, None)}
+    assert len(cs) == 2 * 2 + 2  # (budget none/60MB) x (limit 1g/none) with the scheduler, + off x limits
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory, smollm2_dir):
+    root = tmp_path_factory.mktemp("bench")
+    out = root / "results"
+    tpi("bench", "testbed", "--runner", "local", "--devices", "2", "--latencies", "0,1", "--tokens", "3",
+        "--timeout", "600", "--out", str(out), cwd=root)
+    tpi("bench", "baselines", "--dtype", "bfloat16", "--systems", "whole", "--tokens", "3", "--rounds", "1",
+        "--out", str(out), cwd=root)
+    (root / "docs").mkdir()
+    printed = tpi("bench", "report", "--results", str(out), "--out", str(root / "docs" / "benchmarks.md"), cwd=root)
+    return root, printed
+
+
+def test_results_record_their_conditions(results):
+    root, _ = results
+    runs = [json.loads(p.read_text()) for p in sorted((root / "results").glob("*.json"))]
+    assert sorted(r["kind"] for r in runs) == ["baseline", "testbed", "testbed"]
+    for r in runs:
+        assert "error" not in r, r.get("error")
+        assert len(r["machine"]["loadavg"]) == 3 and r["command"].startswith("tpi bench ")
+        assert r["result"]["tokens"] == 3
+    tb = [r for r in runs if r["kind"] == "testbed"]
+    assert {r["config"]["latency_ms"] for r in tb} == {0.0, 1.0}
+    for r in tb:
+        assert len(r["result"]["devices"]) == 2
+        assert all(d["per_token"]["compute_s"] > 0 for d in r["result"]["devices"])
+    # every system decoded the same greedy tokens from the same prompt
+    assert len({r["result"]["text"] for r in runs}) == 1
+
+
+def test_report_carries_the_results(results):
+    from tpi.bench.bounds import bounds
+    from tpi.config import load_model_config
+    from tpi.weights.sources import resolve_model
+
+    root, printed = results
+    text = (root / "docs" / "benchmarks.md").read_text()
+    assert "3 runs" not in printed and "2 runs in 2 configurations, 1 baselines" in printed
+    assert "## SmolLM2-135M-Instruct" in text
+    assert "### TTFT, token latency and peak memory (the paper's table)" in text
+    assert "### Where it is far from its bound, and why (computed from the rows above)" in text
+    assert "**Gap to the bound.**" in text and "**Link latency.**" in text
+    assert "No results file for it is in bench/results/ yet" in text  # the 70B slot
+    assert (root / "docs" / "bench-smollm2-latency-vs-link.png").stat().st_size > 10_000
+    cfg = load_model_config(resolve_model(None))
+    for p in (root / "results").glob("smollm2-local-*.json"):
+        r = json.loads(p.read_text())
+        ms = r["result"]["token_latency_s"] * 1e3
+        b = bounds(cfg, {**r["config"], "bandwidth_bytes_s": None}, r["machine_capability"])
+        row = next(line for line in text.splitlines()
+                   if line.startswith("| local | 2 |") and f"| {r['config']['link'] or 'none'} |" in line)
+        assert f"| {ms:.0f} (n=1) |" in row and f"| {b['bound_ms']:.0f} ({b['bound_by']}) |" in row
+        assert f"| {ms / b['bound_ms']:.1f}x |" in row
+    base = json.loads(next((root / "results").glob("smollm2-hf-*.json")).read_text())["result"]
+    assert f"| {base['token_latency_s'] * 1e3:.0f} (n=1) |" in text
+    # the discussion's median gap is the median of the table's gaps
+    gaps = []
+    for p in (root / "results").glob("smollm2-local-*.json"):
+        r = json.loads(p.read_text())
+        b = bounds(cfg, {**r["config"], "bandwidth_bytes_s": None}, r["machine_capability"])
+        gaps.append(r["result"]["token_latency_s"] * 1e3 / b["bound_ms"])
+    assert f"is {statistics.median(gaps):.1f}x its physical bound at the median" in text

@@ -24,13 +24,14 @@ llama2_7b_round() {
 }
 
 smollm2_round() {
+    # Local processes (no per-device limit), 8 new tokens; Accelerate at the 150 MB budget in a 1 GiB cgroup.
     common="--runner local --tokens 8"
     $TPI bench testbed $common --devices 1,2,4,8                               # memory vs devices
     $TPI bench testbed $common --devices 4 --latencies 1,5,20 --allreduce star,ring
     $TPI bench testbed $common --devices 4 --bandwidths 100mbit,1gbit --latencies 1
     $TPI bench testbed $common --devices 2 --budget 60MB,150MB --window 2,4    # latency vs budget
-    $TPI bench testbed $common --devices 4 --scheduler off
-    $TPI bench testbed $common --devices 4 --dtype int8
+    $TPI bench testbed $common --devices 2 --scheduler off
+    $TPI bench testbed $common --devices 2 --dtype int8
     $TPI bench baselines --dtype bfloat16,float32 --systems whole,offload --max-memory 150MB --limit 1GiB \
         --tokens 8 --rounds 3
 }

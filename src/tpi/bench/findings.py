@@ -7,6 +7,7 @@ causes, no figures)."""
 from __future__ import annotations
 
 import statistics
+from collections import defaultdict
 
 from tpi.bench.plots import link_series
 
@@ -75,17 +76,21 @@ def breakdown(rows: list[dict]) -> list[str]:
     if not with_parts:
         return out
     comm_over = []
-    for runner in sorted({r["config"]["runner"] for r, _ in with_parts}):
-        share = [(p["layers_ms"] / r["ms"], r) for r, p in with_parts if r["config"]["runner"] == runner]
+    def source(r):
+        return "last" if "last" in r["step_source"] else "mean"
+
+    for src in sorted({source(r) for r, _ in with_parts}):
+        share = [(p["layers_ms"] / r["ms"], r) for r, p in with_parts if source(r) == src]
         lo = min(share, key=lambda x: x[0])
-        what = ("the mean step" if runner == "local" else
+        what = ("the mean decode step (local: every step; docker: the steps sampled from /api/cluster while the "
+                "tokens streamed)" if src == "mean" else
                 "the last step only (one sample, as /api/cluster reports it: above 100% means that step was slower "
                 "than the mean)")
-        out.append(f"**Outside the layers ({runner}).** The devices' own timers for {what} (compute + all-reduce "
-                   f"wait + disk wait of the slowest device) come to {_rng([100 * f for f, _ in share], '{:.0f}')}% of "
-                   f"the measured ms/token. The lowest share, {100 * lo[0]:.0f}% of {lo[1]['ms']:.0f} ms in "
-                   f"{label(lo[1]['config'])}, leaves the most time to what no device's timer sees (the head, "
-                   f"sampling, the master's loop, the HTTP/SSE path in containers).")
+        out.append(f"**Outside the layers.** The devices' own timers for {what} (compute + all-reduce wait + disk "
+                   f"wait of the slowest device) come to {_rng([100 * f for f, _ in share], '{:.0f}')}% of the "
+                   f"measured ms/token over {len(share)} configuration(s). The lowest share, {100 * lo[0]:.0f}% of "
+                   f"{lo[1]['ms']:.0f} ms in {label(lo[1]['config'])}, leaves the most time to what no device's "
+                   f"timer sees (the head, sampling, the master's loop, the HTTP/SSE path in containers).")
     for r, p in with_parts:
         if r["config"]["devices"] > 1:
             wait = statistics.mean(p["comm"]) * 1e3
@@ -146,13 +151,22 @@ def planner(rows: list[dict]) -> list[str]:
     return out
 
 
+def table_devices(rows: list[dict]) -> int:
+    """The device count with the most scheduler and dtype variants measured (ties: the larger)."""
+    by = defaultdict(set)
+    for r in rows:
+        c = r["config"]
+        by[c["devices"]].add((c.get("no_scheduler"), c.get("memory_budget"), c["window"], c["dtype"]))
+    return max(by, key=lambda n: (len(by[n]), n))
+
+
 def systems(rows: list[dict], baselines: list[dict]) -> list[str]:
     """TPI against itself (scheduler off / window / default budget) and against the baselines."""
     base = [r for r in rows if r["config"]["latency_ms"] == 0 and r["config"]["allreduce"] == "star"
-            and not r["config"].get("bandwidth") and r["config"]["dtype"] == "bfloat16"]
+            and not r["config"].get("bandwidth")]
     if not base:
         return []
-    n = max(r["config"]["devices"] for r in base)
+    n = table_devices(base)
     base = [r for r in base if r["config"]["devices"] == n]
     off = [r for r in base if r["config"].get("no_scheduler")]
     out = []
@@ -198,15 +212,25 @@ def memory(rows: list[dict]) -> list[str]:
     lim = [r for r in rows if r["config"].get("mem_limit")]
     if not lim:
         return []
-    parts = []
+    parts, tight = [], []
     for r in lim:
         c = r["config"]
         wl = docker_size(c["mem_limit"])
         ml = docker_size(c.get("master_mem_limit") or c["mem_limit"])
-        parts.append(f"{label(c)}: master {r['master_peak'] / ml:.0%} of its limit, largest worker "
-                     f"{(r['worker_peak'] or 0) / wl:.0%}")
-    return ["**Memory against the container limits** (cgroup peak, page cache included, so a streaming device "
-            "can sit at its limit without being short of memory): " + "; ".join(parts) + "."]
+        m_rss, w_rss = (r["rss_master"] or 0) / ml, (r["rss_worker"] or 0) / wl
+        parts.append(f"{label(c)}: master {m_rss:.0%} RSS / {r['master_peak'] / ml:.0%} cgroup, largest worker "
+                     f"{w_rss:.0%} / {(r['worker_peak'] or 0) / wl:.0%}")
+        if max(m_rss, w_rss) > 0.95:
+            tight.append(f"{label(c)} ({'master' if m_rss >= w_rss else 'a worker'} at {max(m_rss, w_rss):.0%})")
+    s = ("**Memory against the container limits** (VmHWM / cgroup peak as a share of each container's limit; the "
+         "cgroup peak includes page cache, which a streaming device fills up to its limit without being short of "
+         "memory, so the RSS share is the one that says how close a device came to being OOM-killed): "
+         + "; ".join(parts) + ".")
+    if tight:
+        s += (" Above 95% of the limit in RSS: " + ", ".join(tight) + ". The default budget is derived from what "
+              "the process holds when its runner is built; whatever it loads afterwards (on the master, the head) "
+              "comes on top of it.")
+    return [s]
 
 
 def discussion(rows: list[dict], baselines: list[dict]) -> str:

@@ -105,12 +105,31 @@ def group(runs: list[dict]) -> list[dict]:
             "rss_master": devs[0].get("peak_rss_bytes"),
             "rss_worker": max((d.get("peak_rss_bytes") or 0 for d in devs[1:]), default=None),
             "load": [r["machine"]["loadavg"][0] for r in rs], "ttft_all": [x["ttft_s"] for x in res],
-            # local: the mean per decode step; docker: the last decode step (/api/cluster)
-            "comm": [(d.get("per_token") or d.get("last_forward") or {}).get("comm_s") for d in devs],
-            "compute": [(d.get("per_token") or d.get("last_forward") or {}).get("compute_s") for d in devs],
-            "disk": [(d.get("per_token") or d.get("last_forward") or {}).get("disk_wait_s") for d in devs],
+            # per device, the median over the repeats of: the mean decode step (local; docker when sampled
+            # while streaming), else the last step /api/cluster reported (older docker runs)
+            **{k: [step_median(rs, i, f) for i in range(len(devs))]
+               for k, f in (("comm", "comm_s"), ("compute", "compute_s"), ("disk", "disk_wait_s"))},
+            "step_source": sorted({step_source(r) for r in rs}),
         })
     return rows
+
+
+def step_source(run: dict) -> str:
+    devs = run["result"]["devices"]
+    if devs and devs[0].get("per_token"):
+        return "mean" if run["config"]["runner"] == "local" else "sampled"
+    return "last"
+
+
+def step_median(runs: list[dict], rank: int, field: str):
+    vals = []
+    for r in runs:
+        devs = r["result"]["devices"]
+        d = devs[rank] if rank < len(devs) else {}
+        v = (d.get("per_token") or d.get("last_forward") or {}).get(field)
+        if v is not None:
+            vals.append(v)
+    return statistics.median(vals) if vals else None
 
 
 def mib(b) -> str:
@@ -218,12 +237,12 @@ def baseline_table(runs: list[dict]) -> str:
 
 def paper_table(rows: list[dict], baselines: list[dict]) -> str:
     """The paper's shape: TTFT, token latency and peak memory per system, scheduler off and on,
-    at 0 ms star links with the largest device count measured, beside the baselines."""
+    at 0 ms star links with the device count that has the most variants, beside the baselines."""
     base = [r for r in rows if r["config"]["latency_ms"] == 0 and r["config"]["allreduce"] == "star"
-            and not r["config"].get("bandwidth") and r["config"]["dtype"] == "bfloat16"]
+            and not r["config"].get("bandwidth")]
     if not base:
         return ""
-    n = max(r["config"]["devices"] for r in base)
+    n = findings.table_devices(base)
     base = sorted((r for r in base if r["config"]["devices"] == n),
                   key=lambda r: (not r["config"].get("no_scheduler"), r["config"].get("memory_budget") or "~"))
     acc = [b["result"]["token_latency_s"] * 1e3 for b in baselines if b["config"].get("offload")]
@@ -237,19 +256,26 @@ def paper_table(rows: list[dict], baselines: list[dict]) -> str:
     lines = []
     for r in base:
         c = r["config"]
-        peaks = f"{mib(r['master_peak'])} (master)" + (f", {mib(r['worker_peak'])} (largest worker)"
-                                                       if r["worker_peak"] else "")
-        lines.append(f"| tpi, scheduler {sched_text(c)} ({c['runner']}) | {n} | {limit_text(c)} | {r['ttft_s']:.1f} | "
+        if r["rss_master"] and r["rss_master"] != r["master_peak"]:  # a container: VmHWM and the cgroup's peak
+            peaks = f"master {mib(r['rss_master'])} RSS / {mib(r['master_peak'])} cgroup" + (
+                f"; largest worker {mib(r['rss_worker'])} / {mib(r['worker_peak'])}" if r["worker_peak"] else "")
+        else:
+            peaks = f"master {mib(r['master_peak'])}" + (f"; largest worker {mib(r['worker_peak'])}"
+                                                         if r["worker_peak"] else "")
+        dt = "" if c["dtype"] == "bfloat16" else f", {c['dtype']}"
+        lines.append(f"| tpi, scheduler {sched_text(c)}{dt} ({c['runner']}) | {n} | {limit_text(c)} | {r['ttft_s']:.1f} | "
                      f"{r['ms']:.0f} (n={r['n']}) | {peaks} | {ratio(r['ms'])} | {statistics.median(r['load']):.1f} |")
     by = {}
     for b in baselines:
         by.setdefault((b["config"]["system"], b["config"]["dtype"], b["config"].get("mem_limit_bytes")), []).append(b)
     for (system, dtype, limit), bs in sorted(by.items(), key=lambda kv: kv[0][:2]):
         ms = statistics.median(b["result"]["token_latency_s"] for b in bs) * 1e3
-        peak = max(b["result"].get("cgroup_max_usage_bytes") or b["result"]["peak_rss_bytes"] for b in bs)
+        rss = max(b["result"]["peak_rss_bytes"] for b in bs)
+        cg = max((b["result"].get("cgroup_max_usage_bytes") or 0) for b in bs) if limit else 0
+        peak = f"{mib(rss)} RSS / {mib(cg)} cgroup" if cg else mib(rss)
         lines.append(f"| {system}, {dtype} | 1 | {mib(limit) + ' MiB' if limit else 'none'} | "
                      f"{statistics.median(b['result']['ttft_s'] for b in bs):.1f} | {ms:.0f} (n={len(bs)}) | "
-                     f"{mib(peak)} | {ratio(ms)} | {statistics.median(b['machine']['loadavg'][0] for b in bs):.1f} |")
+                     f"{peak} | {ratio(ms)} | {statistics.median(b['machine']['loadavg'][0] for b in bs):.1f} |")
     return head + "\n".join(lines) + "\n"
 
 
@@ -325,16 +351,16 @@ def model_section(name: str, runs: list[dict], baselines: list[dict], docs: Path
     pt = paper_table(rows, baselines)
     if pt:
         parts.append("### TTFT, token latency and peak memory (the paper's table)\n\nAt 0 ms star links with the "
-                     "largest device count measured; the baselines are one process. Medians of n runs; peak "
+                     "device count that has the most variants measured; the baselines are one process. Medians of n runs; peak "
                      "memory is the cgroup's peak in a container (page cache included), else VmHWM.\n\n" + pt + "\n")
     if rows:
         parts.append("### Every configuration, beside its bound and the planner\n\n" + commands(runs) + "\n"
                      + testbed_table(rows) + "\n")
         bt = breakdown_table(rows)
         if bt:
-            parts.append("Where the time goes per decode step, from each device's own timers (the mean over the run "
-                         "for `local`; the last step, as /api/cluster reports it, for `docker`; medians over the "
-                         "repeats). comm = waiting in all-reduces, which includes waiting for the slowest device's "
+            parts.append("Where the time goes per decode step, from each device's own timers (`local`: the mean over "
+                         "the run; `docker`: the mean of the decode steps sampled from /api/cluster every 0.25 s while "
+                         "the tokens streamed, or for older runs the last step only; medians over the repeats). comm = waiting in all-reduces, which includes waiting for the slowest device's "
                          "compute; disk wait = the scheduler waiting for a block being read.\n\n" + bt + "\n")
     slug = name.replace("/", "-")
     figures = [

@@ -137,31 +137,73 @@ def _http(url: str, body: dict | None = None, timeout: float = 10.0):
     return urllib.request.urlopen(req, timeout=timeout)
 
 
-def stream_completion(base: str, prompt: str, tokens: int, timeout: float) -> dict:
-    """Streamed greedy completion: TTFT = first text chunk; ms/token from the chunks after it."""
+def stream_completion(base: str, prompt: str, tokens: int, timeout: float, sample_steps: bool = False) -> dict:
+    """Streamed greedy completion: TTFT = first text chunk; ms/token from the chunks after it.
+
+    With `sample_steps`, a thread polls /api/cluster (each device's timers of its last forward
+    step) while the tokens stream; the distinct samples taken after the second chunk are
+    decode steps, and their per-device means are returned as `step_samples`."""
+    import threading
+
     with _http(f"{base}/v1/models", timeout=30) as r:
         model = json.load(r)["data"][0]["id"]
     body = {"model": model, "prompt": prompt, "max_tokens": tokens, "temperature": 0,
             "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
+    samples, done = [], threading.Event()
+
+    def poll():
+        while not done.wait(0.25):
+            try:
+                with _http(f"{base}/api/cluster", timeout=10) as resp:
+                    devs = json.load(resp).get("devices", [])
+                samples.append((time.perf_counter() - t0, [d.get("last_forward") for d in devs]))
+            except Exception:  # noqa: BLE001 - a missed sample is only a missed sample
+                pass
+
     t0 = time.perf_counter()
+    poller = threading.Thread(target=poll, daemon=True) if sample_steps else None
+    if poller:
+        poller.start()
     times, text, usage = [], [], None
-    with _http(f"{base}/v1/completions", body, timeout=timeout) as resp:
-        for raw in resp:
-            line = raw.decode().strip()
-            if not line.startswith("data:") or line == "data: [DONE]":
-                continue
-            obj = json.loads(line[5:])
-            if obj.get("usage"):
-                usage = obj["usage"]
-            for ch in obj.get("choices") or []:
-                if ch.get("text"):
-                    times.append(time.perf_counter() - t0)
-                    text.append(ch["text"])
+    try:
+        with _http(f"{base}/v1/completions", body, timeout=timeout) as resp:
+            for raw in resp:
+                line = raw.decode().strip()
+                if not line.startswith("data:") or line == "data: [DONE]":
+                    continue
+                obj = json.loads(line[5:])
+                if obj.get("usage"):
+                    usage = obj["usage"]
+                for ch in obj.get("choices") or []:
+                    if ch.get("text"):
+                        times.append(time.perf_counter() - t0)
+                        text.append(ch["text"])
+    finally:
+        done.set()
+        if poller:
+            poller.join(timeout=15)
     n = (usage or {}).get("completion_tokens") or len(times)
     ttft = times[0] if times else float("nan")
     per = (times[-1] - times[0]) / (n - 1) if n > 1 and len(times) > 1 else float("nan")
-    return {"ttft_s": ttft, "token_latency_s": per, "tokens": n,
-            "prompt_tokens": (usage or {}).get("prompt_tokens"), "text": "".join(text), "chunks": len(times)}
+    out = {"ttft_s": ttft, "token_latency_s": per, "tokens": n,
+           "prompt_tokens": (usage or {}).get("prompt_tokens"), "text": "".join(text), "chunks": len(times)}
+    if sample_steps:
+        out["step_samples"] = decode_step_means(samples, times[1] if len(times) > 1 else float("inf"))
+    return out
+
+
+def decode_step_means(samples: list[tuple[float, list]], after: float) -> dict:
+    """Per device, the mean of the distinct last-step timers seen after `after` seconds."""
+    distinct = []
+    for t, steps in samples:
+        if t > after and all(steps) and (not distinct or steps != distinct[-1]):
+            distinct.append(steps)
+    if not distinct:
+        return {"steps": 0, "devices": []}
+    keys = ("compute_s", "comm_s", "disk_wait_s")
+    devices = [{k: sum(s[i][k] or 0.0 for s in distinct) / len(distinct) for k in keys}
+               for i in range(len(distinct[0]))]
+    return {"steps": len(distinct), "devices": devices}
 
 
 def _container_memory(container) -> dict:
@@ -276,7 +318,7 @@ def run_docker(cfg: RunConfig, timeout: float, image: str = "tpi:latest") -> dic
             time.sleep(2)
         startup = time.perf_counter() - t_start
         stream_completion(base, cfg.prompt, 2, timeout)  # warm-up
-        r = stream_completion(base, cfg.prompt, cfg.tokens, timeout)
+        r = stream_completion(base, cfg.prompt, cfg.tokens, timeout, sample_steps=True)
         with _http(f"{base}/api/cluster", timeout=30) as resp:
             status = json.load(resp)
         devices = []
@@ -284,6 +326,9 @@ def run_docker(cfg: RunConfig, timeout: float, image: str = "tpi:latest") -> dic
             d = {"rank": rank, **_container_memory(c)}
             st = next((x for x in status.get("devices", []) if x.get("rank") == rank), {})
             d["last_forward"] = st.get("last_forward")
+            sampled = r["step_samples"]["devices"]
+            if rank < len(sampled):  # the mean of the decode steps sampled while streaming
+                d["per_token"] = sampled[rank]
             d["memory_status"] = st.get("memory")
             devices.append(d)
         r.update(devices=devices, startup_s=startup, cluster_transport=status.get("transport"), caches_dropped=dropped)

@@ -403,8 +403,9 @@ def run_sweep(args) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg_model = load_model_config(resolve_model(args.model))
     print(f"[bench] measuring the machine (load {os.getloadavg()[0]:.1f}) ...", flush=True)
-    cap = machine_capability()
-    print(f"[bench] {cap['capability']['gflops']:.1f} GFLOP/s, {cap['capability']['disk_mbps']:.0f} MB/s disk, "
+    cap = machine_capability(readers=max(c.devices for c in configs))
+    print(f"[bench] {cap['capability']['gflops']:.1f} GFLOP/s, {cap['capability']['disk_mbps']:.0f} MB/s disk "
+          f"({cap['disk_parallel_mbps']:.0f} MB/s with {cap['disk_readers']} readers), "
           f"{cap['mem_bandwidth_gbs']:.1f} GB/s memory; {len(configs)} run(s)", flush=True)
     failures = 0
     started = time.perf_counter()

@@ -237,7 +237,8 @@ def baseline_table(runs: list[dict]) -> str:
     lines = []
     for r in sorted(runs, key=lambda r: (r["config"]["system"], r["config"]["dtype"], r["machine"]["time_utc"])):
         c, x = r["config"], r["result"]
-        lines.append(f"| {c['system']} | {c['dtype']} | {mib(c.get('max_memory_bytes'))} MiB | "
+        mm = c.get("max_memory_bytes")
+        lines.append(f"| {c['system']} | {c['dtype']} | {mib(mm) + ' MiB' if mm else 'none'} | "
                      f"{mib(c.get('mem_limit_bytes')) + ' MiB' if c.get('mem_limit_bytes') else 'none'} | "
                      f"{x['ttft_s']:.2f} | {x['token_latency_s'] * 1e3:.0f} | {mib(x['peak_rss_bytes'])} | "
                      f"{mib(x.get('cgroup_max_usage_bytes'))} | {x['prompt_tokens']} | {x.get('torch_threads', '–')} | "
@@ -325,7 +326,8 @@ def agreement(testbed: list[dict], baselines: list[dict]) -> str:
     texts = defaultdict(list)
     for r in testbed + baselines:
         c = r["config"]
-        label = (f"{c['runner']} n={c['devices']}" if r["kind"] == "testbed" else f"transformers {c['dtype']}")
+        label = (f"tpi {c['runner']} n={c['devices']} {c['dtype']}" if r["kind"] == "testbed"
+                 else f"{c['system']} {c['dtype']}")
         texts[(r["result"].get("prompt_tokens"), r["result"]["text"])].append(label)
     if len(texts) == 1:
         (n, text), = texts
@@ -361,8 +363,9 @@ def model_section(name: str, runs: list[dict], baselines: list[dict], docs: Path
     pt = paper_table(rows, baselines)
     if pt:
         parts.append("### TTFT, token latency and peak memory (the paper's table)\n\nAt 0 ms star links with the "
-                     "device count that has the most variants measured; the baselines are one process. Medians of n runs; peak "
-                     "memory is the cgroup's peak in a container (page cache included), else VmHWM.\n\n" + pt + "\n")
+                     "device count that has the most variants measured; the baselines are one process. Medians of "
+                     "n runs. Peak memory: VmHWM (RSS) and, in a container or cgroup, its peak usage (page cache "
+                     "included); a process without either shows its VmHWM alone.\n\n" + pt + "\n")
     if rows:
         parts.append("### Every configuration, beside its bound and the planner\n\n" + commands(runs) + "\n"
                      + testbed_table(rows) + "\n")

@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import socket
 import time
 import uuid
@@ -35,6 +36,7 @@ def run(args) -> int:
     from tpi.comm.base import CommError
     from tpi.comm.client import StarClient
     from tpi.comm.handshake import JoinRefused
+    from tpi.memory import release_freed_memory
 
     from tpi.threads import configure_threads
 
@@ -43,6 +45,7 @@ def run(args) -> int:
     if not args.master and not args.registry:
         raise SystemExit("tpi worker: give --master ws://HOST:PORT or --registry redis://...")
     log.info("computing with %d thread(s)", configure_threads())
+    signal.signal(signal.SIGTERM, _exit_cleanly)  # `docker stop`: deregister, do not wait for the TTL
     registration = None
     if args.registry:
         registration = register(args)
@@ -80,8 +83,16 @@ def run(args) -> int:
             log.warning("lost the master: %s", e)
         finally:
             client.close()
+            release_freed_memory()  # the shard of the plan that ended
         if args.once:
             return 0
+
+
+def _exit_cleanly(signum, frame) -> None:
+    """SIGTERM unwinds like a normal exit: the connection closes and the registration's
+    exit hook deletes this worker's record, so the master re-plans without waiting."""
+    log.info("stopping (signal %d)", signum)
+    raise SystemExit(0)
 
 
 def register(args):
@@ -133,7 +144,7 @@ def serve(client, token: str, download: bool = False) -> None:
     """Answer the master's control messages until Shutdown or a lost connection."""
     from tpi.comm.base import CommError
     from tpi.engine import RuntimeOptions, build_runner
-    from tpi.memory import peak_rss_bytes, rss_bytes
+    from tpi.memory import peak_rss_bytes, release_freed_memory, rss_bytes
     from tpi.protocol import Assignment, ForwardStep, Reply, ResetCache, Shutdown
     runner = comm = None
     while True:
@@ -145,8 +156,10 @@ def serve(client, token: str, download: bool = False) -> None:
             try:
                 store = open_store(msg.plan, msg.rank, token, download)
                 opts = RuntimeOptions(**msg.plan["options"])
-                if runner is not None:
+                if runner is not None:  # the old slice and KV cache go before the new ones load
                     runner.blocks.close()
+                    runner = None
+                    release_freed_memory()
                 runner = build_runner(store, msg.rank, opts)
                 comm = client.communicator()
                 detail = {"rss_bytes": rss_bytes(), "peak_rss_bytes": peak_rss_bytes()}

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import logging
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -193,3 +195,23 @@ def test_registry_password_from_url(redis_factory, spawn, caplog):
         reg.stop()
     text = " ".join(r.getMessage() for r in caplog.records)
     assert "authentication failed" in text and "nope" not in text
+
+
+def test_tpi_worker_deregisters_on_sigterm(redis_server):
+    """The real `tpi worker` (here waiting for a master that never comes): `docker stop`
+    sends SIGTERM, and the record must go at once, not when its TTL runs out."""
+    key = Keys().worker("w-term")
+    proc = subprocess.Popen([sys.executable, "-m", "tpi.cli", "worker", "--registry", redis_server.url,
+                             "--join-token", TOKEN, "--name", "w-term"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while redis_server.client().get(key) is None:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else "not registered"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+        assert redis_server.client().get(key) is None, "record left to expire"
+        assert "deregistered" in proc.stdout.read()
+    finally:
+        proc.kill()

@@ -18,12 +18,25 @@ import threading
 import time
 from dataclasses import asdict
 
+from tpi.cluster import Cluster
 from tpi.comm.base import CommError
 from tpi.comm.hub import StarHub
 from tpi.engine import Engine, RuntimeOptions, build_runner, prepare_store
+from tpi.memory import release_freed_memory
 from tpi_master.remote_cluster import RemoteCluster
 
 log = logging.getLogger("tpi.master.cluster")
+
+
+class NoCluster(Cluster):
+    """Stands in while a re-plan is under way: a step fails as a lost device does (CommError),
+    so a re-plan that fails half-way sends the scheduler to recovery, not to a crash."""
+
+    def __init__(self, world_size: int):
+        self.world_size = world_size
+
+    def forward(self, x, slots, starts):
+        raise CommError("the cluster is being re-planned")
 
 
 class ClusterManager:
@@ -56,18 +69,30 @@ class ClusterManager:
         self.hub.wait_for_workers(workers, timeout=wait_timeout)
         joined = self.hub.workers()
         self.device_names = [joined[r].name for r in sorted(joined)]
+        self._drop_cluster()  # the old slice and KV cache go before the new ones load
         store = prepare_store(a.model, self._weights(), a.dtype, root=a.store)
         runner = build_runner(store, 0, self.opts)
         cluster = RemoteCluster(self.hub, store, runner, asdict(self.opts), http_url=self.http_url)
         cluster.ensure_assigned()
-        if self.cluster is not None:
-            self.cluster.close()
         self.cluster = cluster
         if self.engine is not None:
             self.engine.store = store
             self.engine.cluster = self.engine.generator.cluster = cluster
+        release_freed_memory()  # what splitting a new store and loading the slice left behind
         log.info("cluster of %d device(s) ready: %s", workers + 1, ["master", *self.device_names])
         return cluster
+
+    def _drop_cluster(self) -> None:
+        """Close the current cluster and let its memory go: the engine stops pointing at it
+        until the new one is in place (the scheduler calls us only between steps)."""
+        if self.cluster is None:
+            return
+        world = self.cluster.world_size
+        self.cluster.close()
+        self.cluster = None
+        if self.engine is not None:
+            self.engine.cluster = self.engine.generator.cluster = NoCluster(world)
+        release_freed_memory()
 
     def _weights(self) -> list[float]:
         if self.membership is None or self.master_capability is None:

@@ -47,3 +47,19 @@ def cgroup_limit_bytes() -> int | None:
 def cgroup_peak_bytes() -> int | None:
     """Peak usage of this process's cgroup, page cache included."""
     return _read_int("/sys/fs/cgroup/memory.peak") or _read_int("/sys/fs/cgroup/memory/memory.max_usage_in_bytes")
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by Python and torch back to the OS.
+
+    glibc keeps freed heap pages (and raises its mmap threshold after large frees, so later
+    tensors come from the heap too); without a trim, a process that swaps one set of weights
+    for another keeps the RSS of both."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass

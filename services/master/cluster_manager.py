@@ -53,6 +53,11 @@ class ClusterManager:
         self.estimate: dict | None = None
         self.rebuilds = 0
         self._lock = threading.Lock()
+        self.ssl_context = None                 # wss:// when the master has a certificate
+        if getattr(args, "tls_cert", None):
+            from tpi.comm.tls import server_context
+
+            self.ssl_context = server_context(args.tls_cert, args.tls_key)
 
     # ---- building ---------------------------------------------------------------------
 
@@ -63,7 +68,7 @@ class ClusterManager:
         a = self.args
         self.hub = StarHub(workers + 1, a.join_token, self.host, self.port, allreduce=a.allreduce,
                            wire_dtype=a.wire_dtype or self.opts.torch_compute_dtype(),
-                           timeout=a.timeout, link=a.link)
+                           timeout=a.timeout, link=a.link, ssl_context=self.ssl_context)
         self.port = self.hub.port
         log.info("hub on ws://%s:%d waiting for %d worker(s)", self.host, self.port, workers)
         self.hub.wait_for_workers(workers, timeout=wait_timeout)

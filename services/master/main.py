@@ -33,6 +33,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wire-dtype", default=None, help="dtype of partial sums on the wire (default: compute dtype)")
     p.add_argument("--store", default=None, help="shard store directory (shared with workers); default: cache")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds an all-reduce may wait for a worker")
+    p.add_argument("--tls-cert", default=os.environ.get("TPI_TLS_CERT"),
+                   help="PEM certificate (chain): workers connect over wss:// (TLS)")
+    p.add_argument("--tls-key", default=os.environ.get("TPI_TLS_KEY"),
+                   help="PEM private key of --tls-cert (if not in the same file)")
 
 
 def split_hostport(text: str, default_port: int) -> tuple[str, int]:

@@ -27,6 +27,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", default="", help="a name for logs and the cluster panel")
     p.add_argument("--rank", type=int, default=None, help="ask for this rank")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds a collective may wait")
+    p.add_argument("--tls-ca", default=os.environ.get("TPI_TLS_CA"),
+                   help="PEM file to trust for the master's certificate (a private CA or the master's "
+                        "self-signed one); implies wss://. Without it, wss:// URLs use the system's CAs")
     p.add_argument("--once", action="store_true", help="exit when the master goes away")
     p.add_argument("--download", action="store_true",
                    help="always fetch shards from the master over HTTP, even if the store path is visible")
@@ -59,8 +62,8 @@ def run(args) -> int:
             log.error("the master refused this worker: %s", registration.rejected)
             return 3
         try:
-            client = StarClient.connect(url, args.join_token, name=args.name,
-                                        want_rank=args.rank, timeout=args.timeout, link=args.link)
+            client = StarClient.connect(url, args.join_token, name=args.name, want_rank=args.rank,
+                                        timeout=args.timeout, link=args.link, ssl_context=tls_context(args, url))
         except JoinRefused as e:
             if e.code in ("auth", "version"):
                 log.error("the master refused this worker: %s", e)
@@ -88,6 +91,18 @@ def run(args) -> int:
             return 0
 
 
+def tls_context(args, url: str):
+    """The client TLS context for a wss:// master (verified against --tls-ca, else the system's
+    CAs); None for ws://. A CA given for a ws:// URL is a mistake worth stopping for."""
+    from tpi.comm.tls import client_context
+
+    if url.startswith("wss://"):
+        return client_context(args.tls_ca)
+    if args.tls_ca:
+        raise SystemExit(f"tpi worker: --tls-ca given but the master URL {url} is not wss://")
+    return None
+
+
 def _exit_cleanly(signum, frame) -> None:
     """SIGTERM unwinds like a normal exit: the connection closes and the registration's
     exit hook deletes this worker's record, so the master re-plans without waiting."""
@@ -113,7 +128,8 @@ def master_url(args, registration) -> str | None:
 
     while not registration.rejected:
         try:
-            return f"ws://{find_master(args.registry, args.join_token, timeout=2).address}"
+            scheme = "wss" if args.tls_ca else "ws"
+            return f"{scheme}://{find_master(args.registry, args.join_token, timeout=2).address}"
         except RegistryTimeout:
             continue
     return None

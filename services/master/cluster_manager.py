@@ -14,15 +14,19 @@ registry provides them, else an even split.
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 from tpi.cluster import Cluster
 from tpi.comm.base import CommError
 from tpi.comm.hub import StarHub
 from tpi.engine import Engine, RuntimeOptions, build_runner, prepare_store
 from tpi.memory import release_freed_memory
+from tpi.weights.sources import cache_dir
+from tpi.weights.store import ShardStore
 from tpi_master.remote_cluster import RemoteCluster
 
 log = logging.getLogger("tpi.master.cluster")
@@ -53,6 +57,7 @@ class ClusterManager:
         self.estimate: dict | None = None
         self.rebuilds = 0
         self._lock = threading.Lock()
+        self._split_here: list[Path] = []       # stores this master split, oldest first
         self.ssl_context = None                 # wss:// when the master has a certificate
         if getattr(args, "tls_cert", None):
             from tpi.comm.tls import server_context
@@ -75,7 +80,7 @@ class ClusterManager:
         joined = self.hub.workers()
         self.device_names = [joined[r].name for r in sorted(joined)]
         self._drop_cluster()  # the old slice and KV cache go before the new ones load
-        store = prepare_store(a.model, self._weights(), a.dtype, root=a.store)
+        store = self._prepare_store()
         runner = build_runner(store, 0, self.opts)
         cluster = RemoteCluster(self.hub, store, runner, asdict(self.opts), http_url=self.http_url)
         cluster.ensure_assigned()
@@ -86,6 +91,23 @@ class ClusterManager:
         release_freed_memory()  # what splitting a new store and loading the slice left behind
         log.info("cluster of %d device(s) ready: %s", workers + 1, ["master", *self.device_names])
         return cluster
+
+    def _prepare_store(self) -> ShardStore:
+        """The store for a plan over the current devices. Each plan has its own store (a
+        re-plan never rewrites blocks a worker may still read); of the stores this master
+        split itself, all but the current and the previous one are deleted, so measured
+        (hence ever-different) plans cannot fill the volume."""
+        root = Path(self.args.store or cache_dir() / "stores")
+        before = set(root.iterdir()) if root.is_dir() else set()
+        store = prepare_store(self.args.model, self._weights(), self.args.dtype, root=root)
+        if store.root not in before:
+            self._split_here.append(store.root)
+        for old in self._split_here[:-2]:
+            if old != store.root:
+                shutil.rmtree(old, ignore_errors=True)
+                log.info("deleted the store of an earlier plan: %s", old)
+        self._split_here = [p for p in self._split_here[-2:]]
+        return store
 
     def _drop_cluster(self) -> None:
         """Close the current cluster and let its memory go: the engine stops pointing at it

@@ -66,14 +66,15 @@ class ClusterManager:
 
     # ---- building ---------------------------------------------------------------------
 
-    def build(self, workers: int, wait_timeout: float | None) -> RemoteCluster:
-        """A new hub for `workers` workers, a plan over those that join, their shards loaded."""
+    def build(self, workers: int, wait_timeout: float | None, names: set[str] | None = None) -> RemoteCluster:
+        """A new hub for `workers` workers, a plan over those that join, their shards loaded.
+        names: admit only these workers (the devices re-planned for); None: any worker."""
         if self.hub is not None:
             self.hub.close()
         a = self.args
         self.hub = StarHub(workers + 1, a.join_token, self.host, self.port, allreduce=a.allreduce,
                            wire_dtype=a.wire_dtype or self.opts.torch_compute_dtype(),
-                           timeout=a.timeout, link=a.link, ssl_context=self.ssl_context)
+                           timeout=a.timeout, link=a.link, ssl_context=self.ssl_context, expected_names=names)
         self.port = self.hub.port
         log.info("hub on ws://%s:%d waiting for %d worker(s)", self.host, self.port, workers)
         self.hub.wait_for_workers(workers, timeout=wait_timeout)
@@ -145,11 +146,14 @@ class ClusterManager:
     def recover(self) -> bool:
         """A worker was lost mid-step: re-plan over the workers still connected."""
         with self._lock:
-            alive = len(self.hub.workers()) if self.hub else 0
+            names = [w.name for w in self.hub.workers().values()] if self.hub else []
+            alive = len(names)
+            # Named devices (a registry): hold their ranks for them. Unnamed: anyone may rejoin.
+            survivors = set(names) if all(names) and len(set(names)) == alive else None
             log.warning("re-planning over %d surviving worker(s)", alive)
             for attempt in range(3):
-                try:
-                    self.build(alive, wait_timeout=self.rejoin_timeout)
+                try:  # the survivors first; a newcomer waits for the next re-plan
+                    self.build(alive, wait_timeout=self.rejoin_timeout, names=survivors if attempt == 0 else None)
                     self.rebuilds += 1
                     return True
                 except CommError as e:
@@ -167,7 +171,7 @@ class ClusterManager:
         with self._lock:
             log.info("membership changed: %s -> %s; re-planning", self.device_names, present)
             try:
-                self.build(len(present), wait_timeout=self.rejoin_timeout)
+                self.build(len(present), wait_timeout=self.rejoin_timeout, names=set(present))
                 self.rebuilds += 1
             except CommError as e:
                 log.warning("re-plan failed (%s); serving with what joined", e)

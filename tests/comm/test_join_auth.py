@@ -46,6 +46,17 @@ def test_wrong_token_in_process_and_group_full(token):
             assert c.rank == 1
 
 
+def test_hub_for_a_plan_admits_only_the_planned_devices(token):
+    """A re-plan's hub (expected_names) keeps its ranks for the devices planned for: one that
+    registered meanwhile is told to wait for the next re-plan, and the planned one gets in."""
+    with StarHub(2, token, expected_names={"pi-1"}) as hub:
+        with pytest.raises(JoinRefused, match="not in the current plan") as e:
+            StarClient.connect(hub.url, token, name="laptop-7")
+        assert e.value.code == "not_planned"
+        with StarClient.connect(hub.url, token, name="pi-1") as c:
+            assert c.rank == 1
+
+
 def test_worker_refuses_a_hub_that_cannot_prove_the_token(token):
     """A rogue server that answers the challenge with a made-up proof. It also records
     what a worker sends: the token itself is never among it."""

@@ -78,14 +78,17 @@ class StarHub:
                  *, allreduce: str = "star", wire_dtype: torch.dtype | str = torch.float32,
                  timeout: float = 5.0, handshake_timeout: float = 5.0,
                  max_bytes: int = DEFAULT_MAX_BYTES, link: LinkSpec | str | None = None,
-                 ssl_context=None, advertise_host: str | None = None):
+                 ssl_context=None, advertise_host: str | None = None,
+                 expected_names: set[str] | None = None):
         """Listen on host:port (0 = a free port) for `world_size - 1` workers.
 
         allreduce: "star" (default), "ring" or "gloo". wire_dtype: dtype partial sums
         travel in (float32, bfloat16, float16); sums are computed in float32 (gloo: in
         the wire dtype). timeout: seconds any collective or reply may wait. link: emulate
         a link on everything this process sends ("latency=5ms,bandwidth=300mbit").
-        ssl_context: serve wss:// (tls.server_context)."""
+        ssl_context: serve wss:// (tls.server_context). expected_names: admit only workers
+        with these names (the devices a plan was made for), so a device that registers while
+        the master re-plans cannot take a planned device's rank; None admits anyone."""
         if allreduce not in ALLREDUCE:
             raise ValueError(f"allreduce must be one of {ALLREDUCE}, not {allreduce!r}")
         if world_size < 1:
@@ -96,6 +99,7 @@ class StarHub:
         if self.wire_dtype not in WIRE_DTYPES:
             raise ValueError(f"wire dtype must be one of {WIRE_DTYPES}")
         self.world_size, self.allreduce, self.timeout = world_size, allreduce, timeout
+        self.expected_names = None if expected_names is None else set(expected_names)
         self.handshake_timeout, self.max_bytes = handshake_timeout, max_bytes
         self.link = LinkSpec.parse(link) if isinstance(link, str) else link
         self.rank = 0
@@ -160,7 +164,7 @@ class StarHub:
             await handshake.refuse(conn, "protocol", f"unknown purpose {hello.purpose!r}")
             return
         with self._cond:
-            rank, refusal = self._pick_rank(hello.want_rank)
+            rank, refusal = self._pick_rank(hello.want_rank, hello.name)
             if rank is not None:
                 peer = _Peer(rank, hello.name, conn)
                 self._peers[rank] = peer
@@ -186,7 +190,10 @@ class StarHub:
             clean = "received 1000" in reason or "received 1001" in reason
             (log.info if clean else log.warning)("rank %d left: %s", rank, reason)
 
-    def _pick_rank(self, want: int | None):
+    def _pick_rank(self, want: int | None, name: str):
+        if self.expected_names is not None and name not in self.expected_names:
+            return None, ("not_planned", f"{name or 'an unnamed worker'} is not in the current plan; "
+                                         "it is admitted at the master's next re-plan")
         free = [r for r in range(1, self.world_size) if r not in self._peers]
         if want is not None and not 1 <= want < self.world_size:
             return None, ("bad_rank", f"rank {want} outside 1..{self.world_size - 1}")

@@ -32,6 +32,20 @@ from tpi_master.remote_cluster import RemoteCluster
 log = logging.getLogger("tpi.master.cluster")
 
 
+def device_panel(d: dict) -> dict:
+    """What /api/cluster's per-device entry learns from the live cluster: the worker's real
+    name, where it connected from, whether it is up, its last reported memory and link RTT."""
+    if d["rank"] == 0:
+        return {"rank": 0, "name": "master"}
+    rtt = d.get("rtt_s")
+    return {"rank": d["rank"], "name": d["name"] or f"device-{d['rank']}", "address": d["address"],
+            "state": "up" if d["connected"] else "down",
+            "memory": {"rss_bytes": d["rss_bytes"], "peak_rss_bytes": d["peak_rss_bytes"]},
+            "link": {"rtt_ms": None if rtt is None else rtt * 1e3,
+                     "note": "keepalive ping every 20 s (network path only)" if rtt is not None
+                     else "no ping measured yet (every 20 s)"}}
+
+
 class NoCluster(Cluster):
     """Stands in while a re-plan is under way: a step fails as a lost device does (CommError),
     so a re-plan that fails half-way sends the scheduler to recovery, not to a crash."""
@@ -178,9 +192,10 @@ class ClusterManager:
                 self.build(len(self.hub.workers()) if self.hub else 0, wait_timeout=5)
 
     def status(self) -> dict:
+        device_status = self.cluster.device_status() if self.cluster else []
         return {"devices_in_plan": ["master", *self.device_names], "rebuilds": self.rebuilds,
-                "estimate": self.estimate,
-                "device_status": self.cluster.device_status() if self.cluster else []}
+                "estimate": self.estimate, "device_status": device_status,
+                "devices": [device_panel(d) for d in device_status]}
 
     def close(self) -> None:
         if self.cluster is not None:

@@ -114,6 +114,7 @@ class RemoteCluster(Cluster):
             info = workers.get(rank)
             out.append({"rank": rank, "name": info.name if info else None, "connected": info is not None,
                         "address": info.address if info else None,
+                        "rtt_s": info.rtt_s if info else None,
                         "rss_bytes": self.stats.get(rank, {}).get("rss_bytes"),
                         "peak_rss_bytes": self.stats.get(rank, {}).get("peak_rss_bytes"),
                         "shard": asdict(self.store.plan.shards[rank])})

@@ -45,7 +45,7 @@ def test_workers_join_over_tls_only_when_they_trust_the_master(tmp_path):
         assert wait_for(lambda: "certificate verify failed" in (tmp_path / "wrong.log").read_text(errors="replace"), 120)
         assert wait_for(lambda: "cannot reach the master" in (tmp_path / "plain.log").read_text(errors="replace"), 120)
         assert not _up(master), "the master serves before any worker it trusts joined"
-        good = worker(f"wss://127.0.0.1:{hub}", tmp_path / "good.log", "--tls-ca", cert)
+        good = worker(f"wss://127.0.0.1:{hub}", tmp_path / "good.log", "--tls-ca", cert, "--name", "pi-1")
         master.wait_ready()
         r = requests.post(master.url + "/v1/chat/completions", timeout=300, json={
             "model": "smollm2", "max_tokens": 12, "temperature": 0,
@@ -53,6 +53,10 @@ def test_workers_join_over_tls_only_when_they_trust_the_master(tmp_path):
         assert r.status_code == 200, r.text
         assert "Paris" in r.json()["choices"][0]["message"]["content"]
         assert "joined wss://127.0.0.1" in (tmp_path / "good.log").read_text()
+        devices = requests.get(master.url + "/api/cluster", timeout=10).json()["devices"]
+        assert [d["name"] for d in devices] == ["master", "pi-1"]           # the worker's own name
+        assert devices[1]["state"] == "up" and devices[1]["address"].startswith("127.0.0.1:")
+        assert devices[1]["memory"]["peak_rss_bytes"] > 0 and "rtt_ms" in devices[1]["link"]
         assert plain.poll() is None and wrong.poll() is None      # still outside, still trying
         assert "joined" not in (tmp_path / "plain.log").read_text() + (tmp_path / "wrong.log").read_text()
     finally:

@@ -54,6 +54,8 @@ class WorkerInfo:
     name: str
     address: str            # host:port the worker connected from
     ring_url: str | None    # where it accepts its ring predecessor (ring mode)
+    rtt_s: float | None = None  # last keepalive ping round trip (every 20 s; None before the
+                                # first): the network path, not the emulated --link delay
 
 
 class _Peer:
@@ -263,7 +265,7 @@ class StarHub:
 
     def workers(self) -> dict[int, WorkerInfo]:
         with self._cond:
-            return {r: WorkerInfo(r, p.name, p.conn.peer, p.ring_url)
+            return {r: WorkerInfo(r, p.name, p.conn.peer, p.ring_url, getattr(p.conn.ws, "latency", 0.0) or None)
                     for r, p in sorted(self._peers.items())}
 
     def broadcast(self, msg: Message) -> list[int]:

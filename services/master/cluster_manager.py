@@ -42,8 +42,8 @@ def device_panel(d: dict) -> dict:
             "state": "up" if d["connected"] else "down",
             "memory": {"rss_bytes": d["rss_bytes"], "peak_rss_bytes": d["peak_rss_bytes"]},
             "link": {"rtt_ms": None if rtt is None else rtt * 1e3,
-                     "note": "keepalive ping every 20 s (network path only)" if rtt is not None
-                     else "no ping measured yet (every 20 s)"}}
+                     "note": "Ping/Pong every 5 s through both ends' links" if rtt is not None
+                     else "no round trip measured yet (every 5 s)"}}
 
 
 class NoCluster(Cluster):

@@ -83,7 +83,7 @@ def step_of(epoch: int, counter: int) -> int:
 
 class Message:
     KIND: ClassVar[int]
-    CHANNEL: ClassVar[str]   # "handshake" | "collective" | "setup" | "control"
+    CHANNEL: ClassVar[str]   # "handshake" | "collective" | "setup" | "control" | "link"
     ORIGIN: ClassVar[str]    # "hub" | "worker" | "any"
     _TENSOR: ClassVar[str | None]      # the field carried as the frame's tensor, if any
     _TENSOR_OPTIONAL: ClassVar[bool]   # annotated `torch.Tensor | None`
@@ -251,6 +251,18 @@ class CollectiveDrill(Message):
     shape: list[int]
     seed: int = 0
     dtype: str = "float32"
+
+
+# --- link measurement: answered on the receiver's event loop, through its emulated uplink
+
+@message(40, "link", "hub")
+class Ping(Message):
+    nonce: int
+
+
+@message(41, "link", "worker")
+class Pong(Message):
+    nonce: int                      # the Ping's
 
 
 # ---------------------------------------------------------------------------------------

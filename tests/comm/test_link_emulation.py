@@ -63,3 +63,16 @@ def test_link_applies_to_the_worker_side_too(token):
             t.join(5)
     assert torch.equal(y, torch.full((4,), 2.0)) and torch.equal(out["w"], y)
     assert 0.045 <= took < 0.3                      # one delayed hop (worker -> hub)
+
+
+def test_hub_measures_each_workers_round_trip_through_the_links(token):
+    """The RTT /api/cluster shows: a Ping through the hub's link, the Pong through the
+    worker's, answered on the worker's event loop (not behind its engine thread)."""
+    with StarHub(2, token, link="latency=30ms") as hub:
+        with StarClient.connect(hub.url, token, link="latency=20ms"):
+            deadline = time.monotonic() + 10
+            while hub.workers()[1].rtt_s is None:
+                assert time.monotonic() < deadline, "no round trip measured"
+                time.sleep(0.05)
+            rtt = hub.workers()[1].rtt_s
+            assert 0.050 <= rtt < 0.050 + 0.5, rtt

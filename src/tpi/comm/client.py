@@ -34,7 +34,7 @@ from tpi.comm.ringlinks import RingLinks
 from tpi.comm.star import ClientStarCommunicator, StarWaiter
 from tpi.comm.steps import Steps
 from tpi.protocol import (DEFAULT_MAX_BYTES, MESSAGE_TYPES, VERSION, Abort, Error, GlooSetup,
-                          Hello, Message, PeerInfo, ProtocolError, Reduced, RingChunk,
+                          Hello, Message, PeerInfo, Ping, Pong, ProtocolError, Reduced, RingChunk,
                           RingSetup, SetupDone, decode, dtype_from_name, encode, read_header)
 
 log = logging.getLogger("tpi.comm.client")
@@ -161,7 +161,9 @@ class StarClient:
                     log.error("rank %d: %s", self.rank, reason)
                     await handshake.refuse(conn, "protocol", str(e))
                     return
-                if isinstance(msg, Abort):
+                if isinstance(msg, Ping):             # answered here, not by the engine thread
+                    conn.put(encode(Pong(nonce=msg.nonce)))
+                elif isinstance(msg, Abort):
                     self._star.on_abort(h.step >> 32, msg.reason)
                     self._ring_reducer.on_abort(h.step >> 32, msg.reason)
                 elif isinstance(msg, RingSetup):

@@ -17,6 +17,7 @@ that epoch stay failed on every device until the master's next broadcast (steps.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import socket
@@ -39,13 +40,14 @@ from tpi.comm.ringlinks import RingLinks
 from tpi.comm.star import HubStarCommunicator, StarReducer
 from tpi.comm.steps import Steps
 from tpi.protocol import (DEFAULT_MAX_BYTES, MESSAGE_TYPES, Abort, Error, GlooSetup, Message,
-                          Partial, PeerInfo, ProtocolError, RingSetup, SetupDone, decode,
-                          dtype_from_name, encode, read_header, step_of)
+                          Partial, PeerInfo, Ping, Pong, ProtocolError, RingSetup, SetupDone,
+                          decode, dtype_from_name, encode, read_header, step_of)
 
 log = logging.getLogger("tpi.comm.hub")
 ALLREDUCE = ("star", "ring", "gloo")
 WIRE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _LOST = object()  # end marker in a worker's control queue
+PING_INTERVAL_S = 5.0  # how often the hub measures each worker's round trip
 
 
 @dataclass(frozen=True)
@@ -54,8 +56,8 @@ class WorkerInfo:
     name: str
     address: str            # host:port the worker connected from
     ring_url: str | None    # where it accepts its ring predecessor (ring mode)
-    rtt_s: float | None = None  # last keepalive ping round trip (every 20 s; None before the
-                                # first): the network path, not the emulated --link delay
+    rtt_s: float | None = None  # last Ping -> Pong round trip (every 5 s; None before the first),
+                                # through both ends' emulated links like every other message
 
 
 class _Peer:
@@ -63,6 +65,8 @@ class _Peer:
         self.rank, self.name, self.conn = rank, name, conn
         self.control: queue.SimpleQueue = queue.SimpleQueue()
         self.ring_url: str | None = None
+        self.rtt_s: float | None = None
+        self.ping: tuple[int, float] | None = None  # (nonce, loop time sent) awaiting its Pong
 
 
 def _advertised(host: str) -> str:
@@ -178,7 +182,11 @@ class StarHub:
             return
         log.info("rank %d joined from %s%s", rank, conn.peer,
                  f" ({hello.name})" if hello.name else "")
-        reason, bad = await self._read(peer)
+        pinger = asyncio.get_running_loop().create_task(self._ping(peer))
+        try:
+            reason, bad = await self._read(peer)
+        finally:
+            pinger.cancel()
         with self._cond:                 # free the rank before the peer can see the close
             if self._peers.get(rank) is peer:
                 del self._peers[rank]
@@ -205,6 +213,17 @@ class StarHub:
             return None, ("full", f"group full: all {self.world_size - 1} worker ranks taken")
         return (want if want is not None else free[0]), None
 
+    @staticmethod
+    async def _ping(peer: _Peer) -> None:
+        """Measure the worker's round trip now and then: a Ping through this process's
+        uplink, answered at once by the worker's event loop through its own."""
+        loop, nonce = asyncio.get_running_loop(), 0
+        while True:
+            nonce += 1
+            peer.ping = (nonce, loop.time())
+            peer.conn.put(encode(Ping(nonce=nonce)))
+            await asyncio.sleep(PING_INTERVAL_S)
+
     async def _read(self, peer: _Peer) -> tuple[str, str | None]:
         """Route one worker's frames until its connection ends or it breaks the protocol;
         returns why it ended, and what to tell the peer if it broke the protocol."""
@@ -219,6 +238,11 @@ class StarHub:
                 cls = MESSAGE_TYPES[h.kind]
                 if cls is Partial:
                     self._star.on_partial(conn.id, peer.rank, h, data)
+                    continue
+                if cls is Pong:
+                    pong = decode(data, header=h, max_bytes=self.max_bytes).msg
+                    if peer.ping is not None and pong.nonce == peer.ping[0]:
+                        peer.rtt_s = asyncio.get_running_loop().time() - peer.ping[1]
                     continue
                 if cls.ORIGIN == "hub" or cls.CHANNEL in ("handshake", "collective"):
                     raise ProtocolError(f"{cls.__name__} is not accepted from a worker")
@@ -265,7 +289,7 @@ class StarHub:
 
     def workers(self) -> dict[int, WorkerInfo]:
         with self._cond:
-            return {r: WorkerInfo(r, p.name, p.conn.peer, p.ring_url, getattr(p.conn.ws, "latency", 0.0) or None)
+            return {r: WorkerInfo(r, p.name, p.conn.peer, p.ring_url, p.rtt_s)
                     for r, p in sorted(self._peers.items())}
 
     def broadcast(self, msg: Message) -> list[int]:

@@ -223,6 +223,7 @@ class ForwardStep(Message):
     slots: list[int]                # KV-cache slot of each batch row
     starts: list[int]               # position of each row's first token in `hidden`
     hidden: torch.Tensor            # (batch, tokens, hidden)
+    every_position: bool = False    # output-head candidates for every position, not just the last
 
 
 @message(32, "control", "hub")
@@ -251,6 +252,7 @@ class CollectiveDrill(Message):
     shape: list[int]
     seed: int = 0
     dtype: str = "float32"
+    exact: bool = False             # all_reduce(..., exact=True): float32 whatever the wire dtype
 
 
 # --- link measurement: answered on the receiver's event loop, through its emulated uplink

@@ -51,6 +51,16 @@ def test_bfloat16_wire(make_group, mode):
     assert r.max_error() > 0                             # it really travelled as bfloat16
 
 
+@pytest.mark.parametrize("mode", ["star", "ring", "gloo"])
+def test_exact_all_reduce_travels_in_float32_over_a_bfloat16_wire(make_group, mode):
+    """The output head's candidates (token ids as float32) must not be rounded to bfloat16."""
+    n = 3
+    g = make_group(n, mode, wire_dtype="bfloat16")
+    comm = g.start()
+    r = run_master(g.hub, comm, reps=3, shape=[2, 3, 2, 128], exact=True)   # (R, N, 2, K)
+    check(r, n, "float32", identical=mode != "gloo")   # float32 tolerance: no bfloat16 rounding
+
+
 def test_world_of_one(make_group):
     g = make_group(1)
     comm = g.start()

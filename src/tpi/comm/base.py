@@ -23,11 +23,14 @@ class Communicator(ABC):
     world_size: int
 
     @abstractmethod
-    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+    def all_reduce(self, tensor: torch.Tensor, exact: bool = False) -> torch.Tensor:
         """Sum `tensor` over all devices; every device receives the same sum.
 
         Blocks until the sum is known; raises CommError on timeout or a lost peer.
         The input may be reused by the caller; the result is a new tensor.
+        `exact`: the tensor travels and is summed in float32 whatever the configured wire
+        dtype (the output head's candidates carry token ids; every device must pass the same
+        flag for the same all-reduce).
         """
 
     def close(self) -> None:
@@ -40,5 +43,5 @@ class SoloCommunicator(Communicator):
     rank = 0
     world_size = 1
 
-    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+    def all_reduce(self, tensor: torch.Tensor, exact: bool = False) -> torch.Tensor:
         return tensor

@@ -39,7 +39,7 @@ def _run(comm: Communicator, d: CollectiveDrill) -> tuple[torch.Tensor, list[flo
     cpu0 = time.process_time()
     for i in range(d.reps):
         t0 = time.perf_counter()
-        out = comm.all_reduce(inputs[i % 7])
+        out = comm.all_reduce(inputs[i % 7], exact=d.exact)
         times.append(time.perf_counter() - t0)
     return out, times, (time.process_time() - cpu0) / max(1, d.reps)
 
@@ -109,11 +109,11 @@ class DrillResult:
 
 def run_master(hub, comm: Communicator, reps: int, shape: list[int], seed: int = 0,
                dtype: str = "float32", seq: int = 0,
-               reply_timeout: float | None = None) -> DrillResult:
+               reply_timeout: float | None = None, exact: bool = False) -> DrillResult:
     """Broadcast a drill, run it on rank 0, collect the workers' replies.
 
     Raises CommError if rank 0's all_reduce fails (after collecting what replies come)."""
-    drill = CollectiveDrill(seq=seq, reps=reps, shape=list(shape), seed=seed, dtype=dtype)
+    drill = CollectiveDrill(seq=seq, reps=reps, shape=list(shape), seed=seed, dtype=dtype, exact=exact)
     ranks = hub.broadcast(drill)
     try:
         out, times, cpu = _run(comm, drill)

@@ -36,10 +36,10 @@ class GlooCommunicator(Communicator):
             raise CommError(f"gloo init on rank {rank}: {e}") from e
         self._closed = False
 
-    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+    def all_reduce(self, tensor: torch.Tensor, exact: bool = False) -> torch.Tensor:
         if self._closed:
             raise CommError("gloo communicator is closed")
-        buf = tensor.detach().to(self.wire_dtype, copy=True).contiguous()
+        buf = tensor.detach().to(torch.float32 if exact else self.wire_dtype, copy=True).contiguous()
         try:
             self._dist.all_reduce(buf)
         except Exception as e:  # noqa: BLE001 - RuntimeError / DistBackendError
@@ -64,10 +64,10 @@ class LazyGlooCommunicator(Communicator):
         self._join = join
         self._comm: GlooCommunicator | None = None
 
-    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+    def all_reduce(self, tensor: torch.Tensor, exact: bool = False) -> torch.Tensor:
         if self._comm is None:
             self._comm = self._join()
-        return self._comm.all_reduce(tensor)
+        return self._comm.all_reduce(tensor, exact)
 
     def close(self) -> None:
         if self._comm is not None:

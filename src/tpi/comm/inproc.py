@@ -66,5 +66,6 @@ class InProcCommunicator(Communicator):
     def __init__(self, group: InProcGroup, rank: int):
         self.group, self.rank, self.world_size = group, rank, group.world_size
 
-    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+    def all_reduce(self, tensor: torch.Tensor, exact: bool = False) -> torch.Tensor:
+        # summed in the tensor's own dtype: a float32 tensor is summed in float32 (exact)
         return self.group._all_reduce(self.rank, tensor)

@@ -103,7 +103,7 @@ class RingCommunicator(Communicator):
         self._ep = endpoint
         self.rank, self.world_size = endpoint.rank, endpoint.world_size
 
-    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+    def all_reduce(self, tensor: torch.Tensor, exact: bool = False) -> torch.Tensor:
         ep, n = self._ep, self.world_size
         step, watch = ep._ring_begin()                # watch: conn id -> rank
         if n == 1:
@@ -113,7 +113,7 @@ class RingCommunicator(Communicator):
         watch = {**watch, inn.id: links.pred, out.id: links.succ}
         acc = tensor.detach().to(torch.float32, copy=True).reshape(-1)  # (numel,)
         rnd = RingRound(step, watch, tuple(tensor.shape), acc, self.rank, n, inn.id, out,
-                        ep.wire_dtype, ep.max_bytes)
+                        torch.float32 if exact else ep.wire_dtype, ep.max_bytes)
         ep._io.call(ep._ring_reducer.start, rnd)
         try:
             res = rnd.wait(ep.timeout, "the ring")

@@ -92,11 +92,12 @@ class HubStarCommunicator(Communicator):
         self._hub = hub
         self.world_size = hub.world_size
 
-    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+    def all_reduce(self, tensor: torch.Tensor, exact: bool = False) -> torch.Tensor:
         hub = self._hub
         step, group, conns = hub._star_begin()
         acc = tensor.detach().to(torch.float32, copy=True)  # same shape as tensor
-        rnd = HubRound(step, group, conns, acc, hub.wire_dtype, hub.max_bytes)
+        wire = torch.float32 if exact else hub.wire_dtype
+        rnd = HubRound(step, group, conns, acc, wire, hub.max_bytes)
         hub._io.call(hub._star.start, rnd)
         try:
             out = rnd.wait(hub.timeout, "the workers' partials")
@@ -141,15 +142,15 @@ class ClientStarCommunicator(Communicator):
         self._client = client
         self.rank, self.world_size = client.rank, client.world_size
 
-    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+    def all_reduce(self, tensor: torch.Tensor, exact: bool = False) -> torch.Tensor:
         c = self._client
         step = c._collective_begin()
+        wire = torch.float32 if exact else c.wire_dtype
         try:
-            data = encode(Partial(tensor), step=step, wire_dtype=c.wire_dtype,
-                          max_bytes=c.max_bytes)
+            data = encode(Partial(tensor), step=step, wire_dtype=wire, max_bytes=c.max_bytes)
         except ProtocolError as e:
             raise CommError(str(e)) from e
-        rnd = ClientRound(step, c._conn.id, tuple(tensor.shape), c.wire_dtype)
+        rnd = ClientRound(step, c._conn.id, tuple(tensor.shape), wire)
         c._io.call(c._star.start, rnd, c._conn, data)
         try:
             out = rnd.wait(c.timeout, "the sum from the master")

@@ -23,7 +23,8 @@ from pathlib import Path
 from tpi.cluster import Cluster
 from tpi.comm.base import CommError
 from tpi.comm.hub import StarHub
-from tpi.engine import Engine, RuntimeOptions, build_runner, prepare_store
+from tpi.cli import max_block_bytes
+from tpi.engine import Engine, RuntimeOptions, build_runner, open_embedding, prepare_store
 from tpi.memory import release_freed_memory
 from tpi.weights.sources import cache_dir
 from tpi.weights.store import ShardStore
@@ -103,6 +104,9 @@ class ClusterManager:
         if self.engine is not None:
             self.engine.store = store
             self.engine.cluster = self.engine.generator.cluster = cluster
+            # the embedding rows come from the new store (an earlier store may be deleted below)
+            self.engine.embedder = self.engine.generator.embedder = open_embedding(
+                store, self.opts.torch_compute_dtype())
         release_freed_memory()  # what splitting a new store and loading the slice left behind
         log.info("cluster of %d device(s) ready: %s", workers + 1, ["master", *self.device_names])
         return cluster
@@ -114,8 +118,9 @@ class ClusterManager:
         (hence ever-different) plans cannot fill the volume."""
         root = Path(self.args.store or cache_dir() / "stores")
         before = set(root.iterdir()) if root.is_dir() else set()
-        store = prepare_store(self.args.model, self._weights(), self.args.dtype, root=root)
-        if store.root not in before:
+        store = prepare_store(self.args.model, self._weights(), self.args.dtype, root=root,
+                              max_block_bytes=max_block_bytes(self.args))
+        if store.root not in before and store.root.parent == root:  # (not a store given as --model)
             self._split_here.append(store.root)
         for old in self._split_here[:-2]:
             if old != store.root:

@@ -59,13 +59,16 @@ def build_distributed_engine(args, world_size: int, on_listening=None, membershi
     """Start the hub, wait for the workers, assign shards; returns (engine, manager)."""
     from dataclasses import replace
 
-    from tpi.engine import build_engine, max_context, prepare_store
+    from tpi.engine import build_engine, max_context, prepare_store, prepared_store
     from tpi_master.cluster_manager import ClusterManager
 
     if not args.join_token:
         raise SystemExit("tpi master: --join-token (or TPI_JOIN_TOKEN) is required when workers join")
     opts = runtime_options(args)
-    probe = prepare_store(args.model, [1.0], args.dtype, root=args.store)  # also converts the model once
+    from tpi.cli import max_block_bytes
+
+    probe = prepared_store(args.model) or prepare_store(  # also converts the model once
+        args.model, [1.0], args.dtype, root=args.store, max_block_bytes=max_block_bytes(args))
     opts = replace(opts, max_seq=max_context(probe, opts))
     host, port = split_hostport(args.listen or "0.0.0.0:29500", 29500)
     manager = ClusterManager(args, opts, host, port, membership=membership, master_capability=capability)
@@ -105,7 +108,9 @@ def run(args) -> int:
             engine, manager = build_distributed_engine(args, workers + 1, http_url=f"http://{host}:{port}")
         else:
             weights = [float(w) for w in args.weights.split(",")] if args.weights else [1.0] * (args.devices or 1)
-            engine = build_inproc_engine(args.model, weights, runtime_options(args))
+            from tpi.cli import max_block_bytes
+
+            engine = build_inproc_engine(args.model, weights, runtime_options(args), max_block_bytes=max_block_bytes(args))
     log.info("serving %s on http://%s:%d", engine.store.config.architecture, host, port)
     blueprints = []
     if manager is not None:  # workers that cannot see the store's volume download from here

@@ -2,7 +2,8 @@
 the all-reduce hub; workers run theirs in other processes (or on other devices).
 
 Each forward broadcasts the hidden states (never token ids) with the KV slots and start
-positions; every device then runs all layers, meeting at each all-reduce. A worker's reply
+positions; every device then runs all layers and its slice of the output head, meeting at
+each all-reduce; the last one merges every device's output-head candidates. A worker's reply
 (its time breakdown and memory) is collected lazily, at the next step, so it costs no hop.
 """
 from __future__ import annotations
@@ -67,14 +68,14 @@ class RemoteCluster(Cluster):
 
     # ---- Cluster ------------------------------------------------------------------------
 
-    def forward(self, x, slots, starts):
+    def forward(self, x, slots, starts, every_position=False):
         with self._lock:
             self._collect()
             self.ensure_assigned()
             self.seq += 1
             sent = self.hub.broadcast(ForwardStep(seq=self.seq, slots=list(slots), starts=list(starts),
-                                                  hidden=x.contiguous()))
-            out = self.runner.forward(x, self.hub.communicator(), slots, starts)
+                                                  hidden=x.contiguous(), every_position=every_position))
+            out = self.runner.step(x, self.hub.communicator(), slots, starts, every_position)
             self._pending = sent  # only after success: a failed step's replies never come
             return out
 

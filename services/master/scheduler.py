@@ -228,8 +228,8 @@ class Scheduler:
         """ids (B, T) -> float32 logits (B, vocab) of each row's last position."""
         t0 = time.perf_counter()
         engine = self.engine
-        hidden = engine.cluster.forward(engine.head.embed(ids), [s.slot for s in seqs], starts)  # (B, T, H)
-        logits = engine.head.logits(hidden[:, -1])                                             # (B, vocab)
+        candidates = engine.cluster.forward(engine.embedder.embed(ids), [s.slot for s in seqs], starts)
+        logits = candidates.logits()                                                           # (B, vocab)
         wall = time.perf_counter() - t0
         devices = [[b.compute_s, b.comm_s, b.disk_wait_s] for b in engine.cluster.breakdowns()]
         for s in seqs:

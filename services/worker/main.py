@@ -190,7 +190,7 @@ def serve(client, token: str, download: bool = False) -> None:
                 client.send(Reply(seq=msg.seq, ok=False, detail="no shard loaded"))
                 continue
             try:
-                runner.forward(msg.hidden, comm, msg.slots, msg.starts)
+                runner.step(msg.hidden, comm, msg.slots, msg.starts, msg.every_position)
             except CommError as e:
                 log.warning("step %d failed: %s", msg.seq, e)
                 continue

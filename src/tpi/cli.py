@@ -25,6 +25,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "(per output channel) / int4 (groups of 32)")
     p.add_argument("--compute-dtype", default=None, help="compute dtype (default: float32; bfloat16 halves weight memory)")
     p.add_argument("--max-seq", type=int, default=2048, help="context length (KV cache size)")
+    p.add_argument("--max-block-size", default="64MiB", metavar="SIZE",
+                   help="shard store: cut MLP blocks and output-head slices bigger than this into pieces "
+                        "(the window counts pieces; default 64MiB)")
+    p.add_argument("--head-topk", type=int, default=128, metavar="K",
+                   help="output-head candidates per device: sampling is exact for greedy and top-k <= K (default 128)")
 
 
 def add_memory_args(p: argparse.ArgumentParser) -> None:
@@ -45,8 +50,14 @@ def runtime_options(args):
         dtype=args.dtype, compute_dtype=args.compute_dtype, max_seq=args.max_seq,
         scheduler=not getattr(args, "no_scheduler", False), window=getattr(args, "window", 2),
         memory_budget=parse_size(args.memory_budget) if getattr(args, "memory_budget", None) else None,
-        kv_dtype=getattr(args, "kv_dtype", None),
+        kv_dtype=getattr(args, "kv_dtype", None), head_topk=getattr(args, "head_topk", 128),
     )
+
+
+def max_block_bytes(args) -> int:
+    from tpi.weights.scheduler import parse_size
+
+    return parse_size(getattr(args, "max_block_size", None) or "64MiB")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_prepare(args) -> int:
     from tpi.engine import prepare_store
 
-    store = prepare_store(args.model, device_weights(args), args.dtype, args.out)
+    store = prepare_store(args.model, device_weights(args), args.dtype, args.out, max_block_bytes=max_block_bytes(args))
     total = sum(f.bytes for f in store.files.values())
     print(f"shard store at {store.root}: {store.plan.world_size} devices, {len(store.files)} files, "
           f"{total / 1e6:.1f} MB, dtype {store.dtype}")
@@ -122,7 +133,8 @@ def cmd_generate(args) -> int:
 
         context = LocalCluster(args, len(device_weights(args)))
     else:
-        context = nullcontext(build_inproc_engine(args.model, device_weights(args), opts))
+        context = nullcontext(build_inproc_engine(args.model, device_weights(args), opts,
+                                                  max_block_bytes=max_block_bytes(args)))
     with context as engine:
         try:
             tok = engine.tokenizer
@@ -152,7 +164,8 @@ def generation_report(engine, result, transport: str) -> dict:
     devices = []
     for r, b in enumerate(result.breakdowns):
         summed = b.to_json(per_layer=True)
-        per_token = {k: ([[x / steps for x in layer] for layer in v] if k == "layers" else v / steps)
+        per_token = {k: ([[x / steps for x in layer] for layer in v] if k == "layers"
+                         else [x / steps for x in v] if k == "head" else v / steps)
                      for k, v in summed.items()}
         device = {"rank": r, "peak_rss_bytes": peaks[r], "breakdown": summed, "per_token": per_token}
         runners = getattr(engine.cluster, "runners", None)

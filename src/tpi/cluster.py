@@ -1,5 +1,6 @@
 """A cluster, as the master's generation loop sees it: something that runs every device's
-shard of the transformer layers on a batch of hidden states and returns the result.
+shard of the transformer layers and of the output head on a batch of hidden states and
+returns the merged output-head candidates (tpi.model.head.Candidates) to sample from.
 
 `InProcCluster` runs N shards as threads of this process (tests, `--transport inproc`).
 The WebSocket cluster (services/master) implements the same interface over the network.
@@ -13,6 +14,7 @@ from abc import ABC, abstractmethod
 import torch
 
 from tpi.comm.inproc import InProcGroup
+from tpi.model.head import Candidates
 from tpi.model.shard import ShardRunner
 from tpi.timing import Breakdown
 
@@ -21,9 +23,11 @@ class Cluster(ABC):
     world_size: int
 
     @abstractmethod
-    def forward(self, x: torch.Tensor, slots: list[int], starts: list[int]) -> torch.Tensor:
-        """x (B, T, H) -> (B, T, H) through all layers; rows use KV-cache `slots`, and the
-        first new token of row b sits at position starts[b]."""
+    def forward(self, x: torch.Tensor, slots: list[int], starts: list[int],
+                every_position: bool = False) -> Candidates:
+        """x (B, T, H) through all layers and the output head -> the candidates of the last
+        position of each row (B rows), or of every position (B*T rows, teacher forcing).
+        Rows use KV-cache `slots`; the first new token of row b sits at position starts[b]."""
 
     def breakdowns(self) -> list[Breakdown]:
         """Per device, the time split of the last forward."""
@@ -58,20 +62,20 @@ class InProcCluster(Cluster):
             job = jobs.get()
             if job is None:
                 return
-            x, slots, starts = job
+            x, slots, starts, every = job
             try:
-                self.runners[rank].forward(x, self.comms[rank], slots, starts)
+                self.runners[rank].step(x, self.comms[rank], slots, starts, every)
                 self._done.put(None)
             except BaseException as e:  # report to the caller, unblock the others
                 self.group.abort(f"shard {rank} failed: {e}")
                 self._done.put(e)
 
-    def forward(self, x, slots, starts):
+    def forward(self, x, slots, starts, every_position=False):
         self.group.reset()
         for q in self._jobs:
-            q.put((x, slots, starts))
+            q.put((x, slots, starts, every_position))
         try:
-            out = self.runners[0].forward(x, self.comms[0], slots, starts)
+            out = self.runners[0].step(x, self.comms[0], slots, starts, every_position)
         except BaseException as e:
             self.group.abort(f"shard 0 failed: {e}")
             self._drain()

@@ -1,5 +1,6 @@
 """Assemble a runnable model from a source: resolve, split into a shard store (cached),
-load the master's head and each shard, and wire them to a cluster."""
+open the master's embedding rows and each device's shard (layers and vocabulary slice of the
+output head), and wire them to a cluster."""
 from __future__ import annotations
 
 import hashlib
@@ -13,14 +14,16 @@ from tpi.cluster import Cluster, InProcCluster
 from tpi.config import load_model_config
 from tpi.generate import Generator
 from tpi.model.blocks import ResidentBlocks
-from tpi.model.head import Head
+from tpi.model.head import DEFAULT_TOPK, head_topk
 from tpi.model.shard import ShardRunner
-from tpi.plan import make_plan
+from tpi.plan import PlanError, make_plan
 from tpi.tokenizer import ChatTokenizer
 from tpi.weights.sources import cache_dir, resolve_model
 from tpi.weights.quant import pack_block
+from tpi.weights.embedding import EmbeddingRows
+from tpi.weights.slicing import DEFAULT_MAX_BLOCK_BYTES
 from tpi.weights.splitter import STORAGE_DTYPES, split_checkpoint
-from tpi.weights.store import ShardStore, block_path
+from tpi.weights.store import FORMAT_VERSION, ShardStore
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -36,6 +39,7 @@ class RuntimeOptions:
     memory_budget: int | None = None    # bytes per device for layer weights + KV cache;
                                         # None: from the cgroup limit (no limit: all resident)
     kv_dtype: str | None = None         # KV cache dtype (default: the compute dtype)
+    head_topk: int = DEFAULT_TOPK       # output-head candidates per device (exact sampling for top-k <= this)
 
     def torch_compute_dtype(self) -> torch.dtype:
         # float32 by default: CPUs without bfloat16 units gain nothing from bf16 arithmetic, and
@@ -54,23 +58,49 @@ class RuntimeOptions:
 
 
 def prepare_store(model_src: str | None, weights: list[float], dtype: str, out: str | Path | None = None,
-                  root: str | Path | None = None) -> ShardStore:
+                  root: str | Path | None = None, max_block_bytes: int = DEFAULT_MAX_BLOCK_BYTES) -> ShardStore:
     """Resolve the model, plan over `weights`, and split into a store (reused when identical):
-    at `out`, or else in a directory named by a hash of (model, plan, dtype) under `root`
-    (default: the cache), so every plan a master re-plans to keeps its own store."""
+    at `out`, or else in a directory named by a hash of (model, plan, dtype, format, piece
+    cap) under `root` (default: the cache), so every plan a master re-plans to keeps its own
+    store (and stores of another format never share a directory).
+
+    `model_src` may also be a store made by `tpi prepare` (a directory with a manifest): it is
+    used as it is if it was prepared for this plan and dtype."""
+    store = prepared_store(model_src)
+    if store is not None:
+        plan = make_plan(store.config, weights)
+        if plan != store.plan or dtype != store.dtype:
+            raise PlanError(f"{model_src} is a shard store prepared for {store.plan.world_size} device(s) with "
+                            f"weights {list(store.plan.weights)}, dtype {store.dtype}; asked for {len(weights)} "
+                            f"with {list(weights)}, dtype {dtype}: prepare a store for these")
+        return store
     model_dir = resolve_model(model_src)
     cfg = load_model_config(model_dir)
     plan = make_plan(cfg, weights)
     if out is None:
-        key = json.dumps([str(model_dir.resolve()), plan.to_json(), dtype], sort_keys=True)
+        key = json.dumps([str(model_dir.resolve()), plan.to_json(), dtype, FORMAT_VERSION, max_block_bytes],
+                         sort_keys=True)
         out = Path(root or cache_dir() / "stores") / hashlib.sha256(key.encode()).hexdigest()[:16]
-    return ShardStore(split_checkpoint(model_dir, plan, out, dtype))
+    return ShardStore(split_checkpoint(model_dir, plan, out, dtype, max_block_bytes))
 
 
-def load_head(store: ShardStore, compute_dtype: torch.dtype) -> Head:
-    from tpi.weights.store import HEAD_PATH
+def prepared_store(model_src: str | None) -> ShardStore | None:
+    """The store at `model_src` if it is one (`tpi prepare --out DIR`), else None."""
+    from tpi.weights.store import MANIFEST
 
-    return Head(store.config, store.load_views(HEAD_PATH), compute_dtype)
+    if model_src and (Path(model_src) / MANIFEST).is_file():
+        return ShardStore(model_src)
+    return None
+
+
+def open_embedding(store: ShardStore, compute_dtype: torch.dtype) -> EmbeddingRows:
+    """The master's embedding: rows read from the store on demand, no table in memory."""
+    return EmbeddingRows(store, compute_dtype)
+
+
+def runner_topk(store: ShardStore, opts: RuntimeOptions) -> int:
+    """K of the output head's top-k exchange: the same on every device of this plan."""
+    return head_topk([s.vocab_size for s in store.plan.shards], opts.head_topk)
 
 
 def kv_cache_bytes(store: ShardStore, rank: int, opts: RuntimeOptions) -> int:
@@ -83,13 +113,11 @@ def kv_cache_bytes(store: ShardStore, rank: int, opts: RuntimeOptions) -> int:
 def load_resident_runner(store: ShardStore, rank: int, opts: RuntimeOptions) -> ShardRunner:
     """Every block in memory, loaded once (`--no-scheduler`)."""
     cdt = opts.torch_compute_dtype()
-    blocks = {
-        (layer, kind): pack_block(store.load_views(block_path(rank, layer, kind)), cdt)[0]
-        for layer in range(store.config.num_layers) for kind in ("attn", "mlp")
-    }
+    blocks = {key: pack_block(store.load_views(store.piece_path(rank, *key)), cdt)[0]
+              for key in store.execution_order(rank)}
     return ShardRunner(store.config, store.plan.shards[rank], ResidentBlocks(blocks),
                        compute_dtype=cdt, max_seq=opts.max_seq, num_slots=opts.num_slots,
-                       kv_dtype=opts.torch_kv_dtype())
+                       kv_dtype=opts.torch_kv_dtype(), head_topk=runner_topk(store, opts))
 
 
 def build_runner(store: ShardStore, rank: int, opts: RuntimeOptions, devices_in_process: int = 1) -> ShardRunner:
@@ -118,7 +146,8 @@ def build_runner(store: ShardStore, rank: int, opts: RuntimeOptions, devices_in_
                 f"({format_size(kv)} for {opts.max_seq} positions); lower --max-seq or use --kv-dtype bfloat16")
     blocks = SlidingWindowBlocks(store, rank, window=opts.window, budget_bytes=weights_budget, compute_dtype=cdt)
     return ShardRunner(store.config, store.plan.shards[rank], blocks, compute_dtype=cdt,
-                       max_seq=opts.max_seq, num_slots=opts.num_slots, kv_dtype=opts.torch_kv_dtype())
+                       max_seq=opts.max_seq, num_slots=opts.num_slots, kv_dtype=opts.torch_kv_dtype(),
+                       head_topk=runner_topk(store, opts))
 
 
 def max_context(store: ShardStore, opts: RuntimeOptions) -> int:
@@ -129,7 +158,7 @@ def max_context(store: ShardStore, opts: RuntimeOptions) -> int:
 class Engine:
     store: ShardStore
     tokenizer: ChatTokenizer
-    head: Head
+    embedder: EmbeddingRows
     cluster: Cluster
     generator: Generator
 
@@ -139,28 +168,26 @@ class Engine:
 
 def build_engine(store: ShardStore, cluster: Cluster, opts: RuntimeOptions) -> Engine:
     tokenizer = ChatTokenizer(store.model_dir)
-    head = load_head(store, opts.torch_compute_dtype())
+    embedder = open_embedding(store, opts.torch_compute_dtype())
     stops = set(store.config.eos_token_ids) | tokenizer.stop_ids()
     gen_cfg = store.model_dir / "generation_config.json"
     if gen_cfg.is_file():
         eos = json.loads(gen_cfg.read_text()).get("eos_token_id")
         stops |= set(eos if isinstance(eos, list) else [] if eos is None else [eos])
-    generator = Generator(store.config, head, cluster, tokenizer, max_context(store, opts), stops)
-    return Engine(store, tokenizer, head, cluster, generator)
+    generator = Generator(store.config, embedder, cluster, tokenizer, max_context(store, opts), stops)
+    return Engine(store, tokenizer, embedder, cluster, generator)
 
 
-def build_inproc_engine(model_src: str | None, weights: list[float], opts: RuntimeOptions) -> Engine:
-    store = prepare_store(model_src, weights, opts.dtype)
+def build_inproc_engine(model_src: str | None, weights: list[float], opts: RuntimeOptions,
+                        max_block_bytes: int = DEFAULT_MAX_BLOCK_BYTES) -> Engine:
+    store = prepare_store(model_src, weights, opts.dtype, max_block_bytes=max_block_bytes)
     opts = replace(opts, max_seq=max_context(store, opts))
     n = store.plan.world_size
     if opts.scheduler and opts.memory_budget is None:
-        # One process holds every device and, soon, the head: share what the limit leaves.
-        from tpi.memory import rss_bytes
+        # One process holds every device: share what the limit leaves.
         from tpi.weights.scheduler import default_device_budget
-        from tpi.weights.store import HEAD_PATH
 
-        rss = (rss_bytes() or 0) + store.file_bytes(HEAD_PATH)
-        opts = replace(opts, memory_budget=default_device_budget(n, rss=rss))
+        opts = replace(opts, memory_budget=default_device_budget(n))
     runners = []
     try:
         for r in range(n):

@@ -1,4 +1,8 @@
-"""Prefill and decode on the master: embed, run the cluster, sample, repeat."""
+"""Prefill and decode on the master: embed, run the cluster, sample, repeat.
+
+The master holds neither the embedding table nor the output head: it reads the embedding
+rows of its tokens on demand (tpi.weights.embedding) and samples from the candidates the
+devices' vocabulary slices return (tpi.model.head)."""
 from __future__ import annotations
 
 import time
@@ -9,7 +13,6 @@ import torch
 
 from tpi.cluster import Cluster
 from tpi.config import ModelConfig
-from tpi.model.head import Head
 from tpi.model.sampling import SamplingParams, choose_token
 from tpi.timing import Breakdown
 
@@ -37,9 +40,10 @@ class TokenEvent:
 
 
 class Generator:
-    def __init__(self, cfg: ModelConfig, head: Head, cluster: Cluster, tokenizer, max_seq: int,
+    def __init__(self, cfg: ModelConfig, embedder, cluster: Cluster, tokenizer, max_seq: int,
                  stop_ids: set[int] = frozenset()):
-        self.cfg, self.head, self.cluster, self.tokenizer = cfg, head, cluster, tokenizer
+        # embedder: .embed(ids (B, T)) -> (B, T, H), e.g. tpi.weights.embedding.EmbeddingRows
+        self.cfg, self.embedder, self.cluster, self.tokenizer = cfg, embedder, cluster, tokenizer
         self.max_seq = max_seq
         self.stop_ids = set(stop_ids)
 
@@ -61,9 +65,9 @@ class Generator:
         pos = 0
         budget = min(params.max_new_tokens, self.max_seq - len(prompt))
         for _ in range(budget):
-            hidden = self.cluster.forward(self.head.embed(ids), [slot], [pos])  # (1, T, H)
+            candidates = self.cluster.forward(self.embedder.embed(ids), [slot], [pos])  # 1 row
             pos += ids.shape[1]
-            token = choose_token(self.head.logits(hidden[:, -1])[0], params, gen)
+            token = choose_token(candidates.logits()[0], params, gen)
             if token in stops:
                 return
             yield TokenEvent(token, time.perf_counter() - t0)

@@ -1,4 +1,5 @@
-"""The shard plan: which attention heads and MLP columns each device computes.
+"""The shard plan: which attention heads, MLP columns and output-head rows (token ids) each
+device computes.
 
 A pure function of (model config, device weights). Uneven splits are first-class:
 SmolLM2 has 9 query heads and 3 KV heads, so 2, 4 or 5 devices get unequal head counts
@@ -31,6 +32,7 @@ class DeviceShard:
     kv_heads: tuple[int, int]     # [start, end) global KV heads these query heads read
     mlp_cols: tuple[int, int]     # [start, end) columns of the intermediate dimension
     adds_row_bias: bool           # device 0 adds the biases of row-parallel layers
+    vocab: tuple[int, int] = (0, 0)  # [start, end) token ids whose output-head rows it scores
 
     @property
     def num_q_heads(self) -> int:
@@ -43,6 +45,10 @@ class DeviceShard:
     @property
     def mlp_width(self) -> int:
         return self.mlp_cols[1] - self.mlp_cols[0]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.vocab[1] - self.vocab[0]
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,7 @@ class ShardPlan:
                 kv_heads=tuple(s["kv_heads"]),
                 mlp_cols=tuple(s["mlp_cols"]),
                 adds_row_bias=s["adds_row_bias"],
+                vocab=tuple(s["vocab"]),
             )
             for s in data["shards"]
         )
@@ -73,7 +80,7 @@ class ShardPlan:
 
 
 def make_plan(cfg: ModelConfig, weights: list[float] | tuple[float, ...]) -> ShardPlan:
-    """Split heads and MLP columns in proportion to `weights` (one per device)."""
+    """Split heads, MLP columns and the vocabulary in proportion to `weights` (one per device)."""
     n = len(weights)
     if n < 1:
         raise PlanError("need at least one device")
@@ -87,14 +94,18 @@ def make_plan(cfg: ModelConfig, weights: list[float] | tuple[float, ...]) -> Sha
     head_counts = proportional_split(cfg.num_heads, weights, unit=1)
     align = MLP_ALIGN if cfg.intermediate_size >= MLP_ALIGN * n else 1
     mlp_counts = proportional_split(cfg.intermediate_size, weights, unit=align)
+    if cfg.vocab_size >= 1 << 24:
+        # token ids travel as float32 in the output head's top-k exchange (exact below 2^24)
+        raise PlanError(f"a vocabulary of {cfg.vocab_size} tokens is too large (at most {1 << 24})")
+    vocab_counts = proportional_split(cfg.vocab_size, weights, unit=1)
     shards = []
-    h0 = c0 = 0
+    h0 = c0 = v0 = 0
     for rank in range(n):
-        h1, c1 = h0 + head_counts[rank], c0 + mlp_counts[rank]
+        h1, c1, v1 = h0 + head_counts[rank], c0 + mlp_counts[rank], v0 + vocab_counts[rank]
         kv0 = h0 // cfg.group_size
         kv1 = (h1 - 1) // cfg.group_size + 1
-        shards.append(DeviceShard(rank, (h0, h1), (kv0, kv1), (c0, c1), adds_row_bias=rank == 0))
-        h0, c0 = h1, c1
+        shards.append(DeviceShard(rank, (h0, h1), (kv0, kv1), (c0, c1), adds_row_bias=rank == 0, vocab=(v0, v1)))
+        h0, c0, v0 = h1, c1, v1
     return ShardPlan(tuple(float(w) for w in weights), tuple(shards))
 
 

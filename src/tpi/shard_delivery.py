@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Callable, Mapping
 from urllib.parse import quote
 
-from tpi.weights.store import FORMAT_VERSION, HEAD_PATH, MANIFEST, ShardStore, block_path
+from tpi.weights.store import EMBED_PATH, FORMAT_VERSION, MANIFEST, ShardStore, execution_order, piece_file
 
 log = logging.getLogger("tpi.shards")
 
@@ -231,7 +231,8 @@ class ShardClient:
     def fetch(self, store_id: str, rank: int, dest: str | Path | None = None,
               include_head: bool = False) -> FetchResult:
         """Make `dest` (default `<cache>/stores/<store-id>/rank-<rank>`) a shard store holding
-        this rank's blocks (and the head if asked), downloading only what is not cached."""
+        this rank's blocks (layers and its output-head slice; the master's embedding too if
+        asked), downloading only what is not cached."""
         if not STORE_ID_RE.match(store_id):
             raise DeliveryError(f"bad store id {store_id!r}")
         body, manifest = self.fetch_manifest(store_id)
@@ -239,9 +240,12 @@ class ShardClient:
         if not 0 <= rank < world:
             raise DeliveryError(f"store {store_id} has ranks 0..{world - 1}, not {rank}")
         layers = manifest["model_config"]["num_layers"]
-        wanted = [block_path(rank, layer, kind) for layer in range(layers) for kind in ("attn", "mlp")]
+        pieces = manifest.get("pieces", {}).get(str(rank))
+        if pieces is None:
+            raise DeliveryError(f"store {store_id}: manifest has no pieces for rank {rank}")
+        wanted = [piece_file(rank, *key, pieces) for key in execution_order(layers, pieces)]
         if include_head:
-            wanted.append(HEAD_PATH)
+            wanted.append(EMBED_PATH)
         files = manifest["files"]
         missing = [rel for rel in wanted if rel not in files]
         if missing:

@@ -12,11 +12,14 @@ class Breakdown:
     disk_wait_s: float = 0.0
     # per layer: [compute, comm, disk_wait] seconds
     layers: list[list[float]] = field(default_factory=list)
+    # the output head (vocabulary slice, top-k exchange): [compute, comm, disk_wait] seconds
+    head: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
 
     def add(self, other: "Breakdown") -> None:
         self.compute_s += other.compute_s
         self.comm_s += other.comm_s
         self.disk_wait_s += other.disk_wait_s
+        self.head = [a + b for a, b in zip(self.head, other.head)]
         if not self.layers:
             self.layers = [list(x) for x in other.layers]
         else:
@@ -28,6 +31,7 @@ class Breakdown:
         out = {"compute_s": self.compute_s, "comm_s": self.comm_s, "disk_wait_s": self.disk_wait_s}
         if per_layer:
             out["layers"] = self.layers
+            out["head"] = self.head
         return out
 
 

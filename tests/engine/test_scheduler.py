@@ -15,10 +15,15 @@ from tpi.engine import RuntimeOptions, build_inproc_engine, kv_cache_bytes, prep
 from tpi.model.blocks import ResidentBlocks
 from tpi.model.sampling import SamplingParams
 from tpi.weights.scheduler import (MemoryBudgetError, SlidingWindowBlocks, parse_size, plan_retention)
-from tpi.weights.store import StoreError, block_path
+from tpi.weights.slicing import DEFAULT_MAX_BLOCK_BYTES
+from tpi.weights.store import StoreError
 
 PROMPT = [1, 504, 3458, 282, 4649, 314, 9889, 30, 57, 1000, 20000]
 TINY = "llama3"  # 3 layers, GQA, llama3 rope scaling
+# The tiny models' output-head slice (SmolLM2's 49152-token vocabulary) is ~100x a layer
+# block: cut blocks at 64 KiB so that the head streams in pieces like the layers (and the
+# MLP blocks are cut in two), as a 70B model's are at the default cap.
+CAP = 64 << 10
 
 
 # --- planning (pure) -------------------------------------------------------------------
@@ -65,9 +70,8 @@ def test_plan_spreads_residents_and_stays_within_budget():
 # --- end to end on the in-process cluster ----------------------------------------------
 
 def slice_bytes(store, rank):
-    cfg = store.config
-    return [store.files[block_path(rank, layer, kind)].bytes
-            for layer in range(cfg.num_layers) for kind in ("attn", "mlp")]
+    """Bytes of every file the device streams: its layer blocks and its output-head slice."""
+    return [store.files[rel].bytes for rel in store.block_files(rank)]
 
 
 def budget_for(store, opts, window, fraction):
@@ -76,8 +80,8 @@ def budget_for(store, opts, window, fraction):
                for r in range(store.plan.world_size))
 
 
-def run(model, weights, opts, new_tokens=10):
-    engine = build_inproc_engine(str(model) if model else None, weights, opts)
+def run(model, weights, opts, new_tokens=10, cap=CAP):
+    engine = build_inproc_engine(str(model) if model else None, weights, opts, max_block_bytes=cap)
     try:
         engine.generator.stop_ids = set()
         tokens = engine.generator.generate(PROMPT, SamplingParams(max_new_tokens=new_tokens)).tokens
@@ -104,7 +108,7 @@ def test_tiny_greedy_same_under_every_schedule(tiny_model, devices):
     model = tiny_model(TINY)
     weights = [1.0] * devices
     base = RuntimeOptions(dtype="float32", max_seq=64)
-    store = prepare_store(str(model), weights, "float32")
+    store = prepare_store(str(model), weights, "float32", max_block_bytes=CAP)
     expected, blocks = run(model, weights, RuntimeOptions(dtype="float32", max_seq=64, scheduler=False))
     assert all(isinstance(b, ResidentBlocks) for b in blocks)
     for window, fraction in SCHEDULES:
@@ -128,20 +132,21 @@ def test_smollm2_greedy_same_under_streaming_and_retention(smollm2_dir):
     weights = [1.0] * 3
     base = RuntimeOptions(dtype="bfloat16", compute_dtype="bfloat16", max_seq=64)
     store = prepare_store(str(smollm2_dir), weights, "bfloat16")
-    expected, _ = run(smollm2_dir, weights, RuntimeOptions(dtype="bfloat16", compute_dtype="bfloat16", max_seq=64, scheduler=False), 8)
+    cap = DEFAULT_MAX_BLOCK_BYTES  # SmolLM2's blocks and head slices are all below it: one piece each
+    expected, _ = run(smollm2_dir, weights, RuntimeOptions(dtype="bfloat16", compute_dtype="bfloat16", max_seq=64, scheduler=False), 8, cap)
     for window, fraction in [(1, 0.5), (2, 0.0), (4, 0.25)]:
         opts = RuntimeOptions(dtype="bfloat16", compute_dtype="bfloat16", max_seq=64, window=window,
                               memory_budget=budget_for(store, base, window, fraction))
-        tokens, blocks = run(smollm2_dir, weights, opts, 8)
+        tokens, blocks = run(smollm2_dir, weights, opts, 8, cap)
         assert tokens == expected, (window, fraction)
         check_within_budget(blocks, opts, store)
 
 
 def test_budget_holding_the_slice_reads_nothing_after_start(tiny_model):
     model = tiny_model(TINY)
-    store = prepare_store(str(model), [1.0, 1.0], "float32")
+    store = prepare_store(str(model), [1.0, 1.0], "float32", max_block_bytes=CAP)
     opts = RuntimeOptions(dtype="float32", max_seq=64, memory_budget=budget_for(store, RuntimeOptions(max_seq=64, dtype="float32"), 0, 1.0))
-    engine = build_inproc_engine(str(model), [1.0, 1.0], opts)
+    engine = build_inproc_engine(str(model), [1.0, 1.0], opts, max_block_bytes=CAP)
     try:
         blocks = [r.blocks for r in engine.cluster.runners]
         assert all(not b.plan.streamed for b in blocks)
@@ -157,7 +162,7 @@ def test_budget_holding_the_slice_reads_nothing_after_start(tiny_model):
 def test_conversions_are_counted_in_the_budget(tiny_model):
     """bfloat16 blocks computed in float32 are copied; the copies count too."""
     model = tiny_model(TINY)
-    store = prepare_store(str(model), [1.0, 1.0], "bfloat16")
+    store = prepare_store(str(model), [1.0, 1.0], "bfloat16", max_block_bytes=CAP)
     opts = RuntimeOptions(dtype="bfloat16", compute_dtype="float32", max_seq=64)
     kv = kv_cache_bytes(store, 0, opts)
     # each loaded block costs its file plus a float32 copy (about 3x the file)
@@ -174,18 +179,20 @@ def test_conversions_are_counted_in_the_budget(tiny_model):
 
 def test_budget_too_small_for_the_window_is_refused(tiny_model):
     model = tiny_model(TINY)
-    store = prepare_store(str(model), [1.0, 1.0], "float32")
+    store = prepare_store(str(model), [1.0, 1.0], "float32", max_block_bytes=CAP)
     opts = RuntimeOptions(dtype="float32", max_seq=64, window=2)
     small = kv_cache_bytes(store, 0, opts) + max(slice_bytes(store, 0)) + 1
     with pytest.raises(MemoryBudgetError, match="cannot hold a window of 2 blocks"):
-        build_inproc_engine(str(model), [1.0, 1.0], RuntimeOptions(dtype="float32", max_seq=64, memory_budget=small))
+        build_inproc_engine(str(model), [1.0, 1.0], RuntimeOptions(dtype="float32", max_seq=64, memory_budget=small),
+                            max_block_bytes=CAP)
     with pytest.raises(MemoryBudgetError, match="does not even hold the KV cache"):
-        build_inproc_engine(str(model), [1.0, 1.0], RuntimeOptions(dtype="float32", max_seq=64, memory_budget=1000))
+        build_inproc_engine(str(model), [1.0, 1.0], RuntimeOptions(dtype="float32", max_seq=64, memory_budget=1000),
+                            max_block_bytes=CAP)
 
 
 def test_streamed_blocks_are_views_of_the_window_buffers(tiny_model):
     model = tiny_model(TINY)
-    store = prepare_store(str(model), [1.0, 1.0], "float32")
+    store = prepare_store(str(model), [1.0, 1.0], "float32", max_block_bytes=CAP)
     src = SlidingWindowBlocks(store, 1, window=2, budget_bytes=2 * max(slice_bytes(store, 1)),
                               compute_dtype=torch.float32)
     try:
@@ -210,7 +217,7 @@ def test_streamed_blocks_are_views_of_the_window_buffers(tiny_model):
 def private_store(tiny_model, tmp_path):
     """A store of its own (the tests below damage it), streamed with window 2."""
     model = tiny_model(TINY)
-    store = prepare_store(str(model), [1.0, 1.0], "float32", out=tmp_path / "store")
+    store = prepare_store(str(model), [1.0, 1.0], "float32", out=tmp_path / "store", max_block_bytes=CAP)
     opts = RuntimeOptions(dtype="float32", max_seq=64, window=2)
     budget = max(kv_cache_bytes(store, r, opts) + 2 * max(slice_bytes(store, r)) for r in range(2))
     return model, store, RuntimeOptions(dtype="float32", max_seq=64, window=2, memory_budget=budget)
@@ -233,11 +240,11 @@ def test_deleted_block_file_is_a_clear_error_then_recovers(private_store):
     try:
         params = SamplingParams(max_new_tokens=4)
         expected = engine.generator.generate(PROMPT, params).tokens
-        layer, kind = engine.cluster.runners[0].blocks.streamed[-1]
-        victim = store.root / block_path(0, layer, kind)
+        rel = store.piece_path(0, *engine.cluster.runners[0].blocks.streamed[-1])
+        victim = store.root / rel
         kept = victim.with_name("kept")
         shutil.move(victim, kept)
-        with pytest.raises(StoreError, match=rf"block file missing: .*{block_path(0, layer, kind)}"):
+        with pytest.raises(StoreError, match=rf"block file missing: .*{rel}"):
             engine.generator.generate(PROMPT, params)
         shutil.move(kept, victim)
         assert engine.generator.generate(PROMPT, params).tokens == expected
@@ -252,15 +259,15 @@ def test_altered_block_file_is_a_clear_error(private_store):
     try:
         params = SamplingParams(max_new_tokens=4)
         expected = engine.generator.generate(PROMPT, params).tokens
-        layer, kind = engine.cluster.runners[1].blocks.streamed[-1]
-        victim = store.root / block_path(1, layer, kind)
+        rel = store.piece_path(1, *engine.cluster.runners[1].blocks.streamed[-1])
+        victim = store.root / rel
         original = victim.read_bytes()
         damaged = bytearray(original)
         damaged[-100] ^= 0xFF  # same size, one weight byte flipped, in place
         with open(victim, "r+b") as f:
             f.write(damaged)
         # device 1's StoreError reaches the caller through the in-process cluster's abort
-        with pytest.raises((StoreError, CommError), match=rf"{block_path(1, layer, kind)} failed its sha256 check"):
+        with pytest.raises((StoreError, CommError), match=rf"{rel} failed its sha256 check"):
             engine.generator.generate(PROMPT, params)
         with open(victim, "r+b") as f:
             f.write(original)
@@ -277,6 +284,7 @@ def test_generate_json_reports_breakdown_per_device_and_layer(tiny_model, capsys
     model = tiny_model(TINY)
     code = main(["generate", "--model", str(model), "--devices", "2", "--dtype", "float32", "--prompt", "Hello",
                  "--max-new-tokens", "4", "--max-seq", "64", "--window", "1", "--memory-budget", "200KB",
+                 "--max-block-size", "64KiB",
                  "--kv-dtype", "bfloat16", "--json"])
     assert code == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

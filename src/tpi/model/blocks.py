@@ -1,5 +1,9 @@
-"""Where a shard's layer weights come from: a `BlockSource` hands out one block
-(a dict of tensors: the attention or the MLP part of one layer) at a time.
+"""Where a shard's weights come from: a `BlockSource` hands out one block piece at a time
+(a dict of tensors: the attention, part of the MLP, or part of the output head).
+
+Blocks are keyed (layer, kind, piece): kind "attn" or "mlp" of layers 0..L-1, and "head" (the
+device's vocabulary slice of the output head) as pseudo-layer L. A block bigger than the
+store's cap is cut into pieces (tpi.weights.slicing); `pieces(kind)` says how many.
 
 `ResidentBlocks` holds them all in memory; the sliding-window scheduler in
 `tpi.weights.scheduler` streams them from the shard store under a memory budget.
@@ -15,19 +19,30 @@ Block = dict[str, torch.Tensor]
 
 class BlockSource(ABC):
     @abstractmethod
-    def get(self, layer: int, kind: str) -> Block:
-        """The block ('attn' or 'mlp') of `layer`; may wait for it to be loaded."""
+    def get(self, layer: int, kind: str, piece: int = 0) -> Block:
+        """Piece `piece` of the block ('attn', 'mlp' or 'head') of `layer`; may wait for it to be loaded."""
 
-    def release(self, layer: int, kind: str) -> None:
-        """The engine is done with this block for this step."""
+    def release(self, layer: int, kind: str, piece: int = 0) -> None:
+        """The engine is done with this piece for this step."""
+
+    @abstractmethod
+    def pieces(self, kind: str) -> int:
+        """How many pieces each block of this kind is cut into."""
 
     def close(self) -> None:
         pass
 
 
 class ResidentBlocks(BlockSource):
-    def __init__(self, blocks: dict[tuple[int, str], Block]):
-        self.blocks = blocks
+    def __init__(self, blocks: dict[tuple, Block]):
+        """blocks: (layer, kind, piece) -> block; a (layer, kind) key means piece 0."""
+        self.blocks = {(k if len(k) == 3 else (*k, 0)): v for k, v in blocks.items()}
+        self._pieces: dict[str, int] = {}
+        for _, kind, piece in self.blocks:
+            self._pieces[kind] = max(self._pieces.get(kind, 0), piece + 1)
 
-    def get(self, layer: int, kind: str) -> Block:
-        return self.blocks[(layer, kind)]
+    def get(self, layer: int, kind: str, piece: int = 0) -> Block:
+        return self.blocks[(layer, kind, piece)]
+
+    def pieces(self, kind: str) -> int:
+        return self._pieces.get(kind, 0)

@@ -1,29 +1,88 @@
-"""The master's own weights: token embedding, final norm and output head.
+"""The output head, split by vocabulary across devices, and its candidates.
 
-These never leave the master: token ids go in, hidden states go to the shards,
-logits come out.
+No device holds the whole output head (Llama-3.1-70B's is 128256 x 8192, 2.1 GB in bfloat16).
+Device r holds the rows of its token ids (`DeviceShard.vocab`), in pieces. After the last
+layer every device has the same hidden states (the result of the last all-reduce), so each
+scores its own rows locally and keeps its top K (values and global token ids). The
+candidates of all N devices meet in ONE all-reduce of a zero-padded float32 tensor
+
+    packed (R, N, 2, K): packed[:, r, 0] = device r's K best logits, packed[:, r, 1] = their ids
+
+(every device fills only its own [:, r], the others are zero, so the sum is exact; ids below
+2^24 are exact in float32; the all-reduce is asked to travel in float32 whatever the wire
+dtype). The master scatters the N*K candidates into a full-vocabulary row of -inf and samples
+from it as from full logits:
+
+* greedy, and top-k sampling with k <= K: exactly the full head's choice (the global top k
+  are among the candidates: each is in its own device's top K);
+* temperature / top-p without a top-k cut: the softmax is over the N*K candidates only, so
+  the tokens outside every device's top K (probability mass far below the candidates' when
+  K = 128) can never be sampled. That is the approximation.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
-import torch.nn.functional as F
 
-from tpi.config import ModelConfig
-from tpi.model.layers import rms_norm
+from tpi.model.layers import linear, rms_norm
+
+DEFAULT_TOPK = 128
 
 
-class Head:
-    def __init__(self, cfg: ModelConfig, tensors: dict[str, torch.Tensor], compute_dtype: torch.dtype):
-        self.cfg, self.dtype = cfg, compute_dtype
-        self.embed_table = tensors["embed"]                       # (vocab, H)
-        self.final_norm = tensors["final_norm"]                   # (H,)
-        self.lm_head = tensors.get("lm_head", self.embed_table)   # (vocab, H); tied if absent
+def head_topk(vocab_sizes: list[int], wanted: int = DEFAULT_TOPK) -> int:
+    """K: candidates per device, at most the smallest device's vocabulary slice."""
+    if wanted < 1:
+        raise ValueError(f"the output head's top-k must be at least 1, got {wanted}")
+    return min([wanted, *vocab_sizes])
 
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids (B, T) -> hidden (B, T, H) in the compute dtype."""
-        return F.embedding(ids, self.embed_table).to(self.dtype)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden (B, H) of the last position -> float32 logits (B, vocab)."""
-        h = rms_norm(hidden.to(self.dtype), self.final_norm.to(self.dtype), self.cfg.rms_norm_eps)
-        return F.linear(h, self.lm_head.to(self.dtype) if self.lm_head.dtype != self.dtype else self.lm_head).float()
+def piece_topk(h: torch.Tensor, blk, k: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """h (R, H) final hidden states -> the best min(k, rows) logits of this head piece,
+    values (R, k') float32 and global token ids (R, k') int64."""
+    hn = rms_norm(h, blk["final_norm"], eps)
+    logits = linear(hn, blk["lm_head"]).float()                  # (R, rows of the piece)
+    values, idx = torch.topk(logits, min(k, logits.shape[-1]), dim=-1)
+    return values, idx + int(blk["rows"][0])
+
+
+def merge_topk(values: list[torch.Tensor], ids: list[torch.Tensor], k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best k of several (values (R, *), ids (R, *)) candidate sets: (R, k) each."""
+    v, i = torch.cat(values, dim=-1), torch.cat(ids, dim=-1)
+    top, where = torch.topk(v, min(k, v.shape[-1]), dim=-1)
+    return top, i.gather(-1, where)
+
+
+def pack(values: torch.Tensor, ids: torch.Tensor, rank: int, world_size: int, k: int) -> torch.Tensor:
+    """This device's candidates (R, k) in its own slot of a zero (R, N, 2, K) float32 tensor."""
+    R, n = values.shape
+    if n != k:  # a zero-padded slot would read as token 0 with logit 0
+        raise ValueError(f"device {rank} has {n} output-head candidates, the exchange expects {k}")
+    packed = torch.zeros(R, world_size, 2, k, dtype=torch.float32)  # (R, N, 2, K)
+    packed[:, rank, 0] = values
+    packed[:, rank, 1] = ids.to(torch.float32)
+    return packed
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """The merged output-head candidates of R rows: what the master samples from."""
+
+    values: torch.Tensor   # (R, N*K) float32 logits
+    ids: torch.Tensor      # (R, N*K) int64 token ids
+    vocab_size: int
+
+    @classmethod
+    def unpack(cls, total: torch.Tensor, vocab_size: int) -> "Candidates":
+        """From the all-reduced (R, N, 2, K) tensor."""
+        R = total.shape[0]
+        return cls(total[:, :, 0].reshape(R, -1), total[:, :, 1].reshape(R, -1).round().long(), vocab_size)
+
+    def logits(self) -> torch.Tensor:
+        """(R, vocab) float32: the candidates' logits, -inf everywhere else."""
+        full = torch.full((self.values.shape[0], self.vocab_size), float("-inf"))
+        return full.scatter_(1, self.ids, self.values)
+
+    def argmax(self) -> torch.Tensor:
+        """(R,) the greedy token of each row (ties: the lowest id, like argmax over full logits)."""
+        return self.logits().argmax(-1)

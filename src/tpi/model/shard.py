@@ -1,7 +1,10 @@
-"""One device's shard of the transformer layers.
+"""One device's shard of the transformer layers and of the output head.
 
 Each layer: attention over the device's query heads, then an explicit all-reduce of the
-row-parallel partial sum; then the device's MLP columns, then another all-reduce.
+row-parallel partial sum; then the device's MLP columns (summed over the block's pieces on
+the device), then another all-reduce. After the last layer (`step`): the device's
+vocabulary slice of the output head, its top K, and one all-reduce that merges every
+device's candidates (tpi.model.head).
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import torch.nn.functional as F
 from tpi.comm.base import Communicator
 from tpi.config import ModelConfig
 from tpi.model.blocks import BlockSource
+from tpi.model.head import Candidates, merge_topk, pack, piece_topk
 from tpi.model.kvcache import KVCache
 from tpi.model.layers import apply_rope, linear, rms_norm, rope_cos_sin, rope_inv_freq, swiglu
 from tpi.plan import DeviceShard
@@ -32,8 +36,9 @@ class StepContext:
 class ShardRunner:
     def __init__(self, cfg: ModelConfig, shard: DeviceShard, blocks: BlockSource, *,
                  compute_dtype: torch.dtype = torch.float32, max_seq: int = 2048,
-                 num_slots: int = 1, kv_dtype: torch.dtype | None = None):
+                 num_slots: int = 1, kv_dtype: torch.dtype | None = None, head_topk: int = 1):
         self.cfg, self.shard, self.blocks = cfg, shard, blocks
+        self.head_topk = head_topk    # K: output-head candidates per device (same on every device)
         self.dtype = compute_dtype
         self.inv_freq = rope_inv_freq(cfg)
         self.cache = KVCache(cfg.num_layers, num_slots, shard.num_kv_heads, max_seq,
@@ -45,6 +50,14 @@ class ShardRunner:
         self.kv_index = torch.tensor([h // g - shard.kv_heads[0] for h in range(q0, q1)])
         self.last = Breakdown()
 
+    def step(self, x: torch.Tensor, comm: Communicator, slots: list[int], starts: list[int],
+             every_position: bool = False) -> Candidates:
+        """All layers, then the output head: the merged top-K candidates (identical on every
+        device) for the last position of each row, or for every position (B*T rows)."""
+        x = self.forward(x, comm, slots, starts)                       # (B, T, H)
+        h = x.reshape(-1, x.shape[-1]) if every_position else x[:, -1]  # (R, H)
+        return self.head_candidates(h, comm)
+
     def forward(self, x: torch.Tensor, comm: Communicator, slots: list[int], starts: list[int]) -> torch.Tensor:
         """x: (B, T, H) hidden states of B sequences whose first new token sits at starts[b].
         Returns (B, T, H) after all layers (identical on every device)."""
@@ -52,19 +65,25 @@ class ShardRunner:
         step = self.step_context(slots, starts, x.shape[1])
         timings = Breakdown()
         watch = Stopwatch()
+        mlp_pieces = self.blocks.pieces("mlp")
         for layer in range(self.cfg.num_layers):
             spent = [0.0, 0.0, 0.0]  # compute, comm, disk wait
             for kind in ("attn", "mlp"):
-                watch.lap()
-                blk = self.blocks.get(layer, kind)
-                spent[2] += watch.lap()
-                if kind == "attn":
-                    partial = self.attention_partial(layer, x, blk, step)
-                else:
-                    partial = self.mlp_partial(x, blk)
-                self.blocks.release(layer, kind)
-                spent[0] += watch.lap()
-                total = comm.all_reduce(partial)
+                partial = None
+                for piece in range(mlp_pieces if kind == "mlp" else 1):
+                    watch.lap()
+                    blk = self.blocks.get(layer, kind, piece)
+                    spent[2] += watch.lap()
+                    if kind == "attn":
+                        partial = self.attention_partial(layer, x, blk, step)
+                    elif mlp_pieces == 1:
+                        partial = self.mlp_partial(x, blk)
+                    else:  # the pieces' partials are added here, in float32, before the one all-reduce
+                        part = self.mlp_partial(x, blk).float()
+                        partial = part if partial is None else partial.add_(part)
+                    self.blocks.release(layer, kind, piece)
+                    spent[0] += watch.lap()
+                total = comm.all_reduce(partial.to(x.dtype))
                 spent[1] += watch.lap()
                 x = x + total
             timings.layers.append(spent)
@@ -73,6 +92,32 @@ class ShardRunner:
             timings.disk_wait_s += spent[2]
         self.last = timings
         return x
+
+    def head_candidates(self, h: torch.Tensor, comm: Communicator) -> Candidates:
+        """h (R, H) final hidden states -> every device's top-K candidates, merged by one
+        all-reduce in float32 (token ids must stay exact whatever the wire dtype)."""
+        watch = Stopwatch()
+        spent = [0.0, 0.0, 0.0]  # compute, comm, disk wait
+        L, k = self.cfg.num_layers, self.head_topk
+        values, ids = [], []
+        for piece in range(self.blocks.pieces("head")):
+            watch.lap()
+            blk = self.blocks.get(L, "head", piece)
+            spent[2] += watch.lap()
+            v, i = piece_topk(h.to(self.dtype), blk, k, self.cfg.rms_norm_eps)   # (R, k') each
+            values.append(v)
+            ids.append(i)
+            self.blocks.release(L, "head", piece)
+            spent[0] += watch.lap()
+        v, i = merge_topk(values, ids, k)                                         # (R, K) each
+        packed = pack(v, i, self.shard.rank, comm.world_size, k)                  # (R, N, 2, K)
+        spent[0] += watch.lap()
+        total = comm.all_reduce(packed, exact=True)
+        spent[1] += watch.lap()
+        t = self.last
+        t.head = spent
+        t.compute_s, t.comm_s, t.disk_wait_s = t.compute_s + spent[0], t.comm_s + spent[1], t.disk_wait_s + spent[2]
+        return Candidates.unpack(total, self.cfg.vocab_size)
 
     def step_context(self, slots: list[int], starts: list[int], T: int) -> "StepContext":
         """What every layer of one forward step shares: positions, rotary tables, mask."""

@@ -1,7 +1,10 @@
 """The sliding-window memory scheduler: one device's layer blocks under a memory budget.
 
-A device's slice is 2 x num_layers blocks, used in the fixed order
-(0, attn), (0, mlp), (1, attn), ... and again from layer 0 for the next token.
+A device's slice is 2 x num_layers blocks plus its vocabulary slice of the output head,
+used in the fixed order (0, attn), (0, mlp), (1, attn), ..., (L, head) and again from layer 0
+for the next token. A block bigger than the store's cap is stored as pieces
+(tpi.weights.slicing); the scheduler works on pieces (the window counts pieces), so "block"
+below means one piece.
 
 Retention. Given a budget (bytes the scheduler may hold), `plan_retention` keeps as many
 blocks resident for good as fit beside the streaming window, spread evenly through the
@@ -40,10 +43,10 @@ from pathlib import Path
 import torch
 
 from tpi.weights.quant import QuantizedWeight, pack_block, packed_copy_bytes
-from tpi.weights.store import ShardStore, StoreError, block_path, read_into, tensors_from_buffer
+from tpi.weights.store import ShardStore, StoreError, read_into, tensors_from_buffer
 from tpi.model.blocks import Block, BlockSource
 
-Key = tuple[int, str]  # (layer, "attn" | "mlp")
+Key = tuple[int, str, int]  # (layer, "attn" | "mlp" | "head", piece)
 MiB = 1 << 20
 
 
@@ -262,9 +265,11 @@ class SlidingWindowBlocks(BlockSource):
     def __init__(self, store: ShardStore, rank: int, *, window: int = 2, budget_bytes: int | None = None,
                  compute_dtype: torch.dtype = torch.bfloat16):
         self.store, self.rank, self.window, self.dtype = store, rank, window, compute_dtype
-        cfg = store.config
-        self.order: list[Key] = [(layer, kind) for layer in range(cfg.num_layers) for kind in ("attn", "mlp")]
-        self.rels = [block_path(rank, layer, kind) for layer, kind in self.order]
+        if str(rank) not in store.manifest.get("pieces", {}):
+            raise StoreError(f"{store.root}: manifest has no device {rank} (device {rank} not in this store?)")
+        self.order: list[Key] = store.execution_order(rank)
+        self.rels = [store.piece_path(rank, *key) for key in self.order]
+        self._pieces = {kind: len(ranges) for kind, ranges in store.pieces(rank).items()}
         missing = [r for r in self.rels if r not in store.files]
         if missing:
             raise StoreError(f"{store.root}: manifest lists no {missing[0]} (device {rank} not in this store?)")
@@ -393,8 +398,11 @@ class SlidingWindowBlocks(BlockSource):
 
     # BlockSource ----------------------------------------------------------------------
 
-    def get(self, layer: int, kind: str) -> Block:
-        key = (layer, kind)
+    def pieces(self, kind: str) -> int:
+        return self._pieces.get(kind, 0)
+
+    def get(self, layer: int, kind: str, piece: int = 0) -> Block:
+        key = (layer, kind, piece)
         block = self.resident.get(key)
         if block is not None:
             return block
@@ -421,8 +429,8 @@ class SlidingWindowBlocks(BlockSource):
             self._next_get = (pos + 1) % len(self.streamed)
             return self._ready[key].block
 
-    def release(self, layer: int, kind: str) -> None:
-        key = (layer, kind)
+    def release(self, layer: int, kind: str, piece: int = 0) -> None:
+        key = (layer, kind, piece)
         if key in self.resident:
             return
         with self._cond:

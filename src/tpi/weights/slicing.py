@@ -8,6 +8,15 @@ A layer is stored per device as two blocks:
   mlp:  post_norm (H)           gate, up (w, H)   down (H, w)
         [gate_bias, up_bias (w)]          [down_bias (H), device 0 only]
 where nq/nkv are the device's query/KV heads, hd the head dim and w its MLP width.
+
+Pieces. A block bigger than the store's `max_block_bytes` is cut into pieces so that a
+device never holds more than a few pieces at once (the sliding window counts pieces):
+  mlp:  by intermediate columns: piece [a, b) holds gate/up rows and down columns a..b of the
+        device's range, post_norm whole, down_bias in piece 0 only (added once);
+  head: the device's output-head rows (token ids, `DeviceShard.vocab`) by row ranges; each
+        piece holds final_norm (H), lm_head (rows, H) and rows (2,) int64 = [first, end) ids.
+Attention blocks are never cut (at 70B shape on 8 devices one is 38 MB). The pieces' partial
+sums are added on the device before its one all-reduce per block.
 """
 from __future__ import annotations
 
@@ -51,6 +60,12 @@ HEAD_TENSORS = {
 }
 
 BLOCK_KINDS = ("attn", "mlp")
+HEAD_KIND = "head"            # the output head: a pseudo-layer after the last one
+DEFAULT_MAX_BLOCK_BYTES = 64 << 20
+# Bytes per stored element, to size pieces before writing them (int4: two per byte; the
+# small scales are left out, so a quantized piece may exceed the cap by a few percent).
+ELEMENT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "int4": 0.5}
+PIECE_ALIGN = 64              # MLP piece boundaries, like plan.MLP_ALIGN (int4 groups of 32)
 
 
 def parse_layer_name(name: str) -> tuple[int, str, str, str] | None:
@@ -85,3 +100,52 @@ def slice_for_device(tensor: torch.Tensor, rule: str, cfg: ModelConfig, shard: D
     if rule == "cols_mlp":
         return tensor[:, shard.mlp_cols[0] : shard.mlp_cols[1]]
     raise ValueError(f"unknown slicing rule {rule!r}")
+
+
+def cut(total: int, unit_bytes: float, cap: int, align: int = 1) -> list[tuple[int, int]]:
+    """[0, total) as the fewest near-equal ranges of at most `cap` bytes each (a range of n
+    units holds n * unit_bytes), boundaries on multiples of `align` where possible."""
+    from tpi.plan import proportional_split
+
+    if total <= 0:
+        return [(0, total)]
+    n = max(1, -(-int(total * unit_bytes) // cap))
+    align = align if total >= align * n else 1
+    while True:
+        n = min(n, total // align)
+        parts = proportional_split(total, [1.0] * n, unit=align)
+        if max(parts) * unit_bytes <= cap or n == total // align:
+            break
+        n += 1
+    out, start = [], 0
+    for size in parts:
+        out.append((start, start + size))
+        start += size
+    return out
+
+
+def block_pieces(cfg: ModelConfig, shard: DeviceShard, dtype: str, cap: int) -> dict[str, list[tuple[int, int]]]:
+    """How the device's blocks are cut: kind -> ranges. mlp: local column ranges of its MLP
+    width; head: global token-id ranges of its vocabulary slice; attn: one piece (its query
+    heads). `dtype` is the storage dtype (the head stays bfloat16 in quantized stores)."""
+    elem = ELEMENT_BYTES[dtype]
+    head_elem = 2 if dtype in ("int8", "int4") else elem
+    H = cfg.hidden_size
+    mlp = cut(shard.mlp_width, 3 * H * elem, cap, PIECE_ALIGN)
+    v0 = shard.vocab[0]
+    head = [(v0 + a, v0 + b) for a, b in cut(shard.vocab_size, H * head_elem, cap)]
+    return {"attn": [(0, shard.num_q_heads)], "mlp": mlp, HEAD_KIND: head}
+
+
+def slice_piece(part: torch.Tensor, rule: str, lo: int, hi: int, first: bool) -> torch.Tensor | None:
+    """Piece [lo, hi) (local MLP columns) of a device's MLP tensor `part` (as slice_for_device
+    returns it); None where the piece stores none of it (row biases live in piece 0)."""
+    if rule == "rows_mlp":
+        return part[lo:hi]
+    if rule == "cols_mlp":
+        return part[:, lo:hi]
+    if rule == "row_bias":
+        return part if first else None
+    if rule == "whole":
+        return part
+    raise ValueError(f"rule {rule!r} is not an MLP rule: only MLP blocks are cut by columns")

@@ -1,7 +1,7 @@
 """Split a checkpoint into a shard store, streaming tensor by tensor.
 
-Peak memory is about one layer's slices in the storage dtype plus one source tensor,
-never the whole model: source tensors are read with pread (not memory-mapped) and dropped
+Peak memory is about one layer's slices in the storage dtype plus one source tensor (the
+embedding, written whole, is the largest), never the whole model: source tensors are read with pread (not memory-mapped) and dropped
 from the page cache, so neither the process nor its cache holds the checkpoint.
 
 Storage dtypes: bfloat16, float16, float32, or the quantized int8 / int4 (see
@@ -19,9 +19,10 @@ import torch
 from tpi.config import load_model_config
 from tpi.plan import ShardPlan
 from tpi.weights.checkpoint import Checkpoint
-from tpi.weights.slicing import HEAD_TENSORS, parse_layer_name, slice_for_device
+from tpi.weights.slicing import (DEFAULT_MAX_BLOCK_BYTES, HEAD_KIND, HEAD_TENSORS, block_pieces, parse_layer_name,
+                                 slice_for_device, slice_piece)
 from tpi.weights.quant import QUANT_DTYPES, quant_format, quantize_tensors
-from tpi.weights.store import (FORMAT_VERSION, HEAD_PATH, MANIFEST, atomic_write, block_path, read_header,
+from tpi.weights.store import (EMBED_PATH, FORMAT_VERSION, MANIFEST, atomic_write, block_path, read_header,
                                read_tensor, write_safetensors)
 
 FLOAT_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
@@ -31,14 +32,18 @@ MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "token
                "chat_template.jinja", "special_tokens_map.json")
 
 
-def split_checkpoint(model_dir: str | Path, plan: ShardPlan, out: str | Path, dtype: str = "bfloat16") -> Path:
-    """Write (or reuse, if identical) the shard store for `plan` at `out`."""
+def split_checkpoint(model_dir: str | Path, plan: ShardPlan, out: str | Path, dtype: str = "bfloat16",
+                     max_block_bytes: int = DEFAULT_MAX_BLOCK_BYTES) -> Path:
+    """Write (or reuse, if identical) the shard store for `plan` at `out`. Blocks bigger than
+    `max_block_bytes` are cut into pieces (see tpi.weights.slicing)."""
     model_dir, out = Path(model_dir), Path(out)
     cfg = load_model_config(model_dir)
     if dtype not in STORAGE_DTYPES:
         raise ValueError(f"unknown storage dtype {dtype!r}; choose from {', '.join(STORAGE_DTYPES)}")
+    pieces = {shard.rank: block_pieces(cfg, shard, dtype, max_block_bytes) for shard in plan.shards}
     wanted = {"format": FORMAT_VERSION, "model_config": cfg.to_json(), "plan": plan.to_json(),
-              "dtype": dtype, "source": _fingerprint(model_dir)}
+              "dtype": dtype, "source": _fingerprint(model_dir), "max_block_bytes": max_block_bytes,
+              "pieces": {str(r): p for r, p in pieces.items()}}
     if dtype in QUANT_DTYPES:
         wanted["quantization"] = quant_format(dtype)
     wanted = json.loads(json.dumps(wanted))  # the form it takes in the manifest (lists, not tuples)
@@ -66,43 +71,64 @@ def split_checkpoint(model_dir: str | Path, plan: ShardPlan, out: str | Path, dt
                         for k, v in tensors.items()},
         }
 
+    def stored(local: str, part: torch.Tensor) -> dict[str, torch.Tensor]:
+        if quantized:  # projections quantized from the source precision, the rest cast
+            out_ = quantize_tensors({local: part}, dtype)
+            if local in out_:
+                out_[local] = part.to(torch_dtype, copy=True)
+            return out_
+        return {local: part.to(torch_dtype, copy=True)}
+
+    def name_of(rank: int, layer: int, kind: str, piece: int) -> str:
+        return block_path(rank, layer, kind, piece if len(pieces[rank][kind]) > 1 else None)
+
     by_layer: dict[int, list[tuple[str, str, str, str]]] = {}
-    head: dict[str, torch.Tensor] = {}
+    head_names: dict[str, str] = {}
     for name in ckpt.names():
         parsed = parse_layer_name(name)
         if parsed is not None:
             layer, kind, local, rule = parsed
             by_layer.setdefault(layer, []).append((name, kind, local, rule))
         elif name in HEAD_TENSORS:
-            if name == "lm_head.weight" and cfg.tie_word_embeddings:
-                continue
-            head[HEAD_TENSORS[name]] = ckpt.get(name).to(torch_dtype)
-    if "embed" not in head or "final_norm" not in head:
+            head_names[HEAD_TENSORS[name]] = name
+    if "embed" not in head_names or "final_norm" not in head_names:
         raise ValueError(f"{model_dir}: checkpoint lacks the embedding or the final norm")
     if len(by_layer) != cfg.num_layers:
         raise ValueError(f"{model_dir}: config says {cfg.num_layers} layers, checkpoint has {len(by_layer)}")
-    emit(HEAD_PATH, head)
-    del head
+
+    # The embedding, whole, for the master's row reads; then each device's output-head rows,
+    # read piece by piece (tied models: rows of the embedding).
+    emit(EMBED_PATH, {"embed": ckpt.get(head_names["embed"]).to(torch_dtype)})
+    final_norm = ckpt.get(head_names["final_norm"]).to(torch_dtype)
+    out_name = head_names["embed"] if cfg.tie_word_embeddings or "lm_head" not in head_names \
+        else head_names["lm_head"]
+    L = cfg.num_layers
+    for shard in plan.shards:
+        for p, (a, b) in enumerate(pieces[shard.rank][HEAD_KIND]):
+            rows = ckpt.get_rows(out_name, a, b).to(torch_dtype)                  # (b - a, H)
+            emit(name_of(shard.rank, L, HEAD_KIND, p),
+                 {"final_norm": final_norm, "lm_head": rows, "rows": torch.tensor([a, b])})
+            del rows
 
     for layer in range(cfg.num_layers):
-        # blocks[(rank, kind)] -> {local name: tensor}, filled one source tensor at a time
-        blocks: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+        # blocks[(rank, kind, piece)] -> {local name: tensor}, filled one source tensor at a time
+        blocks: dict[tuple[int, str, int], dict[str, torch.Tensor]] = {}
         for name, kind, local, rule in by_layer[layer]:
             source = ckpt.get(name)
             for shard in plan.shards:
                 part = slice_for_device(source, rule, cfg, shard)
                 if part is None:
                     continue
-                if quantized:  # projections quantized from the source precision, the rest cast
-                    stored = quantize_tensors({local: part}, dtype)
-                    if local in stored:
-                        stored[local] = part.to(torch_dtype, copy=True)
-                else:
-                    stored = {local: part.to(torch_dtype, copy=True)}
-                blocks.setdefault((shard.rank, kind), {}).update(stored)
+                if kind == "attn":
+                    blocks.setdefault((shard.rank, kind, 0), {}).update(stored(local, part))
+                    continue
+                for p, (lo, hi) in enumerate(pieces[shard.rank][kind]):
+                    piece = slice_piece(part, rule, lo, hi, first=p == 0)
+                    if piece is not None:
+                        blocks.setdefault((shard.rank, kind, p), {}).update(stored(local, piece))
             del source
-        for (rank, kind), tensors in sorted(blocks.items()):
-            emit(block_path(rank, layer, kind), tensors)
+        for (rank, kind, p), tensors in sorted(blocks.items()):
+            emit(name_of(rank, layer, kind, p), tensors)
         del blocks
 
     model_out = out / "model"
@@ -132,6 +158,14 @@ class _SourceReader:
             self.headers[path] = read_header(path)
         header, base = self.headers[path]
         return read_tensor(path, header, base, name)
+
+    def get_rows(self, name: str, start: int, end: int) -> torch.Tensor:
+        """Rows start..end-1 of a 2-D tensor, reading only their bytes."""
+        path = self.ckpt.file_of[name]
+        if path not in self.headers:
+            self.headers[path] = read_header(path)
+        header, base = self.headers[path]
+        return read_tensor(path, header, base, name, rows=(start, end))
 
     def close(self) -> None:
         self.ckpt.close()

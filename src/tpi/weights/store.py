@@ -1,10 +1,15 @@
 """The shard store: per-device, per-layer block files plus a manifest.
 
-Layout of a store directory:
-  manifest.json                 model config, plan, dtype, and per file: sha256, bytes, tensors
+Layout of a store directory (format 2):
+  manifest.json                 model config, plan, dtype, max_block_bytes, pieces per rank,
+                                and per file: sha256, bytes, tensors
   model/                        config.json, tokenizer files (the master reads these)
-  head.safetensors              embed (vocab, H), final_norm (H,), [lm_head (vocab, H)]
+  embed.safetensors             embed (vocab, H): the master reads the rows it embeds, on demand
   rank-R/layer-LLL.attn.safetensors, rank-R/layer-LLL.mlp.safetensors
+  rank-R/head.safetensors       final_norm (H,), lm_head (rows, H), rows (2,): the device's
+                                vocabulary slice of the output head
+A block cut into pieces (see tpi.weights.slicing) has one file per piece, `.pN` before the
+extension: rank-R/layer-LLL.mlp.p0.safetensors, ..., rank-R/head.p0.safetensors, ...
 
 The manifest is written last, atomically: a store without one is incomplete.
 Every block read is checked against its sha256; a mismatch names the file. (The
@@ -31,18 +36,35 @@ from tpi.config import ModelConfig
 from tpi.plan import ShardPlan
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: embedding file, vocabulary-split output head, block pieces
 
 
 class StoreError(ValueError):
     """The shard store is missing, incomplete or corrupt."""
 
 
-def block_path(rank: int, layer: int, kind: str) -> str:
-    return f"rank-{rank}/layer-{layer:03d}.{kind}.safetensors"
+def block_path(rank: int, layer: int, kind: str, piece: int | None = None) -> str:
+    """The file of a block (piece None: a block stored whole) or of one of its pieces.
+    The output head (kind "head") is named without its pseudo-layer number."""
+    stem = f"rank-{rank}/head" if kind == "head" else f"rank-{rank}/layer-{layer:03d}.{kind}"
+    return f"{stem}.safetensors" if piece is None else f"{stem}.p{piece}.safetensors"
 
 
-HEAD_PATH = "head.safetensors"
+EMBED_PATH = "embed.safetensors"
+
+
+def execution_order(num_layers: int, pieces: dict) -> list[tuple[int, str, int]]:
+    """(layer, kind, piece) in the order a device uses them each token: every layer's
+    attention then MLP pieces, then the output head's (layer = num_layers).
+    `pieces`: kind -> ranges, as in the manifest."""
+    order = [(layer, kind, p) for layer in range(num_layers) for kind in ("attn", "mlp")
+             for p in range(len(pieces[kind]))]
+    return order + [(num_layers, "head", p) for p in range(len(pieces["head"]))]
+
+
+def piece_file(rank: int, layer: int, kind: str, piece: int, pieces: dict) -> str:
+    """The file of a piece: named as a whole block when its kind has only one piece."""
+    return block_path(rank, layer, kind, piece if len(pieces[kind]) > 1 else None)
 
 
 @dataclass(frozen=True)
@@ -131,15 +153,22 @@ class ShardStore:
             raise StoreError(f"block file {path} failed its sha256 check (altered or corrupt)")
         return tensors_from_buffer(buf, size, str(path))
 
-    def load_block(self, rank: int, layer: int, kind: str) -> dict[str, torch.Tensor]:
-        return self.load(block_path(rank, layer, kind))
+    def load_block(self, rank: int, layer: int, kind: str, piece: int = 0) -> dict[str, torch.Tensor]:
+        return self.load(self.piece_path(rank, layer, kind, piece))
 
-    def load_head(self) -> dict[str, torch.Tensor]:
-        return self.load(HEAD_PATH)
+    def pieces(self, rank: int) -> dict[str, list[tuple[int, int]]]:
+        """kind -> ranges of its pieces (see tpi.weights.slicing.block_pieces)."""
+        return {k: [tuple(r) for r in v] for k, v in self.manifest["pieces"][str(rank)].items()}
+
+    def piece_path(self, rank: int, layer: int, kind: str, piece: int = 0) -> str:
+        return piece_file(rank, layer, kind, piece, self.pieces(rank))
+
+    def execution_order(self, rank: int) -> list[tuple[int, str, int]]:
+        return execution_order(self.config.num_layers, self.pieces(rank))
 
     def block_files(self, rank: int) -> list[str]:
-        return [block_path(rank, layer, kind)
-                for layer in range(self.config.num_layers) for kind in ("attn", "mlp")]
+        """The device's files in execution order."""
+        return [self.piece_path(rank, *key) for key in self.execution_order(rank)]
 
 
 def _drop_cache(fd: int, offset: int = 0, length: int = 0) -> None:
@@ -236,11 +265,20 @@ def tensors_from_buffer(buf: torch.Tensor, size: int, where: str = "") -> dict[s
     return out
 
 
-def read_tensor(path: str | Path, header: dict, base: int, name: str) -> torch.Tensor:
-    """One tensor of a safetensors file, read with pread into its own memory (no mmap, so
-    nothing of the file stays mapped or cached after the call)."""
+def read_tensor(path: str | Path, header: dict, base: int, name: str,
+                rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """One tensor of a safetensors file (or its rows [a, b) along the first dimension), read
+    with pread into its own memory (no mmap, so nothing of the file stays mapped or cached
+    after the call)."""
     info = header[name]
     start, end = (base + o for o in info["data_offsets"])
+    shape = list(info["shape"])
+    if rows is not None:
+        row_bytes = (end - start) // shape[0]
+        a, b = rows
+        if not 0 <= a <= b <= shape[0]:
+            raise StoreError(f"{path}: rows {a}..{b} of {name} are outside its {shape[0]} rows")
+        start, end, shape[0] = start + a * row_bytes, start + b * row_bytes, b - a
     buf = torch.empty(end - start, dtype=torch.uint8)
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -254,7 +292,29 @@ def read_tensor(path: str | Path, header: dict, base: int, name: str) -> torch.T
         _drop_cache(fd, start, end - start)
     finally:
         os.close(fd)
-    return buf.view(SAFETENSORS_DTYPES[info["dtype"]]).view(info["shape"])
+    return buf.view(SAFETENSORS_DTYPES[info["dtype"]]).view(shape)
+
+
+def hash_file(path: str | Path) -> tuple[str, os.stat_result]:
+    """sha256 of a file read in READ_CHUNK pieces into one small buffer, each dropped from
+    the page cache: a large file (a 2 GB embedding) is verified without being held."""
+    digest = hashlib.sha256()
+    buf = bytearray(READ_CHUNK)
+    view = memoryview(buf)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        st = os.fstat(fd)
+        done = 0
+        while done < st.st_size:
+            n = os.preadv(fd, [view], done)
+            if n == 0:
+                raise StoreError(f"{path} shrank while being read ({done} of {st.st_size} bytes)")
+            digest.update(view[:n])
+            _drop_cache(fd, done, n)
+            done += n
+        return digest.hexdigest(), st
+    finally:
+        os.close(fd)
 
 
 def read_header(path: str | Path) -> tuple[dict, int]:

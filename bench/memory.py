@@ -158,14 +158,14 @@ def wait_all(procs: list[subprocess.Popen], timeout: float) -> list[int]:
 # --- one TPI device process -------------------------------------------------------------------
 
 def device_main(args) -> None:
-    """One device: rank 0 also holds the head and drives generation (as the master does)."""
+    """One device: rank 0 also reads the embedding rows and drives generation (as the master does)."""
     import torch
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
     import torch.distributed as dist
 
     from tpi.comm.gloo import GlooCommunicator, make_store
-    from tpi.engine import RuntimeOptions, build_runner, load_head
+    from tpi.engine import RuntimeOptions, build_runner, open_embedding
     from tpi.memory import peak_rss_bytes, rss_bytes
     from tpi.weights.store import ShardStore
 
@@ -175,7 +175,7 @@ def device_main(args) -> None:
     idle_rss = rss_bytes()
     opts = RuntimeOptions(**json.loads(args.opts))
     store = ShardStore(args.store)
-    head = load_head(store, opts.torch_compute_dtype()) if rank == 0 else None
+    embedder = open_embedding(store, opts.torch_compute_dtype()) if rank == 0 else None
     t0 = time.perf_counter()
     runner = build_runner(store, rank, opts)
     build_s = time.perf_counter() - t0
@@ -187,7 +187,7 @@ def device_main(args) -> None:
         ctrl = torch.tensor([x.shape[0], x.shape[1], starts[0], 1], dtype=torch.int64)
         dist.broadcast(ctrl, 0)
         dist.broadcast(x.float().contiguous(), 0)
-        return runner.forward(x, comm, slots, starts)
+        return runner.step(x, comm, slots, starts)
 
     if rank == 0:
         from tpi.cluster import Cluster
@@ -203,7 +203,7 @@ def device_main(args) -> None:
             def breakdowns(self):
                 return [runner.last]
 
-        gen = Generator(store.config, head, Bench(), None, opts.max_seq)
+        gen = Generator(store.config, embedder, Bench(), None, opts.max_seq)
         gen.generate(PROMPT, SamplingParams(max_new_tokens=2))               # warm-up
         r = gen.generate(PROMPT, SamplingParams(max_new_tokens=args.tokens))
         dist.broadcast(torch.tensor([0, 0, 0, 0], dtype=torch.int64), 0)    # stop
@@ -220,14 +220,14 @@ def device_main(args) -> None:
             B, T, start = (int(v) for v in ctrl[:3])
             x = torch.empty(B, T, H, dtype=torch.float32)
             dist.broadcast(x, 0)
-            runner.forward(x, comm, list(range(B)), [start] * B)
+            runner.step(x, comm, list(range(B)), [start] * B)
             steps += 1
         result["steps"] = steps
     describe = getattr(runner.blocks, "describe", None)
     result.update(peak_rss=peak_rss_bytes(), kv_bytes=runner.cache.nbytes,
                   blocks=describe() if describe else None,
                   largest_block=max(store.files[f].bytes for f in store.block_files(rank)),
-                  head_bytes=store.file_bytes("head.safetensors") if rank == 0 else 0)
+                  head_bytes=0)  # the output head is in every device's slice; the master holds no table
     Path(args.result).write_text(json.dumps(result))
     runner.blocks.close()
     comm.close()
@@ -334,7 +334,7 @@ def slice_info(store_dir: Path, world: int) -> dict:
     store = ShardStore(store_dir)
     sizes = [[store.files[f].bytes for f in store.block_files(r)] for r in range(world)]
     return {"slice": max(sum(s) for s in sizes), "largest": max(max(s) for s in sizes),
-            "head": store.file_bytes("head.safetensors"), "sizes": sizes, "store": store,
+            "head": 0, "sizes": sizes, "store": store,
             "kv": lambda opts: max(kv_cache_bytes(store, r, RuntimeOptions(**opts)) for r in range(world))}
 
 

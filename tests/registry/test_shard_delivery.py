@@ -53,7 +53,8 @@ def test_full_download_is_a_working_store(server, stores, tmp_path):
     served = ShardStore(stores / "store-a")
     result = ShardClient(url, TOKEN, tmp_path / "cache").fetch("store-a", 1)
     n = served.config.num_layers
-    assert result.files_downloaded == 2 * n and result.files_reused == 0
+    # its layer blocks and its slice of the output head
+    assert result.files_downloaded == len(served.block_files(1)) == 2 * n + 1 and result.files_reused == 0
     assert result.bytes_downloaded == rank_bytes(served, 1)
     got = result.store
     assert got.plan == served.plan and got.config == served.config
@@ -139,7 +140,7 @@ def test_replan_reuses_cached_blocks(server, stores, tmp_path):
     # Device 1 left; the plan [2, 1] gives this worker (now rank 1) the same slice.
     after = client.fetch("store-b", 1)
     assert after.files_downloaded == 0 and after.bytes_downloaded == 0
-    assert after.files_reused == 2 * after.store.config.num_layers
+    assert after.files_reused == 2 * after.store.config.num_layers + 1  # + the same vocabulary slice
     assert not [line for line in log.read_text().splitlines() if line.startswith("/shards/store-b/files/")]
     a, b = before.store.load_block(2, 1, "attn"), after.store.load_block(1, 1, "attn")
     assert all(torch.equal(a[k], b[k]) for k in a)

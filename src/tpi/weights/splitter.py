@@ -105,7 +105,7 @@ def split_checkpoint(model_dir: str | Path, plan: ShardPlan, out: str | Path, dt
     L = cfg.num_layers
     for shard in plan.shards:
         for p, (a, b) in enumerate(pieces[shard.rank][HEAD_KIND]):
-            rows = ckpt.get_rows(out_name, a, b).to(torch_dtype)                  # (b - a, H)
+            rows = ckpt.get(out_name, rows=(a, b)).to(torch_dtype)               # (b - a, H)
             emit(name_of(shard.rank, L, HEAD_KIND, p),
                  {"final_norm": final_norm, "lm_head": rows, "rows": torch.tensor([a, b])})
             del rows
@@ -152,20 +152,13 @@ class _SourceReader:
     def names(self) -> list[str]:
         return self.ckpt.names()
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The tensor, or only its rows [a, b) (reading only their bytes)."""
         path = self.ckpt.file_of[name]
         if path not in self.headers:
             self.headers[path] = read_header(path)
         header, base = self.headers[path]
-        return read_tensor(path, header, base, name)
-
-    def get_rows(self, name: str, start: int, end: int) -> torch.Tensor:
-        """Rows start..end-1 of a 2-D tensor, reading only their bytes."""
-        path = self.ckpt.file_of[name]
-        if path not in self.headers:
-            self.headers[path] = read_header(path)
-        header, base = self.headers[path]
-        return read_tensor(path, header, base, name, rows=(start, end))
+        return read_tensor(path, header, base, name, rows=rows)
 
     def close(self) -> None:
         self.ckpt.close()

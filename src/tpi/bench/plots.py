@@ -96,6 +96,13 @@ def plot_memory(rows: list[dict], baselines: list[dict], title: str, path: Path)
     return True
 
 
+def derived_budget(mem_limit: str) -> int:
+    from tpi.bench.bounds import IDLE_RSS_BYTES, docker_size
+    from tpi.weights.scheduler import default_device_budget
+
+    return default_device_budget(1, limit=docker_size(mem_limit), rss=IDLE_RSS_BYTES)
+
+
 def budget_points(rows: list[dict]) -> dict:
     """(runner, devices, window) -> [(budget bytes or None for 'all resident', row)] at 0 ms, star."""
     from tpi.bench.bounds import parse_size
@@ -107,7 +114,7 @@ def budget_points(rows: list[dict]) -> dict:
             continue
         b = None if c.get("no_scheduler") else parse_size(c.get("memory_budget"))
         if b is None and not c.get("no_scheduler") and c.get("mem_limit"):
-            continue  # a derived budget: no x value of its own
+            b = derived_budget(c["mem_limit"])  # the runtime's default rule, as the bounds take it
         pts[(c["runner"], c["devices"], c["window"] if b else None)].append((b, r))
     # 'all resident' (no budget) belongs to every window's line
     out = {}
@@ -124,12 +131,17 @@ def plot_budget(rows: list[dict], baselines: list[dict], title: str, path: Path)
         return False
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    finite = [b for v in pts.values() for b, _ in v if b]
+    finite = [b for v in pts.values() for b, _ in v if b] + [
+        b["config"]["max_memory_bytes"] for b in baselines if b["config"].get("max_memory_bytes")]
     right = max(finite) * 1.6 / MiB
     for (runner, n, w), v in sorted(pts.items()):
         v = sorted(v, key=lambda p: p[0] or float("inf"))
         xs = [(b / MiB if b else right) for b, _ in v]
         line, = ax.plot(xs, [r["ms"] for _, r in v], "o-", label=f"tpi, {n} devices, window {w} ({runner})")
+        for x, (_, r) in zip(xs, v):
+            if r["config"].get("mem_limit") and not r["config"].get("memory_budget") and not r["config"].get(
+                    "no_scheduler"):
+                ax.annotate(f"default budget in {r['config']['mem_limit']}", (x, r["ms"]), fontsize=6)
         ax.plot(xs, [r["bounds"]["bound_ms"] for _, r in v], "--", color=line.get_color(), label="its bound")
     for b in baselines:
         c, x = b["config"], b["result"]
@@ -139,7 +151,8 @@ def plot_budget(rows: list[dict], baselines: list[dict], title: str, path: Path)
     ax.set_xscale("log")
     ax.axvline(right, color="gray", ls=":")
     ax.text(right, ax.get_ylim()[1], " all resident", fontsize=7, va="top")
-    ax.set_xlabel("memory budget per device (MiB, log; right: no budget, everything resident)")
+    ax.set_xlabel("memory budget per worker (MiB, log; a default budget at the runtime's rule for its limit; "
+                  "right: everything resident)", fontsize=8)
     ax.set_ylabel("ms per token")
     ax.set_title(f"Token latency vs memory budget ({title})", fontsize=9)
     _save(fig, ax, path)

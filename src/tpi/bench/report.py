@@ -351,14 +351,15 @@ MODELS = {  # short name -> what the section calls it (others: their directory's
                      "SmolLM2's tokenizer, whose ids for the prompt fit its vocabulary, so the same text prompt "
                      "works; its output text is meaningless)"),
 }
+SHORT = {"smollm2": "SmolLM2-135M", "llama2-7b-8l": "Llama-2-7B shape, 8 layers"}
 MEMORY_70B = ("70b", "Llama-3.1-70B")  # results whose file name or model names one of these fill the 70B slot
 
 
 def model_section(name: str, runs: list[dict], baselines: list[dict], docs: Path) -> str:
     rows = group(runs)
     title = MODELS.get(name, name)
-    short = title.split(" (")[0]
-    parts = [f"## {short}\n", f"Model: {title}. Greedy, the same prompt and token count for every system of this "
+    short = SHORT.get(name, name)
+    parts = [f"## {title.split(' (')[0]}\n", f"Model: {title}. Greedy, the same prompt and token count for every system of this "
              f"section.\n", machine_text(runs + baselines) + "\n"]
     pt = paper_table(rows, baselines)
     if pt:

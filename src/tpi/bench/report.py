@@ -404,10 +404,13 @@ def model_section(name: str, runs: list[dict], baselines: list[dict], docs: Path
     return "\n".join(parts)
 
 
-def memory_70b_section(other: list[dict]) -> str:
+def memory_70b_section(other: list[dict], docs: Path) -> str:
     hits = [r for r in other if any(k.lower() in (Path(r["_file"]).name + str(r.get("model", ""))).lower()
                                     for k in MEMORY_70B)]
     head = "## Llama-3.1-70B shape: memory test\n\n"
+    pages = [p for p in sorted(docs.glob("benchmarks-*.md")) if "70b" in p.name.lower()]
+    if pages:
+        head += "See " + ", ".join(f"[{p.name}]({p.name})" for p in pages) + " (folded in below).\n\n"
     if not hits:
         return head + ("Slot for the 70B-shaped memory test (hidden 8192, 64 heads, 8 KV heads, MLP 28672, vocab "
                        "128256, a few layers, 8 devices, window 2). No results file for it is in bench/results/ yet: "
@@ -432,6 +435,13 @@ def memory_70b_section(other: list[dict]) -> str:
         else:
             out.append("```\n" + json.dumps({k: v for k, v in r.items() if k != "_file"}, indent=1)[:3000] + "\n```\n")
     return "\n".join(out)
+
+
+def first_heading(path: Path) -> str:
+    for line in path.read_text().splitlines():
+        if line.startswith("#"):
+            return line.lstrip("#").strip()
+    return path.stem
 
 
 def write_report(args) -> int:
@@ -469,14 +479,16 @@ def write_report(args) -> int:
     for name in names:
         parts.append(model_section(name, [r for r in testbed if model_of(r) == name],
                                    [b for b in baselines if model_of(b) == name], docs))
-    parts.append(memory_70b_section(other))
+    parts.append(memory_70b_section(other, docs))
     if failed:
         parts.append("## Runs that failed\n\n" + "\n".join(
             f"- `{Path(f['_file']).name}` ({f['machine']['time_utc']}, load {f['machine']['loadavg'][0]:.1f}): "
             f"{error_line(f['error'])}" for f in failed) + "\n")
     parts.append("## Other benchmark pages\n")
     seen = set()
-    for page, title in OTHER_PAGES:
+    listed = {page for page, _ in OTHER_PAGES} | {str(out)}
+    extra = [(str(p), first_heading(p)) for p in sorted(docs.glob("benchmarks-*.md")) if str(p) not in listed]
+    for page, title in OTHER_PAGES + extra:
         p = Path(page)
         if p.exists() and title not in seen:
             seen.add(title)

@@ -200,6 +200,27 @@ def systems(rows: list[dict], baselines: list[dict]) -> list[str]:
     return ["**Systems** (medians; the baselines alternated with these runs): " + "; ".join(out) + "."] if out else []
 
 
+def ttft(rows: list[dict], baselines: list[dict]) -> list[str]:
+    """TTFT against the token latency: how much the prompt's forward pass costs beyond one step."""
+    base = [r for r in rows if r["config"]["latency_ms"] == 0 and r["config"]["allreduce"] == "star"
+            and not r["config"].get("bandwidth")]
+    if not base:
+        return []
+    n = table_devices(base)
+    parts = [f"{label(r['config'])}: {r['ttft_s']:.1f} s, {r['ttft_s'] * 1e3 / r['ms']:.1f}x its token latency"
+             for r in base if r["config"]["devices"] == n]
+    by = defaultdict(list)
+    for b in baselines:
+        by[(b["config"]["system"], b["config"]["dtype"])].append(b["result"])
+    for (system, dtype), xs in sorted(by.items()):
+        t = statistics.median(x["ttft_s"] for x in xs)
+        ms = statistics.median(x["token_latency_s"] for x in xs) * 1e3
+        parts.append(f"{system} {dtype}: {t:.1f} s, {t * 1e3 / ms:.1f}x")
+    prompt = next((r["runs"][0]["result"].get("prompt_tokens") for r in base), None)
+    return [f"**Time to first token** ({prompt} prompt tokens, one forward pass over all of them, then the head) "
+            "against the time of one decode step: " + "; ".join(parts) + "."]
+
+
 def noise(rows: list[dict]) -> list[str]:
     multi = [r for r in rows if r["n"] > 1]
     single = len(rows) - len(multi)
@@ -243,5 +264,5 @@ def memory(rows: list[dict]) -> list[str]:
 
 def discussion(rows: list[dict], baselines: list[dict]) -> str:
     items = (gaps(rows) + breakdown(rows) + link_slopes(rows) + planner(rows) + systems(rows, baselines)
-             + memory(rows) + noise(rows))
+             + ttft(rows, baselines) + memory(rows) + noise(rows))
     return "".join(f"- {x}\n" for x in items)

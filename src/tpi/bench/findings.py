@@ -94,7 +94,7 @@ def breakdown(rows: list[dict]) -> list[str]:
                 "tokens streamed)" if src == "mean" else
                 "the last step only (one sample, as /api/cluster reports it: above 100% means that step was slower "
                 "than the mean)")
-        out.append(f"**Outside the layers.** The devices' own timers for {what} (compute + all-reduce wait + disk "
+        out.append(f"**Outside the layers, measured.** The devices' own timers for {what} (compute + all-reduce wait + disk "
                    f"wait of the slowest device) come to {_rng([100 * f for f, _ in share], '{:.0f}')}% of the "
                    f"measured ms/token over {len(share)} configuration(s). The lowest share, {100 * lo[0]:.0f}% of "
                    f"{lo[1]['ms']:.0f} ms in {label(lo[1]['config'])}, leaves the most time to what no device's "

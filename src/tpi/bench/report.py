@@ -97,6 +97,7 @@ def group(runs: list[dict]) -> list[dict]:
     for k in sorted(by):
         rs = by[k]
         res = [r["result"] for r in rs]
+        timed = [r for r in rs if step_source(r) != "last"] or rs  # mean steps where any run has them
         last = rs[-1]
         devs = last["result"]["devices"]
 
@@ -114,9 +115,9 @@ def group(runs: list[dict]) -> list[dict]:
             "load": [r["machine"]["loadavg"][0] for r in rs], "ttft_all": [x["ttft_s"] for x in res],
             # per device, the median over the repeats of: the mean decode step (local; docker when sampled
             # while streaming), else the last step /api/cluster reported (older docker runs)
-            **{k: [step_median(rs, i, f) for i in range(len(devs))]
+            **{k: [step_median(timed, i, f) for i in range(len(devs))]
                for k, f in (("comm", "comm_s"), ("compute", "compute_s"), ("disk", "disk_wait_s"))},
-            "step_source": sorted({step_source(r) for r in rs}),
+            "step_source": sorted({step_source(r) for r in timed}),
         })
     return rows
 

@@ -108,3 +108,11 @@ def test_report_carries_the_results(results):
         b = bounds(cfg, {**r["config"], "bandwidth_bytes_s": None}, r["machine_capability"])
         gaps.append(r["result"]["token_latency_s"] * 1e3 / b["bound_ms"])
     assert f"is {statistics.median(gaps):.1f}x its physical bound at the median" in text
+
+
+def test_prompt_must_fit_the_vocabulary(smollm2_dir):
+    from tpi.bench.testbed import check_prompt
+
+    check_prompt(smollm2_dir, "The history of the printing press begins", 49152)
+    with pytest.raises(SystemExit, match="beyond the vocabulary of 1000"):
+        check_prompt(smollm2_dir, "The history of the printing press begins", 1000)

@@ -383,6 +383,17 @@ def configs_from_args(args) -> list[RunConfig]:
     return unique
 
 
+def check_prompt(model_dir: Path, prompt: str, vocab_size: int) -> None:
+    """A random-weight model may carry a borrowed tokenizer (bench/memory.py's carries
+    SmolLM2's): the prompt is usable only if its ids fit the model's vocabulary."""
+    from tpi.tokenizer import ChatTokenizer
+
+    ids = ChatTokenizer(model_dir).encode(prompt)
+    if max(ids) >= vocab_size:
+        raise SystemExit(f"tpi bench: the prompt's token ids reach {max(ids)}, beyond the vocabulary of "
+                         f"{vocab_size} of {model_dir}: choose a prompt whose tokens fit (--prompt)")
+
+
 def progress(i: int, total: int, started: float) -> str:
     """`[####------] 4/10, 3m12s left` from the mean time per run so far."""
     done = i - 1
@@ -402,6 +413,7 @@ def run_sweep(args) -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg_model = load_model_config(resolve_model(args.model))
+    check_prompt(resolve_model(args.model), args.prompt, cfg_model.vocab_size)
     print(f"[bench] measuring the machine (load {os.getloadavg()[0]:.1f}) ...", flush=True)
     cap = machine_capability(readers=max(c.devices for c in configs))
     print(f"[bench] {cap['capability']['gflops']:.1f} GFLOP/s, {cap['capability']['disk_mbps']:.0f} MB/s disk "

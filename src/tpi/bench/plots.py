@@ -90,8 +90,8 @@ def plot_memory(rows: list[dict], baselines: list[dict], title: str, path: Path)
                 va="bottom")
     ax.set_xticks(sorted({n for by_n in pts.values() for n in by_n}))
     ax.set_xlabel("devices")
-    ax.set_ylabel("peak memory per device (MiB; VmHWM, or cgroup peak in containers)")
-    ax.set_title(f"Peak memory per device vs device count ({title})", fontsize=9)
+    ax.set_ylabel("peak memory per device (MiB)")
+    ax.set_title(f"Peak memory per device vs device count ({title}; VmHWM, cgroup peak in containers)", fontsize=8)
     _save(fig, ax, path)
     return True
 

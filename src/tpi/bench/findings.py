@@ -180,6 +180,8 @@ def systems(rows: list[dict], baselines: list[dict]) -> list[str]:
     out = []
     hf = {}
     for b in baselines:
+        if b["config"].get("offload") and b["config"]["dtype"] != "bfloat16":
+            continue  # tpi stores bfloat16: compare with Accelerate at the same dtype
         key = "offload" if b["config"].get("offload") else f"whole-{b['config']['dtype']}"
         hf.setdefault(key, []).append(b["result"]["token_latency_s"] * 1e3)
     hf = {k: statistics.median(v) for k, v in hf.items()}

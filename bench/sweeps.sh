@@ -30,6 +30,8 @@ smollm2_round() {
     $TPI bench testbed $common --devices 4 --latencies 1,5,20 --allreduce star,ring
     $TPI bench testbed $common --devices 4 --bandwidths 100mbit,1gbit --latencies 1
     $TPI bench testbed $common --devices 2 --budget 60MB,150MB --window 2,4    # latency vs budget
+    # 60MB does not hold the float32 KV cache of the default 2048-token context: the same with 256
+    $TPI bench testbed $common --devices 2 --budget 60MB,100MB --window 2,4 --max-seq 256
     $TPI bench testbed $common --devices 2 --scheduler off
     $TPI bench testbed $common --devices 2 --dtype int8
     $TPI bench baselines --dtype bfloat16,float32 --systems whole,offload --max-memory 150MB --limit 1GiB \

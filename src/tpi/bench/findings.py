@@ -26,6 +26,8 @@ def label(c: dict) -> str:
         s += f", limit {c['mem_limit']}" + (f" (master {c['master_mem_limit']})" if c.get("master_mem_limit") else "")
     if c["dtype"] != "bfloat16":
         s += f", {c['dtype']}"
+    if c.get("max_seq"):
+        s += f", context {c['max_seq']}"
     return s
 
 

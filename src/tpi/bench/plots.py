@@ -104,10 +104,10 @@ def derived_budget(mem_limit: str) -> int:
 
 
 def budget_points(rows: list[dict]) -> dict:
-    """(runner, devices, window) -> [(budget bytes or None for 'all resident', row)] at 0 ms, star."""
+    """(runner, devices, window, context) -> [(budget bytes or None for 'all resident', row)] at 0 ms, star."""
     from tpi.bench.bounds import parse_size
 
-    pts = defaultdict(list)
+    pts, resident = defaultdict(list), {}
     for r in rows:
         c = r["config"]
         if c["latency_ms"] or c.get("bandwidth") or c["allreduce"] != "star" or c["dtype"] != "bfloat16":
@@ -115,13 +115,13 @@ def budget_points(rows: list[dict]) -> dict:
         b = None if c.get("no_scheduler") else parse_size(c.get("memory_budget"))
         if b is None and not c.get("no_scheduler") and c.get("mem_limit"):
             b = derived_budget(c["mem_limit"])  # the runtime's default rule, as the bounds take it
-        pts[(c["runner"], c["devices"], c["window"] if b else None)].append((b, r))
-    # 'all resident' (no budget) belongs to every window's line
-    out = {}
-    for (runner, n, w), v in pts.items():
-        if w is None:
-            continue
-        out[(runner, n, w)] = v + pts.get((runner, n, None), [])
+        if b is None:  # everything resident: the scheduler without a budget, else the scheduler off
+            k = (c["runner"], c["devices"])
+            if k not in resident or resident[k]["config"].get("no_scheduler"):
+                resident[k] = r
+        else:
+            pts[(c["runner"], c["devices"], c["window"], c.get("max_seq"))].append((b, r))
+    out = {k: v + ([(None, resident[k[:2]])] if k[:2] in resident else []) for k, v in pts.items()}
     return {k: v for k, v in out.items() if len(v) > 1}
 
 
@@ -134,10 +134,11 @@ def plot_budget(rows: list[dict], baselines: list[dict], title: str, path: Path)
     finite = [b for v in pts.values() for b, _ in v if b] + [
         b["config"]["max_memory_bytes"] for b in baselines if b["config"].get("max_memory_bytes")]
     right = max(finite) * 1.6 / MiB
-    for (runner, n, w), v in sorted(pts.items()):
+    for (runner, n, w, ctx), v in sorted(pts.items(), key=lambda kv: str(kv[0])):
         v = sorted(v, key=lambda p: p[0] or float("inf"))
         xs = [(b / MiB if b else right) for b, _ in v]
-        line, = ax.plot(xs, [r["ms"] for _, r in v], "o-", label=f"tpi, {n} devices, window {w} ({runner})")
+        line, = ax.plot(xs, [r["ms"] for _, r in v], "o-", label=f"tpi, {n} devices, window {w}"
+                        f"{', context ' + str(ctx) if ctx else ''} ({runner})")
         for x, (_, r) in zip(xs, v):
             if r["config"].get("mem_limit") and not r["config"].get("memory_budget") and not r["config"].get(
                     "no_scheduler"):

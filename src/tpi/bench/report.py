@@ -85,7 +85,8 @@ def key(r: dict) -> tuple:
     c = r["config"]
     return (model_of(r), c["runner"], c["devices"], c["allreduce"], c["latency_ms"], c.get("bandwidth") or "",
             c["dtype"], c["window"], c.get("memory_budget") or "", c.get("no_scheduler", False),
-            c.get("mem_limit") or "", c.get("master_mem_limit") or "", c.get("cpus") or 0, c["tokens"])
+            c.get("mem_limit") or "", c.get("master_mem_limit") or "", c.get("cpus") or 0, c["tokens"],
+            c.get("max_seq") or 0)
 
 
 def group(runs: list[dict]) -> list[dict]:
@@ -220,10 +221,11 @@ def breakdown_table(rows: list[dict]) -> str:
 
 
 def sched_text(c: dict) -> str:
+    ctx = f", context {c['max_seq']}" if c.get("max_seq") else ""
     if c.get("no_scheduler"):
-        return "off"
+        return "off" + ctx
     return f"window {c['window']}, " + (f"budget {c['memory_budget']}" if c.get("memory_budget") else
-                                        "default budget" if c.get("mem_limit") else "no budget")
+                                        "default budget" if c.get("mem_limit") else "no budget") + ctx
 
 
 def limit_text(c: dict) -> str:

@@ -465,7 +465,9 @@ def write_report(args) -> int:
              "## How to read the tables\n",
              "Runner `local` = `tpi generate --transport ws`: a master and N-1 worker processes on loopback, links "
              "emulated in the transport (`--link`), no per-device memory limit (peak memory = each process's "
-             "VmHWM). Runner `docker` = one container per device from tpi:latest with its own `mem_limit`, the "
+             "VmHWM) and the page cache not dropped, so a `--memory-budget` there limits what the scheduler holds "
+             "but the blocks it re-reads may come from the page cache, not the disk (BENCHMARKING.md, \"The "
+             "page-cache trap\"); the container runs are the ones with real limits. Runner `docker` = one container per device from tpi:latest with its own `mem_limit`, the "
              "model copied into a volume and split into shard stores before the run (so a device's peak is not "
              "the splitter's), the page cache dropped before each run, the workload through the master's HTTP API "
              "(streamed `/v1/completions`); peak memory = the container's cgroup `memory.max_usage_in_bytes` "

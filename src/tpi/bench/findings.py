@@ -139,6 +139,24 @@ def link_slopes(rows: list[dict]) -> list[str]:
     return ["**Link latency.** Least-squares slopes: " + "; ".join(out) + "."] if out else []
 
 
+def bandwidth(rows: list[dict]) -> list[str]:
+    """Each bandwidth-capped configuration against the same one uncapped."""
+    def k(c):
+        return (c["runner"], c["devices"], c["allreduce"], c["latency_ms"], c["dtype"], c.get("memory_budget"),
+                c.get("no_scheduler"), c.get("mem_limit"))
+
+    free = {k(r["config"]): r for r in rows if not r["config"].get("bandwidth")}
+    parts = []
+    for r in sorted((r for r in rows if r["config"].get("bandwidth")), key=lambda r: r["config"]["bandwidth"]):
+        f = free.get(k(r["config"]))
+        if f:
+            t = (r["bounds"].get("planner") or {}).get("transfer_ms")
+            parts.append(f"{label(r['config'])}: {r['ms']:.0f} ms/token against {f['ms']:.0f} uncapped "
+                         f"({r['ms'] / f['ms']:.2f}x)" + (f"; the planner's transfer time {t:.1f} ms" if t is not None
+                                                          else ""))
+    return ["**Bandwidth.** " + "; ".join(parts) + "."] if parts else []
+
+
 def planner(rows: list[dict]) -> list[str]:
     pr = [(r["ms"] / r["bounds"]["planner"]["total_ms"], r) for r in rows
           if "total_ms" in (r["bounds"].get("planner") or {})]
@@ -194,7 +212,9 @@ def systems(rows: list[dict], baselines: list[dict]) -> list[str]:
         if off:
             s += f", {r['ms'] / off[0]['ms']:.2f}x scheduler off"
         if "offload" in hf:
-            s += f", {hf['offload'] / r['ms']:.1f}x faster than Accelerate disk offload"
+            x = hf["offload"] / r["ms"]
+            s += (f", {x:.1f}x faster than Accelerate disk offload" if x >= 1 else
+                  f", {1 / x:.1f}x slower than Accelerate disk offload")
         if "whole-bfloat16" in hf:
             s += f", {r['ms'] / hf['whole-bfloat16']:.1f}x transformers' whole-model bfloat16"
         out.append(s)
@@ -267,6 +287,6 @@ def memory(rows: list[dict]) -> list[str]:
 
 
 def discussion(rows: list[dict], baselines: list[dict]) -> str:
-    items = (gaps(rows) + breakdown(rows) + link_slopes(rows) + planner(rows) + systems(rows, baselines)
+    items = (gaps(rows) + breakdown(rows) + link_slopes(rows) + bandwidth(rows) + planner(rows) + systems(rows, baselines)
              + ttft(rows, baselines) + memory(rows) + noise(rows))
     return "".join(f"- {x}\n" for x in items)

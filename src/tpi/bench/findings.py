@@ -133,6 +133,8 @@ def link_slopes(rows: list[dict]) -> list[str]:
         slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
         per_ms = next(r["bounds"]["latency_ms"] / r["config"]["latency_ms"] for r in rs if r["config"]["latency_ms"])
         word = "above" if slope > 1.1 * per_ms else "below" if slope < 0.9 * per_ms else "at"
+        if slope < 0:
+            word = "negative: the spread between repeats exceeds the link's effect; below"
         out.append(f"{mode}, {n} devices ({runner}): {slope:.0f} ms/token per ms of link latency, {word} the bound's "
                    f"{per_ms:.0f} (2 all-reduces x layers x {rs[0]['bounds']['hops']} hops); fitted "
                    f"{my - slope * mx:.0f} ms/token at 0 ms")

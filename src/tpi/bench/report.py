@@ -54,10 +54,10 @@ def load(results: Path) -> tuple[list[dict], list[dict], list[dict], list[dict]]
 
 
 def recompute_bounds(runs: list[dict]) -> None:
-    """Bounds from each run's configuration and its sweep's machine figures, with today's
-    bounds.py (so a fix to the bound applies to every stored run alike); the disk at the best
-    rate and the compute at the best GFLOP/s any sweep measured: the probes of a shared machine
-    vary from sweep to sweep, and a bound takes the machine at its best."""
+    """Bounds from each run's configuration with today's bounds.py (so a fix to the bound
+    applies to every stored run alike), taking the best disk rate, GFLOP/s and copy rate any
+    sweep of these runs measured: the probes of a shared machine vary from sweep to sweep,
+    and a bound takes the machine at its best."""
     from tpi.bench.bounds import bounds
     from tpi.bench.testbed import RunConfig
     from tpi.config import load_model_config
@@ -68,6 +68,7 @@ def recompute_bounds(runs: list[dict]) -> None:
     cfgs = {}
     best_disk = max((disk_mbps(r["machine_capability"]) for r in runs), default=0.0)
     best_gflops = max((gflops(r["machine_capability"]) for r in runs), default=0.0)
+    best_mem = max((r["machine_capability"]["mem_bandwidth_gbs"] for r in runs), default=0.0)
     for r in runs:
         c = r["config"]
         try:
@@ -76,7 +77,7 @@ def recompute_bounds(runs: list[dict]) -> None:
             rc = RunConfig(**{k: v for k, v in c.items() if k in RunConfig.__dataclass_fields__})
             r["bounds"] = bounds(cfgs[c.get("model")], {**c, "bandwidth_bytes_s": rc.bandwidth_bytes_s},
                                  {**r["machine_capability"], "disk_parallel_mbps": best_disk,
-                                  "best_gflops": best_gflops})
+                                  "best_gflops": best_gflops, "mem_bandwidth_gbs": best_mem})
         except Exception:  # noqa: BLE001 - model not on this machine: keep the stored bounds
             pass
 
@@ -173,9 +174,8 @@ def machine_text(runs: list[dict]) -> str:
               f"{rng([c['capability']['gflops'] for c in caps], '{:.1f}')} GFLOP/s float32 (decode-shaped matmul, "
               f"`tpi.capability.measure()`), disk {rng(disks, '{:.0f}')} MB/s (one 16 MB reader, or as many "
               f"128 MB readers at once as the sweep had devices), memory copy "
-              f"{rng([c['mem_bandwidth_gbs'] for c in caps], '{:.1f}')} GB/s. The bounds take the best GFLOP/s and "
-              f"disk rate measured in any sweep (a bound assumes the machine at its best) and each sweep's own "
-              f"memory copy rate.")
+              f"{rng([c['mem_bandwidth_gbs'] for c in caps], '{:.1f}')} GB/s. The bounds take the best GFLOP/s, "
+              f"disk rate and copy rate measured in any sweep (a bound assumes the machine at its best).")
     return s
 
 

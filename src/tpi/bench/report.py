@@ -408,36 +408,59 @@ def model_section(name: str, runs: list[dict], baselines: list[dict], docs: Path
     return "\n".join(parts)
 
 
+def memory_70b_runs(other: list[dict], docs: Path) -> list[tuple[str, str, dict]]:
+    """(file, variant, run) for every 70B-shaped memory run: results JSONs in bench/results or
+    docs/ whose name contains 70b, each a run with `devices` or a dict of such runs by variant."""
+    found = []
+    files = [(r["_file"], r) for r in other] + [(str(p), json.loads(p.read_text()))
+                                                for p in sorted(docs.glob("*70b*.json"))]
+    for f, r in files:
+        if not any(k.lower() in (Path(f).name + str(r.get("model", ""))).lower() for k in MEMORY_70B):
+            continue
+        if isinstance(r.get("devices"), list):
+            found.append((f, "", r))
+        else:
+            found += [(f, k, v) for k, v in r.items() if isinstance(v, dict) and isinstance(v.get("devices"), list)]
+    return found
+
+
 def memory_70b_section(other: list[dict], docs: Path) -> str:
-    hits = [r for r in other if any(k.lower() in (Path(r["_file"]).name + str(r.get("model", ""))).lower()
-                                    for k in MEMORY_70B)]
     head = "## Llama-3.1-70B shape: memory test\n\n"
     pages = [p for p in sorted(docs.glob("benchmarks-*.md")) if "70b" in p.name.lower()]
-    if pages:
-        head += "See " + ", ".join(f"[{p.name}]({p.name})" for p in pages) + " (folded in below).\n\n"
-    if not hits:
+    runs = memory_70b_runs(other, docs)
+    if not runs:
         return head + ("Slot for the 70B-shaped memory test (hidden 8192, 64 heads, 8 KV heads, MLP 28672, vocab "
-                       "128256, a few layers, 8 devices, window 2). No results file for it is in bench/results/ yet: "
-                       "a JSON there whose name contains `70b` is folded in here by `tpi bench report`.\n")
-    out = [head]
-    for r in hits:
-        out.append(f"From `{Path(r['_file']).name}`" + (f", command `{r['command']}`" if r.get("command") else "")
-                   + ".\n")
-        runs = r.get("runs") or []
-        if runs:
-            lines = []
-            for x in runs:
-                devs = x.get("devices") or []
-                lines.append(f"| {x.get('system', '?')} | "
-                             + (f"{x['token_latency_s'] * 1e3:.0f}" if x.get("token_latency_s") else "–") + " | "
-                             + (f"{x['ttft_s']:.1f}" if x.get("ttft_s") else "–") + " | "
-                             + " / ".join(mib(d.get("peak_rss")) for d in devs) + " | "
-                             + " / ".join(mib(d.get("cgroup_peak")) for d in devs) + " | "
-                             + (f"{x['loadavg'][0]:.1f}" if x.get("loadavg") else "–") + " |")
-            out.append("| system | ms/token | TTFT (s) | peak RSS per device (MiB) | cgroup peak per device (MiB) | "
-                       "load |\n|---|---:|---:|---|---|---:|\n" + "\n".join(lines) + "\n")
-        else:
-            out.append("```\n" + json.dumps({k: v for k, v in r.items() if k != "_file"}, indent=1)[:3000] + "\n```\n")
+                       "128256, a few layers, 8 devices, window 2). No results file for it yet: a JSON in "
+                       "bench/results/ or docs/ whose name contains `70b` is folded in here by `tpi bench report`.\n")
+    out = [head + "Peak memory per device of the 70B-shaped model (its own benchmark, `bench/memory70b.py`, "
+                  "not re-measured here: this section reads its results file). Bound = idle RSS + (window + 1) x "
+                  "the largest piece + KV cache; \"80 layers\" = the peak with the KV cache of all 80 layers "
+                  "counted, as the full model would hold it.\n"]
+    for f, variant, r in runs:
+        devs = r["devices"]
+        lim = r.get("limit")
+        load = r.get("loadavg_end") or r.get("loadavg")
+        out.append(f"### {r.get('model', '70B shape')}" + (f", {variant.replace('_', ' ')}" if variant else "") + "\n\n"
+                   + f"From `{Path(f).name}`; {r.get('world', len(devs))} devices, window {r.get('window', '?')}, "
+                   f"context {r.get('max_seq', '?')}, limit {mib(lim)} MiB per device"
+                   + (f", load {load[0]:.1f} at the end" if load else "") + ".\n\n"
+                   + (f"```\n{r['command']}\n```\n" if r.get("command") else ""))
+        rows = [f"| {d.get('rank')} | {d.get('role', '')} | {mib(d.get('idle_rss'))} | {mib(d.get('peak_rss'))} | "
+                f"{mib(d.get('cgroup_peak'))} | {mib(d.get('bound'))} | {mib(d.get('peak_80_layers'))} | "
+                f"{'yes' if d.get('oom_killed') else 'no'} |" for d in devs]
+        out.append("| rank | role | idle RSS (MiB) | peak RSS (MiB) | cgroup peak (MiB) | bound (MiB) | peak, 80 layers "
+                   "(MiB) | OOM-killed |\n|---:|---|---:|---:|---:|---:|---:|---|\n" + "\n".join(rows) + "\n")
+        peaks = [d.get("peak_rss") or 0 for d in devs]
+        p80 = [d.get("peak_80_layers") or 0 for d in devs]
+        s = (f"Largest peak RSS {max(peaks) / 1e9:.2f} GB (device {peaks.index(max(peaks))}), "
+             f"{sum(p <= (d.get('bound') or 0) for p, d in zip(peaks, devs))} of {len(devs)} devices within their "
+             f"bound")
+        if lim:
+            s += (f"; every device at most {max(peaks) / lim:.0%} of its {lim / 1e9:.1f} GB limit, "
+                  f"{max(p80) / lim:.0%} with the 80-layer KV cache")
+        out.append(s + ".\n")
+    if pages:
+        out.append("The discussion is in " + ", ".join(f"[{p.name}]({p.name})" for p in pages) + ".\n")
     return "\n".join(out)
 
 

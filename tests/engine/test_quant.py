@@ -11,8 +11,8 @@ from text_sample import DECLARATION
 from tpi.engine import RuntimeOptions, build_inproc_engine, kv_cache_bytes, prepare_store
 from tpi.model.layers import linear
 from tpi.model.sampling import SamplingParams
-from tpi.weights.quant import (QuantizedWeight, pack_block, packed_copy_bytes, quantize, quantize_tensors,
-                               unpack_int4)
+from tpi.weights.quant import (Int4Weight, Int8Weight, QuantizedWeight, int4_kernel_bytes, kernel_form, pack_block,
+                               packed_copy_bytes, quantize, quantize_tensors, unpack_int4)
 
 
 def qw(w, scheme):
@@ -51,26 +51,58 @@ def test_int4_packing_is_lossless_on_its_grid():
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
-def test_linear_dequantizes_on_the_fly(scheme):
+@pytest.mark.parametrize("shape", [(40, 80), (33, 67), (192, 576)])   # 33 x 67: rows and width off the kernels' blocks
+def test_linear_kernels_match_the_dequantized_weight(scheme, shape):
     torch.manual_seed(2)
-    w, b = torch.randn(40, 80), torch.randn(40)
-    x = torch.randn(2, 3, 80)                                            # (B, T, in)
+    out, width = shape
+    w, b = torch.randn(out, width) * 0.05, torch.randn(out)
+    x = torch.randn(2, 3, width)                                          # (B, T, in)
     q = qw(w, scheme)
-    ref = F.linear(x, q.dequantize(torch.float32, 80), b)
-    torch.testing.assert_close(linear(x, q, b), ref, rtol=1e-5, atol=1e-4)
-    xb = x.bfloat16()
-    torch.testing.assert_close(linear(xb, q, b.bfloat16()).float(), ref, rtol=0.05, atol=0.3)
+    ref = F.linear(x, q.dequantize(torch.float32, width), b)
+    torch.testing.assert_close(linear(x, q, b), ref, rtol=1e-5, atol=1e-5)          # on the fly
+    k = kernel_form(q, torch.float32)
+    assert isinstance(k, Int8Weight if scheme == "int8" else Int4Weight)
+    torch.testing.assert_close(linear(x, k, b), ref, rtol=1e-5, atol=1e-5)
+    xb, kb = x.bfloat16(), kernel_form(q, torch.bfloat16)
+    if scheme == "int8" and width % 8:
+        assert kb is q        # torch's int8 kernel crashes on bfloat16 rows of such widths
+    y = linear(xb, kb, b.bfloat16())
+    assert y.dtype == torch.bfloat16 and y.shape == (2, 3, out)
+    torch.testing.assert_close(y.float(), ref, rtol=0.02, atol=0.02 * ref.abs().max().item())
 
 
-def test_pack_block_groups_by_name_and_keeps_norms_float():
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pack_block_counts_what_it_copies(scheme, dtype):
     torch.manual_seed(3)
-    stored = quantize_tensors({"q": torch.randn(8, 64), "input_norm": torch.ones(64).bfloat16(),
-                               "q_bias": torch.randn(8).bfloat16()}, "int4")
-    assert set(stored) == {"q.qweight", "q.scale", "q.min", "input_norm", "q_bias"}
-    block, copied = pack_block(stored, torch.float32)
+    stored = quantize_tensors({"q": torch.randn(200, 96), "input_norm": torch.ones(96).bfloat16(),
+                               "q_bias": torch.randn(200).bfloat16()}, scheme)
+    names = {"q.qweight", "q.scale", "input_norm", "q_bias"} | ({"q.min"} if scheme == "int4" else set())
+    assert set(stored) == names
+    block, copied = pack_block(stored, dtype)
     assert set(block) == {"q", "input_norm", "q_bias"}
-    assert isinstance(block["q"], QuantizedWeight) and block["q"].bits == 4
-    assert block["input_norm"].dtype == torch.float32 and copied == 64 * 4 + 8 * 4
+    assert isinstance(block["q"], Int8Weight if scheme == "int8" else Int4Weight) and block["q"].bits == int(scheme[3])
+    assert block["input_norm"].dtype == dtype
+    # the manifest-side estimate the scheduler budgets with is exact
+    info = {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")} for k, v in stored.items()}
+    assert packed_copy_bytes(info, dtype) == copied
+    floats = 0 if dtype == torch.bfloat16 else (96 + 200) * 4
+    if scheme == "int8":   # the weight is used as stored; only a bfloat16 scale is a copy
+        assert copied == floats + (200 * 2 if dtype == torch.bfloat16 else 0)
+    else:                  # repacked weight (rows padded to the kernel's block) + scales and zeros
+        rows = block["q"].packed.shape[0]
+        assert rows % 16 == 0 and 200 <= rows < 264
+        assert copied == floats + rows * 48 + 3 * rows * 2 * dtype.itemsize == floats + int4_kernel_bytes(200, 96, 32, dtype)
+
+
+def test_int4_repack_is_the_kernels_own_layout():
+    # the byte-level repack gives exactly what torch's conversion gives, rows padded included
+    torch.manual_seed(4)
+    q = qw(torch.randn(200, 96), "int4")
+    fast = kernel_form(q, torch.float32).packed                          # (rows, 48)
+    rows = fast.shape[0]
+    unpacked = torch.nn.functional.pad(unpack_int4(q.qweight).to(torch.int32), (0, 0, 0, rows - 200))
+    assert torch.equal(fast, torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpacked, 2))
 
 
 PROMPT = [1, 504, 3458, 282, 4649, 314, 9889, 30, 57, 1000, 20000]

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from tpi.config import ModelConfig
-from tpi.weights.quant import QuantizedWeight
+from tpi.weights.quant import QUANTIZED_KINDS
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -22,9 +22,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * h.to(dtype)
 
 
-def linear(x: torch.Tensor, weight: "torch.Tensor | QuantizedWeight", bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x (..., in) @ weight (out, in).T + bias; a QuantizedWeight is dequantized on the fly."""
-    if isinstance(weight, QuantizedWeight):
+def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., in) @ weight (out, in).T + bias. A quantized weight (tpi.weights.quant: the
+    kernel forms Int8Weight / Int4Weight, or a QuantizedWeight) computes in x's dtype."""
+    if isinstance(weight, QUANTIZED_KINDS):
         return weight.linear(x, bias)
     return F.linear(x, weight, bias)
 

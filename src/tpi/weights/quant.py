@@ -117,6 +117,186 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((packed & 0x0F, packed >> 4), dim=-1).view(packed.shape[0], -1)
 
 
+# --- kernel forms: what `linear` multiplies with ----------------------------------------
+#
+# torch's CPU weight-only kernels (aten::_weight_int8pack_mm, aten::_weight_int4pack_mm_for_cpu)
+# multiply by the quantized weight without materialising it in the compute dtype. int8 uses the
+# stored tensors as they are. int4's kernel wants its own packed layout, which depends on the
+# CPU's vector width (AVX2 and AVX512 builds pack differently), so the store keeps the portable
+# low-nibble-first layout above and each device repacks a block once, when it loads it.
+
+_HAS_INT8_MM = hasattr(torch.ops.aten, "_weight_int8pack_mm")
+_HAS_INT4_MM = (hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+                and hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"))
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+INT4_KERNEL_GROUPS = (32, 64, 128, 256)
+INT4_ROWS = 16          # the int4 kernel's output rows come in multiples of this
+_REPACK_ROWS = 256      # rows repacked at a time (a multiple of every kernel's row block)
+
+
+class Int8Weight:
+    """int8 (out, in) with a per-row scale in the compute dtype, for aten::_weight_int8pack_mm."""
+
+    __slots__ = ("qweight", "scale")
+    bits = 8
+
+    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor):
+        self.qweight, self.scale = qweight, scale      # (out, in) int8, (out,) compute dtype
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.qweight, self.scale]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors())
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        out, width = self.qweight.shape
+        if x.shape[-1] != width:
+            raise ValueError(f"input width {x.shape[-1]} != weight width {width}")
+        y = torch._weight_int8pack_mm(x.reshape(-1, width).contiguous(), self.qweight, self.scale)
+        y = y.view(*x.shape[:-1], out)                                              # (..., out)
+        return y if bias is None else y + bias
+
+    def __repr__(self) -> str:
+        return f"Int8Weight(out={self.qweight.shape[0]}, in={self.qweight.shape[1]})"
+
+
+class Int4Weight:
+    """int4 in the CPU kernel's packed layout, for aten::_weight_int4pack_mm_for_cpu.
+
+    The kernel computes W = (q - 8) * scale + zero per group, so zero = min + 8 * scale.
+    Rows are padded to the kernel's row block (zero scale and zero: they produce 0, cut off)."""
+
+    __slots__ = ("packed", "scales_zeros", "out_features", "group")
+    bits = 4
+
+    def __init__(self, packed: torch.Tensor, scales_zeros: torch.Tensor, out_features: int, group: int):
+        self.packed = packed                # (out_pad, in_pad / 2) uint8, kernel layout
+        self.scales_zeros = scales_zeros    # (in_pad / group, out_pad, 2) compute dtype
+        self.out_features, self.group = out_features, group
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.packed, self.scales_zeros]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors())
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        in_pad = 2 * self.packed.shape[1]
+        pad = in_pad - x.shape[-1]
+        if not 0 <= pad < self.group:
+            raise ValueError(f"input width {x.shape[-1]} does not match int4 weight of padded width "
+                             f"{in_pad} (group {self.group})")
+        x2 = x.reshape(-1, x.shape[-1])                                             # (M, in)
+        x2 = F.pad(x2, (0, pad)) if pad else x2.contiguous()                        # (M, in_pad)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group, self.scales_zeros)
+        y = y[:, :self.out_features].reshape(*x.shape[:-1], self.out_features)     # (..., out)
+        return y if bias is None else y + bias
+
+    def __repr__(self) -> str:
+        return f"Int4Weight(out={self.out_features}, in_pad={2 * self.packed.shape[1]}, group={self.group})"
+
+
+def int4_kernel_bytes(out: int, in_pad: int, group: int, dtype: torch.dtype) -> int:
+    """Bytes of an Int4Weight: the repacked weight plus scales and zeros in `dtype`."""
+    step = _kernel_block_n() or INT4_ROWS
+    out_pad = -(-out // step) * step
+    elem = torch.empty((), dtype=dtype).element_size()
+    return out_pad * in_pad // 2 + (in_pad // group) * out_pad * 2 * elem
+
+
+def _native_int4(stored: torch.Tensor, block_n: int) -> torch.Tensor:
+    """Stored int4 bytes (rows, in_pad/2), rows a multiple of block_n -> the CPU kernel's layout:
+    per block of block_n rows, per input column k, block_n/2 bytes whose low nibble is row i
+    and high nibble row i + block_n/2 (byte operations only, no int32 copy)."""
+    rows, half = stored.shape
+    h = block_n // 2
+    s = stored.view(rows // block_n, 2, h, half)                                   # (NB, 2, h, in/2)
+    a, b = s[:, 0], s[:, 1]                                                        # rows i, i + h
+    even = (a & 0x0F) | ((b & 0x0F) << 4)                                          # column 2j
+    odd = (a >> 4) | (b & 0xF0)                                                    # column 2j + 1
+    native = torch.stack((even, odd), dim=-1).permute(0, 2, 3, 1)                  # (NB, in/2, 2, h)
+    return native.reshape(rows, half)
+
+
+_BLOCK_N: list = []   # the kernel's row block, found once per process (None: unknown layout)
+
+
+def _kernel_block_n() -> int | None:
+    """Which row block the installed kernel packs with (AVX2 builds use 32, AVX512 64), found
+    by packing a probe both ways; None if neither matches (then the kernel's own, slower,
+    conversion is used)."""
+    if not _BLOCK_N:
+        g = torch.Generator().manual_seed(0)
+        q = torch.randint(0, 16, (128, 64), generator=g, dtype=torch.int32)      # (rows, in)
+        want = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
+        stored = (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)
+        _BLOCK_N.append(next((bn for bn in (32, 64) if torch.equal(_native_int4(stored, bn), want)), None))
+    return _BLOCK_N[0]
+
+
+def _repack_int4(q: QuantizedWeight, dtype: torch.dtype) -> Int4Weight:
+    out, half = q.qweight.shape
+    group = q.group
+    block_n = _kernel_block_n()
+    step = block_n or INT4_ROWS
+    out_pad = -(-out // step) * step
+    packed = torch.empty(out_pad, half, dtype=torch.uint8)                          # (out_pad, in_pad/2)
+    for r in range(0, out_pad, _REPACK_ROWS):
+        n = min(_REPACK_ROWS, out_pad - r)
+        rows = q.qweight[r:min(r + n, out)]
+        if rows.shape[0] < n:
+            rows = F.pad(rows, (0, 0, 0, n - rows.shape[0]))
+        if block_n:
+            packed[r:r + n] = _native_int4(rows, block_n)
+        else:
+            packed[r:r + n] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(rows).to(torch.int32), 2)
+    scale, lo = q.scale.float(), q.minimum.float()                                  # (out, G)
+    sz = torch.stack((scale, lo + 8 * scale), dim=-1)                               # (out, G, 2)
+    if out_pad > out:
+        sz = F.pad(sz, (0, 0, 0, 0, 0, out_pad - out))
+    sz = sz.transpose(0, 1).to(dtype).contiguous()                                  # (G, out_pad, 2)
+    return Int4Weight(packed, sz, out, group)
+
+
+def _int8_kernel_fits(width: int, dtype: torch.dtype) -> bool:
+    # torch 2.13's int8 kernel crashes (SIGSEGV) on bfloat16 / float16 inputs whose width is
+    # not a multiple of 8 (seen at 66 and 67); float32 takes any width.
+    return _HAS_INT8_MM and (dtype == torch.float32 or width % 8 == 0)
+
+
+QUANTIZED_KINDS = (QuantizedWeight, Int8Weight, Int4Weight)   # what `linear` treats as quantized
+
+
+def kernel_form(q: QuantizedWeight, dtype: torch.dtype) -> "Int8Weight | Int4Weight | QuantizedWeight":
+    """What `linear` should multiply with in compute dtype `dtype`: a kernel form when torch
+    has the kernel, else the QuantizedWeight itself (dequantized on every call)."""
+    if dtype not in KERNEL_DTYPES:
+        return q
+    if q.bits == 8:
+        return Int8Weight(q.qweight, q.scale.to(dtype)) if _int8_kernel_fits(q.qweight.shape[1], dtype) else q
+    if _HAS_INT4_MM and q.group in INT4_KERNEL_GROUPS:
+        return _repack_int4(q, dtype)
+    return q
+
+
+def kernel_copy_bytes(bits: int, out: int, width: int, groups: int, scale_dtype: torch.dtype,
+                      dtype: torch.dtype) -> int:
+    """Bytes `kernel_form` allocates for a stored weight (int8: width = in; int4: the
+    packed width, in_pad / 2; groups: the scale's columns)."""
+    if dtype not in KERNEL_DTYPES:
+        return 0
+    if bits == 8:
+        fits = _int8_kernel_fits(width, dtype) and scale_dtype != dtype
+        return out * torch.empty((), dtype=dtype).element_size() if fits else 0
+    group = 2 * width // groups
+    if _HAS_INT4_MM and group in INT4_KERNEL_GROUPS:
+        return int4_kernel_bytes(out, 2 * width, group, dtype)
+    return 0
+
+
 def quantize_int8(w: torch.Tensor) -> dict[str, torch.Tensor]:
     """W (out, in) -> qweight int8 (out, in), scale float32 (out,)."""
     w = w.to(torch.float32)
@@ -175,7 +355,8 @@ def quantize_tensors(tensors: dict[str, torch.Tensor], scheme: str) -> dict[str,
 
 def pack_block(tensors: dict[str, torch.Tensor], compute_dtype: torch.dtype) -> tuple[dict, int]:
     """What `linear` and the norms consume, from a block's stored tensors, plus the bytes of
-    any copies made. Quantized sets become QuantizedWeight (no copy); float tensors of
+    any copies made. Quantized sets become their kernel form (int8: the stored weight and a
+    scale in the compute dtype; int4: repacked for the CPU kernel, a copy); float tensors of
     another dtype are converted to `compute_dtype` (a copy); others are used as they are."""
     block: dict = {}
     copied = 0
@@ -183,7 +364,10 @@ def pack_block(tensors: dict[str, torch.Tensor], compute_dtype: torch.dtype) -> 
     for base in quantized:
         if base + SCALE not in tensors:
             raise ValueError(f"quantized weight {base} has no {base}{SCALE}")
-        block[base] = QuantizedWeight(tensors[base + QWEIGHT], tensors[base + SCALE], tensors.get(base + MIN))
+        stored = QuantizedWeight(tensors[base + QWEIGHT], tensors[base + SCALE], tensors.get(base + MIN))
+        block[base] = kernel_form(stored, compute_dtype)
+        mine = {t.untyped_storage().data_ptr() for t in stored.tensors()}
+        copied += sum(t.nbytes for t in block[base].tensors() if t.untyped_storage().data_ptr() not in mine)
     for name, t in tensors.items():
         base, dot, _ = name.rpartition(".")
         if dot and base in quantized:
@@ -201,7 +385,15 @@ def packed_copy_bytes(tensors: dict, compute_dtype: torch.dtype) -> int:
     size = torch.empty((), dtype=compute_dtype).element_size()
     total = 0
     for name, info in tensors.items():
-        if name.endswith((QWEIGHT, SCALE, MIN)):
+        if name.endswith(QWEIGHT):
+            base = name[: -len(QWEIGHT)]
+            scale = tensors[base + SCALE]
+            bits = 8 if info["dtype"] == "int8" else 4
+            groups = scale["shape"][1] if bits == 4 else 1
+            total += kernel_copy_bytes(bits, info["shape"][0], info["shape"][1], groups,
+                                       getattr(torch, scale["dtype"]), compute_dtype)
+            continue
+        if name.endswith((SCALE, MIN)):
             continue
         dtype = getattr(torch, info["dtype"])
         if dtype.is_floating_point and dtype != compute_dtype:

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from tpi.weights.quant import QuantizedWeight, pack_block, packed_copy_bytes
+from tpi.weights.quant import QUANTIZED_KINDS, pack_block, packed_copy_bytes
 from tpi.weights.store import ShardStore, StoreError, read_into, tensors_from_buffer
 from tpi.model.blocks import Block, BlockSource
 
@@ -253,7 +253,7 @@ class _Pending:
 
 def _tensors_of(block: Block):
     for v in block.values():
-        if isinstance(v, QuantizedWeight):
+        if isinstance(v, QUANTIZED_KINDS):
             yield from v.tensors()
         else:
             yield v

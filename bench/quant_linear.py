@@ -22,7 +22,7 @@ import time
 import torch
 
 from tpi.model.layers import linear
-from tpi.weights.quant import QuantizedWeight, pack_block, quantize
+from tpi.weights.quant import Int8Weight, QuantizedWeight, _repack_int4, pack_block, quantize
 
 
 def timed(fn, calls: int) -> float:
@@ -48,7 +48,7 @@ def main() -> None:
     for scheme in ("int8", "int4"):
         stored[scheme] = {f"w.{k}": v for k, v in quantize(w, scheme).items()}
 
-    variants = {}   # name -> (fn, weight bytes at rest)
+    variants = {}   # name -> (fn, weight bytes at rest); unlabelled rows: what pack_block chooses
     for cdt in (torch.float32, torch.bfloat16):
         x = torch.randn(1, args.inp).to(cdt)                                  # (1, in)
         c = str(cdt).removeprefix("torch.")
@@ -59,6 +59,10 @@ def main() -> None:
             variants[f"{scheme:8s} compute {c}"] = (lambda x=x, wt=wt: linear(x, wt), nbytes)
             if scheme != "bfloat16":
                 raw = QuantizedWeight(tensors["w.qweight"], tensors["w.scale"], tensors.get("w.min"))
+                if cdt == torch.float32:   # pack_block dequantizes instead; the kernels for the record
+                    kern = Int8Weight(raw.qweight, raw.scale) if scheme == "int8" else _repack_int4(raw, cdt)
+                    variants[f"{scheme:8s} compute {c}, torch kernel (not chosen)"] = (
+                        lambda x=x, kern=kern: linear(x, kern), kern.nbytes)
                 variants[f"{scheme:8s} compute {c}, on the fly (QuantizedWeight.linear)"] = (
                     lambda x=x, raw=raw: raw.linear(x), raw.nbytes)
 

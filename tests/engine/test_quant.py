@@ -75,13 +75,13 @@ def test_linear_kernels_match_the_dequantized_weight(scheme, shape):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_pack_block_counts_what_it_copies(scheme, dtype):
     torch.manual_seed(3)
-    stored = quantize_tensors({"q": torch.randn(200, 96), "input_norm": torch.ones(96).bfloat16(),
-                               "q_bias": torch.randn(200).bfloat16()}, scheme)
-    names = {"q.qweight", "q.scale", "input_norm", "q_bias"} | ({"q.min"} if scheme == "int4" else set())
+    stored = quantize_tensors({"gate": torch.randn(200, 96), "input_norm": torch.ones(96).bfloat16(),
+                               "gate_bias": torch.randn(200).bfloat16()}, scheme)
+    names = {"gate.qweight", "gate.scale", "input_norm", "gate_bias"} | ({"gate.min"} if scheme == "int4" else set())
     assert set(stored) == names
     block, copied = pack_block(stored, dtype)
-    assert set(block) == {"q", "input_norm", "q_bias"}
-    assert isinstance(block["q"], Int8Weight if scheme == "int8" else Int4Weight) and block["q"].bits == int(scheme[3])
+    assert set(block) == {"gate", "input_norm", "gate_bias"}
+    assert isinstance(block["gate"], Int8Weight if scheme == "int8" else Int4Weight) and block["gate"].bits == int(scheme[3])
     assert block["input_norm"].dtype == dtype
     # the manifest-side estimate the scheduler budgets with is exact
     info = {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")} for k, v in stored.items()}
@@ -90,7 +90,7 @@ def test_pack_block_counts_what_it_copies(scheme, dtype):
     if scheme == "int8":   # the weight is used as stored; only a bfloat16 scale is a copy
         assert copied == floats + (200 * 2 if dtype == torch.bfloat16 else 0)
     else:                  # repacked weight (rows padded to the kernel's block) + scales and zeros
-        rows = block["q"].packed.shape[0]
+        rows = block["gate"].packed.shape[0]
         assert rows % 16 == 0 and 200 <= rows < 264
         assert copied == floats + rows * 48 + 3 * rows * 2 * dtype.itemsize == floats + int4_kernel_bytes(200, 96, 32, dtype)
 
@@ -116,6 +116,8 @@ def test_quantized_store_streams_like_it_is_resident(tiny_model, scheme):
     names = store.files["rank-1/layer-000.mlp.safetensors"].tensors
     assert names["gate.qweight"]["dtype"] == ("int8" if scheme == "int8" else "uint8")
     assert names["post_norm"]["dtype"] == "bfloat16"
+    kept = names.get("down", {}).get("dtype")      # int8 leaves q, k, v, down in bfloat16
+    assert kept == ("bfloat16" if scheme == "int8" else None)
     # bytes each file holds once loaded (the output-head slice stays bfloat16: converted to float32)
     sizes = [store.files[f].bytes + packed_copy_bytes(store.files[f].tensors, torch.float32) for f in store.block_files(1)]
     budget = kv_cache_bytes(store, 1, RuntimeOptions(dtype=scheme, max_seq=64)) + max(sizes) + (sum(sizes) - max(sizes)) // 4
@@ -150,16 +152,17 @@ def teacher_forced_argmax(dtype: str, devices: int) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def bf16_predictions(smollm2_dir):
-    return teacher_forced_argmax("bfloat16", 1)
+    # the same plan (2 devices) as the quantized stores: only the weights differ
+    return teacher_forced_argmax("bfloat16", 2)
 
 
-# Targets (issue): int8 >= 97%, int4 >= 85%. Measured on SmolLM2-135M: int8 (per output
-# channel, symmetric) 93.0%, int4 (group 32 with min) 98.4%. SmolLM2's residual stream
-# carries activations up to ~2e4 on a few dimensions, so weight error there is amplified:
-# even bfloat16 vs float32 weights agree on only 98.8% of positions. The int8 bound below
-# is therefore what per-channel int8 achieves here, not the 97% target (see
-# docs/quantization.md); int4 meets its target (its grid matches SmolLM2's Q4_1 source).
-AGREEMENT = {"int8": 0.92, "int4": 0.85}
+# Targets (issue): int8 >= 97%, int4 >= 85%, over 256 teacher-forced positions, float32
+# compute on both sides. SmolLM2 is sensitive: bfloat16 against float32 weights already
+# flips 1.2% of the positions and bfloat16 against float32 compute 3.5% (a fifth of the
+# positions have a top-2 logit margin under 0.3). Measured here: int8 97.3% (per output
+# channel, with q, k, v, down kept bfloat16; all seven quantized: 93.0%), int4 98.4% (its
+# grid matches SmolLM2's Q4_1 source). See docs/quantization.md.
+AGREEMENT = {"int8": 0.97, "int4": 0.85}
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])

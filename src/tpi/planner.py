@@ -40,8 +40,13 @@ from tpi.capability import DeviceCapability
 from tpi.config import ModelConfig
 from tpi.plan import DeviceShard, PlanError, ShardPlan, make_plan
 
-# Bytes per parameter in a shard file (int4: 4 bits + a float16 scale and min per 32).
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "int4": 0.625}
+# Bytes per parameter in a shard file (int4: 4 bits + a float16 scale and min per 32; int8:
+# 1 byte, but q, k, v and down stay bfloat16, 41-47% of a Llama's projections: ~1.5).
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1.5, "int4": 0.625}
+# What a loaded quantized parameter adds in a 16-bit compute dtype (int4: repacked for the
+# kernel, 0.5, plus scale and zero in the compute dtype per 32, 0.125); in float32 compute
+# every weight is dequantized to float32 at load (tpi.weights.quant.kernel_form).
+KERNEL_COPY_BYTES = {"int8": 0, "int4": 0.625}
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 FRAME_OVERHEAD_BYTES = 64  # a wire frame's header and JSON around one all-reduce tensor
 ALL_REDUCES_PER_LAYER = 2  # after attention (o_proj) and after the MLP (down_proj)
@@ -73,9 +78,14 @@ class PlannerSettings:
     @property
     def held_bytes(self) -> float:
         """Bytes per parameter of a loaded block, as the scheduler counts them: the file's
-        bytes plus a converted copy when a float storage dtype differs from the compute dtype."""
+        bytes plus a converted copy when a float storage dtype differs from the compute dtype,
+        or a quantized one is dequantized (float32 compute) or repacked (int4)."""
         sb = DTYPE_BYTES[self.storage_dtype]
-        converts = self.storage_dtype in FLOAT_DTYPES and self.storage_dtype != self.compute_dtype
+        if self.storage_dtype not in FLOAT_DTYPES:
+            if self.compute_dtype == "float32":
+                return sb + 4
+            return sb + KERNEL_COPY_BYTES[self.storage_dtype]
+        converts = self.storage_dtype != self.compute_dtype
         return sb + (DTYPE_BYTES[self.compute_dtype] if converts else 0)
 
 

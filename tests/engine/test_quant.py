@@ -11,8 +11,8 @@ from text_sample import DECLARATION
 from tpi.engine import RuntimeOptions, build_inproc_engine, kv_cache_bytes, prepare_store
 from tpi.model.layers import linear
 from tpi.model.sampling import SamplingParams
-from tpi.weights.quant import (Int4Weight, Int8Weight, QuantizedWeight, int4_kernel_bytes, kernel_form, pack_block,
-                               packed_copy_bytes, quantize, quantize_tensors, unpack_int4)
+from tpi.weights.quant import (DenseWeight, Int4Weight, Int8Weight, QuantizedWeight, _repack_int4, int4_kernel_bytes,
+                               kernel_form, pack_block, packed_copy_bytes, quantize, quantize_tensors, unpack_int4)
 
 
 def qw(w, scheme):
@@ -60,12 +60,16 @@ def test_linear_kernels_match_the_dequantized_weight(scheme, shape):
     q = qw(w, scheme)
     ref = F.linear(x, q.dequantize(torch.float32, width), b)
     torch.testing.assert_close(linear(x, q, b), ref, rtol=1e-5, atol=1e-5)          # on the fly
-    k = kernel_form(q, torch.float32)
-    assert isinstance(k, Int8Weight if scheme == "int8" else Int4Weight)
+    k = kernel_form(q, torch.float32)                                     # float32: dequantized once
+    assert isinstance(k, DenseWeight) and k.weight.dtype == torch.float32
     torch.testing.assert_close(linear(x, k, b), ref, rtol=1e-5, atol=1e-5)
+    kern = Int8Weight(q.qweight, q.scale) if scheme == "int8" else _repack_int4(q, torch.float32)
+    torch.testing.assert_close(linear(x, kern, b), ref, rtol=1e-5, atol=1e-5)  # the float32 kernels agree too
     xb, kb = x.bfloat16(), kernel_form(q, torch.bfloat16)
     if scheme == "int8" and width % 8:
         assert kb is q        # torch's int8 kernel crashes on bfloat16 rows of such widths
+    else:
+        assert isinstance(kb, Int8Weight if scheme == "int8" else Int4Weight)
     y = linear(xb, kb, b.bfloat16())
     assert y.dtype == torch.bfloat16 and y.shape == (2, 3, out)
     torch.testing.assert_close(y.float(), ref, rtol=0.02, atol=0.02 * ref.abs().max().item())
@@ -81,14 +85,17 @@ def test_pack_block_counts_what_it_copies(scheme, dtype):
     assert set(stored) == names
     block, copied = pack_block(stored, dtype)
     assert set(block) == {"gate", "input_norm", "gate_bias"}
-    assert isinstance(block["gate"], Int8Weight if scheme == "int8" else Int4Weight) and block["gate"].bits == int(scheme[3])
+    kind = DenseWeight if dtype == torch.float32 else Int8Weight if scheme == "int8" else Int4Weight
+    assert isinstance(block["gate"], kind) and block["gate"].bits == int(scheme[3])
     assert block["input_norm"].dtype == dtype
     # the manifest-side estimate the scheduler budgets with is exact
     info = {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")} for k, v in stored.items()}
     assert packed_copy_bytes(info, dtype) == copied
     floats = 0 if dtype == torch.bfloat16 else (96 + 200) * 4
-    if scheme == "int8":   # the weight is used as stored; only a bfloat16 scale is a copy
-        assert copied == floats + (200 * 2 if dtype == torch.bfloat16 else 0)
+    if dtype == torch.float32:   # the weight dequantized to float32
+        assert copied == floats + 200 * 96 * 4
+    elif scheme == "int8":   # the weight is used as stored; only a bfloat16 scale is a copy
+        assert copied == floats + 200 * 2
     else:                  # repacked weight (rows padded to the kernel's block) + scales and zeros
         rows = block["gate"].packed.shape[0]
         assert rows % 16 == 0 and 200 <= rows < 264
@@ -99,7 +106,7 @@ def test_int4_repack_is_the_kernels_own_layout():
     # the byte-level repack gives exactly what torch's conversion gives, rows padded included
     torch.manual_seed(4)
     q = qw(torch.randn(200, 96), "int4")
-    fast = kernel_form(q, torch.float32).packed                          # (rows, 48)
+    fast = kernel_form(q, torch.bfloat16).packed                         # (rows, 48)
     rows = fast.shape[0]
     unpacked = torch.nn.functional.pad(unpack_int4(q.qweight).to(torch.int32), (0, 0, 0, rows - 200))
     assert torch.equal(fast, torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpacked, 2))

@@ -103,7 +103,9 @@ def test_held_bytes_follow_the_scheduler_accounting():
     # bfloat16 files computed in float32: the file's bytes plus a float32 copy.
     assert PlannerSettings("bfloat16", "float32").held_bytes == 6
     assert PlannerSettings("bfloat16", "bfloat16").held_bytes == 2
-    assert PlannerSettings("int8", "float32").held_bytes == 1  # quantized weights stay packed
+    assert PlannerSettings("int8", "float32").held_bytes == 5.5   # dequantized to float32 at load
+    assert PlannerSettings("int8", "bfloat16").held_bytes == 1.5  # the kernel uses the file's bytes
+    assert PlannerSettings("int4", "bfloat16").held_bytes == 1.25  # repacked for the kernel
     small = dev(20, budget=150 * MiB, disk=50)
     shares = {dt: plan_weights(SMOLLM2, [dev(10), dev(10), small], PlannerSettings(storage_dtype=dt))[2]
               for dt in ("bfloat16", "int8")}

@@ -50,6 +50,11 @@ KERNEL_COPY_BYTES = {"int8": 0, "int4": 0.625}
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 FRAME_OVERHEAD_BYTES = 64  # a wire frame's header and JSON around one all-reduce tensor
 ALL_REDUCES_PER_LAYER = 2  # after attention (o_proj) and after the MLP (down_proj)
+
+
+def all_reduces_per_token(layers: int) -> int:
+    """Two per layer, plus the one that merges the vocabulary-split head's top-k candidates."""
+    return layers * ALL_REDUCES_PER_LAYER + 1
 HOPS_PER_ALL_REDUCE = 2    # star: worker -> master with the partial sum, master -> worker with the total
 REPAIR_ROUNDS, REPAIR_FACTOR = 12, 0.9  # rounding repair in plan_cluster
 
@@ -315,7 +320,7 @@ def estimate(cfg: ModelConfig, plan: ShardPlan, devices: Sequence[DeviceCapabili
     compute_ms = L * (max(attn_ms) + max(mlp_ms))
     disk_ms = max(e.disk_ms for e in per)
     head_ms = _head_flops(cfg) / (devices[0].gflops * 1e9) * 1e3
-    hops = L * ALL_REDUCES_PER_LAYER * HOPS_PER_ALL_REDUCE
+    hops = all_reduces_per_token(L) * HOPS_PER_ALL_REDUCE
     worker_links = list(links or [None])[1:]
     worker_links += [None] * (len(devices) - 1 - len(worker_links))
     if len(devices) > 1 and any(x is None for x in worker_links):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 
-from tpi.planner import ALL_REDUCES_PER_LAYER, DTYPE_BYTES, Link, PlannerSettings, plan_cluster
+from tpi.planner import DTYPE_BYTES, Link, PlannerSettings, all_reduces_per_token, plan_cluster
 
 
 IDLE_RSS_BYTES = 220 * 10**6  # a Python process that has imported torch (/work/shared/BENCHMARKING.md)
@@ -141,7 +141,7 @@ def bounds(cfg, run: dict, machine_cap: dict) -> dict:
     facts = model_facts(cfg)
     lat_s = (run.get("latency_ms") or 0.0) / 1e3
     h = hops(run.get("allreduce", "star"), n)
-    latency_ms = ALL_REDUCES_PER_LAYER * facts["layers"] * h * lat_s * 1e3
+    latency_ms = all_reduces_per_token(facts["layers"]) * h * lat_s * 1e3
     cap = DeviceCapability.from_json(machine_cap["capability"])
     cdt = run.get("compute_dtype") or "float32"
     compute_ms = facts["flops_per_token"] / (gflops(machine_cap) * 1e9) * 1e3

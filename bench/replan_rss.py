@@ -20,8 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "cluster")]
 
 import redis  # noqa: E402
-from procs import Server, free_port  # noqa: E402
-from test_registry_cluster import TOKEN, chat, plan_devices, start_redis, start_worker  # noqa: E402
+from procs import free_port  # noqa: E402
+from test_registry_cluster import chat, plan_devices, start_redis, start_registry_master, start_worker  # noqa: E402
 from tpi.registry import Keys  # noqa: E402
 
 
@@ -36,14 +36,11 @@ def main() -> None:
     ap.add_argument("--cycles", type=int, default=3)
     args = ap.parse_args()
     logs = Path(tempfile.mkdtemp(prefix="replan-rss-"))
-    rport, hub, http = free_port(), free_port(), free_port()
+    rport = free_port()
     redis_proc = start_redis(rport)
     registry = f"redis://127.0.0.1:{rport}/0"
     workers = [start_worker(registry, logs, f"w{i}") for i in (1, 2)]
-    master = Server("master", ["master", "--registry", registry, "--join-token", TOKEN,
-                               "--listen", f"127.0.0.1:{hub}", "--advertise", "127.0.0.1",
-                               "--http", f"127.0.0.1:{http}", "--min-workers", "2", "--dtype", "float32",
-                               "--timeout", "3"], http, logs).wait_ready()
+    master = start_registry_master(registry, logs).wait_ready()
     client = redis.Redis(port=rport)
     print(f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}; logs in {logs}")
     print("| step | devices in plan | master VmRSS MiB | VmHWM MiB |\n|---|---|---|---|")

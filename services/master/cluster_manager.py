@@ -126,7 +126,7 @@ class ClusterManager:
             if old != store.root:
                 shutil.rmtree(old, ignore_errors=True)
                 log.info("deleted the store of an earlier plan: %s", old)
-        self._split_here = [p for p in self._split_here[-2:]]
+        self._split_here = self._split_here[-2:]
         return store
 
     def _drop_cluster(self) -> None:

@@ -66,16 +66,22 @@ def chat(master, stream: bool, max_tokens: int = 64, on_chunk=None) -> str:
     return text
 
 
+def start_registry_master(registry: str, log_dir) -> Server:
+    """A master that finds its (two or more) workers through the registry; not yet ready."""
+    hub, http = free_port(), free_port()
+    return Server("master", ["master", "--registry", registry, "--join-token", TOKEN,
+                             "--listen", f"127.0.0.1:{hub}", "--advertise", "127.0.0.1",
+                             "--http", f"127.0.0.1:{http}", "--min-workers", "2", "--dtype", "float32",
+                             "--timeout", "3"], http, log_dir)
+
+
 @pytest.fixture
 def cluster(tmp_path):
-    rport, hub, http = free_port(), free_port(), free_port()
+    rport = free_port()
     redis_proc = start_redis(rport)
     registry = f"redis://127.0.0.1:{rport}/0"
     workers = [start_worker(registry, tmp_path, f"w{i}") for i in (1, 2)]
-    master = Server("master", ["master", "--registry", registry, "--join-token", TOKEN,
-                               "--listen", f"127.0.0.1:{hub}", "--advertise", "127.0.0.1",
-                               "--http", f"127.0.0.1:{http}", "--min-workers", "2", "--dtype", "float32",
-                               "--timeout", "3"], http, tmp_path)
+    master = start_registry_master(registry, tmp_path)
     state = {"redis": redis_proc, "rport": rport, "registry": registry, "workers": workers,
              "master": master, "dir": tmp_path}
     try:

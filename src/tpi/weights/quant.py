@@ -42,7 +42,20 @@ UNQUANTIZED = {"int8": frozenset({"q", "k", "v", "down"}), "int4": frozenset()}
 QWEIGHT, SCALE, MIN = ".qweight", ".scale", ".min"
 
 
-class QuantizedWeight:
+class WeightTensors:
+    """What every stored-weight form shares: the tensors it holds, and their bytes."""
+
+    __slots__ = ()
+
+    def tensors(self) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors())
+
+
+class QuantizedWeight(WeightTensors):
     """A quantized (out, in) weight; `linear` dequantizes it on the fly."""
 
     __slots__ = ("qweight", "scale", "minimum")
@@ -80,10 +93,6 @@ class QuantizedWeight:
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.qweight, self.scale, self.minimum) if t is not None]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors())
 
     def dequantize(self, dtype: torch.dtype = torch.float32, in_features: int | None = None) -> torch.Tensor:
         """The weight (out, in) in `dtype`."""
@@ -138,7 +147,7 @@ INT4_KERNEL_GROUPS = (32, 64, 128, 256)
 INT4_ROWS = 16          # the int4 kernel's output rows come in multiples of this
 
 
-class Int8Weight:
+class Int8Weight(WeightTensors):
     """int8 (out, in) with a per-row scale in the compute dtype, for aten::_weight_int8pack_mm."""
 
     __slots__ = ("qweight", "scale")
@@ -149,10 +158,6 @@ class Int8Weight:
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.qweight, self.scale]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors())
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         out, width = self.qweight.shape
@@ -166,7 +171,7 @@ class Int8Weight:
         return f"Int8Weight(out={self.qweight.shape[0]}, in={self.qweight.shape[1]})"
 
 
-class Int4Weight:
+class Int4Weight(WeightTensors):
     """int4 in the CPU kernel's packed layout, for aten::_weight_int4pack_mm_for_cpu.
 
     The kernel computes W = (q - 8) * scale + zero per group, so zero = min + 8 * scale.
@@ -182,10 +187,6 @@ class Int4Weight:
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.packed, self.scales_zeros]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors())
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         in_pad = 2 * self.packed.shape[1]
@@ -203,7 +204,7 @@ class Int4Weight:
         return f"Int4Weight(out={self.out_features}, in_pad={2 * self.packed.shape[1]}, group={self.group})"
 
 
-class DenseWeight:
+class DenseWeight(WeightTensors):
     """A quantized weight dequantized once, at load, into the compute dtype (float32 compute:
     torch's float32 weight-only kernels are slower than a float32 matmul, see
     docs/quantization.md). Holds (out, in_pad); `linear` uses the activation's width."""
@@ -215,10 +216,6 @@ class DenseWeight:
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.weight]
-
-    @property
-    def nbytes(self) -> int:
-        return self.weight.nbytes
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         pad = self.weight.shape[1] - x.shape[-1]

@@ -1,5 +1,5 @@
-"""A memory limit for one benchmark process without a container: a cgroup (v1) of its own,
-entered by the child before exec, its peak (page cache included) read afterwards. Needs root
+"""A memory limit for benchmark processes without a container: a cgroup (v1) of their own,
+entered by each child before exec, its peak (page cache included) read afterwards. Needs root
 and the v1 memory controller (this machine's); `available()` says whether both are there.
 """
 from __future__ import annotations
@@ -8,6 +8,7 @@ import itertools
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -27,12 +28,17 @@ class Cgroup:
             (self.path / "memory.limit_in_bytes").write_text(str(limit))
         self.limit = limit
 
+    def _enter(self) -> None:  # runs in the child before exec: the process starts inside this cgroup
+        (self.path / "cgroup.procs").write_text(str(os.getpid()))
+
     def run(self, argv: list[str], timeout: float, env: dict | None = None) -> subprocess.CompletedProcess:
         """Run argv inside this cgroup (it enters before exec), capturing its output."""
-        def enter():
-            (self.path / "cgroup.procs").write_text(str(os.getpid()))
+        return subprocess.run(argv, preexec_fn=self._enter, capture_output=True, text=True, timeout=timeout, env=env)
 
-        return subprocess.run(argv, preexec_fn=enter, capture_output=True, text=True, timeout=timeout, env=env)
+    def spawn(self, argv: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
+        """Start argv inside this cgroup (it enters before exec), its output to `log`; do not wait."""
+        with open(log, "w") as out:
+            return subprocess.Popen(argv, preexec_fn=self._enter, stdout=out, stderr=subprocess.STDOUT, env=env)
 
     def peak(self) -> int:
         return int((self.path / "memory.max_usage_in_bytes").read_text())
@@ -56,3 +62,4 @@ class Cgroup:
                 return
             except OSError:
                 time.sleep(0.2)
+        print(f"warning: could not remove {self.path}", file=sys.stderr)

@@ -31,7 +31,8 @@ from pathlib import Path
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from memory import cgroup_peak, drop_caches, free_port, make_cgroup, oom_killed, remove_cgroup  # noqa: E402
+from memory_run import child_env, cold_start, free_port  # noqa: E402
+from tpi.bench.cgroup import Cgroup  # noqa: E402
 
 MiB, GB = 1 << 20, 10**9
 LLAMA31_70B = dict(
@@ -192,14 +193,6 @@ def proc_status(pid: int) -> dict:
     return out
 
 
-def spawn(cg: Path, argv: list[str], log: Path) -> subprocess.Popen:
-    def enter():  # in the child before exec: the process starts inside its cgroup
-        (cg / "cgroup.procs").write_text(str(os.getpid()))
-
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.Popen(argv, preexec_fn=enter, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
-
-
 def cmd_run(args) -> None:
     from tpi.engine import RuntimeOptions, kv_cache_bytes
     from tpi.weights.scheduler import parse_size
@@ -220,21 +213,21 @@ def cmd_run(args) -> None:
 
     token, hub_port, http_port = secrets.token_hex(16), free_port(), free_port()
     common = ["--join-token", token, "--timeout", "900"]
-    drop_caches()
-    cgs = [make_cgroup(f"tpi70b-{r}", limit) for r in range(world)]
+    cold_start()
+    cgs = [Cgroup(f"tpi70b-{r}", limit) for r in range(world)]
     procs: list[subprocess.Popen] = []
     t0 = time.time()
     try:
         for r in range(1, world):
-            procs.append(spawn(cgs[r], [sys.executable, "-m", "tpi.cli", "worker", "--master",
-                                        f"ws://127.0.0.1:{hub_port}", "--rank", str(r), "--name", f"w{r}",
-                                        "--once", *common], workdir / f"worker-{r}.log"))
-        master = spawn(cgs[0], [sys.executable, "-m", "tpi.cli", "master", "--model", str(store.root),
-                                "--devices", str(world), "--listen", f"127.0.0.1:{hub_port}",
-                                "--http", f"127.0.0.1:{http_port}", "--dtype", "bfloat16",
-                                "--compute-dtype", "bfloat16", "--max-seq", str(args.max_seq),
-                                "--window", str(args.window), "--memory-budget", str(budget), "--slots", "1",
-                                "--start-timeout", "900", *common], workdir / "master.log")
+            procs.append(cgs[r].spawn([sys.executable, "-m", "tpi.cli", "worker", "--master",
+                                       f"ws://127.0.0.1:{hub_port}", "--rank", str(r), "--name", f"w{r}",
+                                       "--once", *common], workdir / f"worker-{r}.log", child_env("1")))
+        master = cgs[0].spawn([sys.executable, "-m", "tpi.cli", "master", "--model", str(store.root),
+                               "--devices", str(world), "--listen", f"127.0.0.1:{hub_port}",
+                               "--http", f"127.0.0.1:{http_port}", "--dtype", "bfloat16",
+                               "--compute-dtype", "bfloat16", "--max-seq", str(args.max_seq),
+                               "--window", str(args.window), "--memory-budget", str(budget), "--slots", "1",
+                               "--start-timeout", "900", *common], workdir / "master.log", child_env("1"))
         procs.insert(0, master)
         url = f"http://127.0.0.1:{http_port}"
         while True:
@@ -276,14 +269,14 @@ def cmd_run(args) -> None:
         kv80 = kv[r] * 80 // cfg.num_layers
         devices.append({
             "rank": r, "role": role, "idle_rss": idle[role], "peak_rss": peak, "rss_end": status[r]["VmRSS"],
-            "cgroup_peak": cgroup_peak(cgs[r]), "oom_killed": oom_killed(cgs[r]), "limit": limit,
+            "cgroup_peak": cgs[r].peak(), "oom_killed": cgs[r].oom_kills() > 0, "limit": limit,
             "largest_piece": largest[r], "kv_bytes": kv[r], "kv_bytes_80_layers": kv80,
             "bound": bound, "within_bound": peak <= bound,
             "bound_with_worker_idle": bound_worker_idle, "within_bound_with_worker_idle": peak <= bound_worker_idle,
             "peak_80_layers": peak + (kv80 - kv[r]), "within_1GB_80_layers": peak + (kv80 - kv[r]) <= GB,
-            "within_limit": max(peak, cgroup_peak(cgs[r])) <= limit,
+            "within_limit": max(peak, cgs[r].peak()) <= limit,
         })
-        remove_cgroup(cgs[r])
+        cgs[r].remove()
     import torch
 
     result = {

@@ -41,6 +41,9 @@ def main() -> None:
     s.add_argument("--world", type=int, default=4)
     s.add_argument("--dtypes", default="bfloat16,int8,int4")
     s.add_argument("--limit", default="1.5GiB", help="cgroup limit for the splitter")
+    s.add_argument("--max-block-size", default=None, metavar="SIZE",
+                   help="cut blocks bigger than this into pieces (default: the product's, "
+                        "tpi.weights.slicing.DEFAULT_MAX_BLOCK_BYTES)")
     r = sub.add_parser("run")
     r.add_argument("--model", required=True)
     r.add_argument("--stores", required=True)

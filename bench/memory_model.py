@@ -64,7 +64,9 @@ def make_model(out: Path, seed: int = 0) -> None:
 def cmd_split(args) -> None:
     """Split the model into the stores the matrix uses, each in a cgroup, recording peaks."""
     from tpi.weights.scheduler import parse_size
+    from tpi.weights.slicing import DEFAULT_MAX_BLOCK_BYTES
 
+    max_block = parse_size(args.max_block_size) if args.max_block_size else DEFAULT_MAX_BLOCK_BYTES
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     records = []
@@ -72,13 +74,15 @@ def cmd_split(args) -> None:
         cold_start()
         cg = Cgroup("tpi-bench-split", parse_size(args.limit))
         code = ("import json,sys,time; from tpi.engine import prepare_store; from tpi.memory import peak_rss_bytes;"
-                f"t=time.time(); prepare_store({args.model!r}, [1.0]*{args.world}, {dtype!r}, {str(out / dtype)!r});"
+                f"t=time.time(); prepare_store({args.model!r}, [1.0]*{args.world}, {dtype!r}, {str(out / dtype)!r}, "
+                f"max_block_bytes={max_block});"
                 "print(json.dumps({'seconds': time.time()-t, 'peak_rss': peak_rss_bytes()}))")
         log = out / f"split-{dtype}.log"
         proc = cg.spawn([sys.executable, "-c", code], log, child_env())
         rc = wait_all([proc], 3600)[0]
         last = log.read_text().strip().splitlines()[-1] if log.read_text().strip() else "{}"
-        rec = {"dtype": dtype, "exit_code": rc, "cgroup_limit": parse_size(args.limit), "cgroup_peak": cg.peak(),
+        rec = {"dtype": dtype, "max_block_bytes": max_block, "exit_code": rc, "cgroup_limit": parse_size(args.limit),
+               "cgroup_peak": cg.peak(),
                **(json.loads(last) if last.startswith("{") else {"error": last})}
         cg.remove()
         records.append(rec)

@@ -121,7 +121,7 @@ def test_prompt_must_fit_the_vocabulary(smollm2_dir):
 def test_the_70b_memory_results_fill_their_slot(tmp_path):
     """The 70B-shaped memory test's own results file (docs/benchmarks-memory-70b.json, from
     bench/memory70b.py) is read into the report's 70B section, device by device."""
-    from tpi.bench.report import memory_70b_section
+    from tpi.bench.other_benchmarks import memory_70b_section
 
     src = Path(__file__).resolve().parents[2] / "docs" / "benchmarks-memory-70b.json"
     if not src.is_file():

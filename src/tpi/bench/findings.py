@@ -1,6 +1,6 @@
 """The report's discussion, computed from the results: for one model, where the measured
 ms/token is far from its physical bound and where the devices' time went. Every figure in the
-text comes from the grouped rows (report.group) and baselines passed in; the words that
+text comes from the grouped rows (results.group) and baselines passed in; the words that
 depend on a figure ("above", "closest") are chosen by comparing figures, so the text cannot go
 stale when the results change. src/tpi/bench/preface.md holds the hand-written part (general
 causes, no figures)."""

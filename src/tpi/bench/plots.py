@@ -1,5 +1,5 @@
 """The report's matplotlib figures, one function a plot, each fed the grouped rows of one model
-(report.group) and returning False when the results hold too little to draw it."""
+(results.group) and returning False when the results hold too little to draw it."""
 from __future__ import annotations
 
 from collections import defaultdict

@@ -181,23 +181,24 @@ def planner(rows: list[dict]) -> list[str]:
     return out
 
 
-def table_devices(rows: list[dict]) -> int:
-    """The device count with the most scheduler and dtype variants measured (ties: the larger)."""
+def table_rows(rows: list[dict]) -> list[dict]:
+    """The rows the paper's table compares: 0 ms star links, no bandwidth cap, at the device count
+    with the most scheduler and dtype variants measured (ties: the larger)."""
+    base = [r for r in rows if r["config"]["latency_ms"] == 0 and r["config"]["allreduce"] == "star"
+            and not r["config"].get("bandwidth")]
     by = defaultdict(set)
-    for r in rows:
+    for r in base:
         c = r["config"]
         by[c["devices"]].add((c.get("no_scheduler"), c.get("memory_budget"), c["window"], c["dtype"]))
-    return max(by, key=lambda n: (len(by[n]), n))
+    n = max(by, key=lambda k: (len(by[k]), k), default=None)
+    return [r for r in base if r["config"]["devices"] == n]
 
 
 def systems(rows: list[dict], baselines: list[dict]) -> list[str]:
     """TPI against itself (scheduler off / window / default budget) and against the baselines."""
-    base = [r for r in rows if r["config"]["latency_ms"] == 0 and r["config"]["allreduce"] == "star"
-            and not r["config"].get("bandwidth")]
+    base = table_rows(rows)
     if not base:
         return []
-    n = table_devices(base)
-    base = [r for r in base if r["config"]["devices"] == n]
     off = [r for r in base if r["config"].get("no_scheduler")]
     out = []
     hf = {}
@@ -228,13 +229,11 @@ def systems(rows: list[dict], baselines: list[dict]) -> list[str]:
 
 def ttft(rows: list[dict], baselines: list[dict]) -> list[str]:
     """TTFT against the token latency: how much the prompt's forward pass costs beyond one step."""
-    base = [r for r in rows if r["config"]["latency_ms"] == 0 and r["config"]["allreduce"] == "star"
-            and not r["config"].get("bandwidth")]
+    base = table_rows(rows)
     if not base:
         return []
-    n = table_devices(base)
     parts = [f"{label(r['config'])}: {r['ttft_s']:.1f} s, {r['ttft_s'] * 1e3 / r['ms']:.1f}x its token latency"
-             for r in base if r["config"]["devices"] == n]
+             for r in base]
     by = defaultdict(list)
     for b in baselines:
         by[(b["config"]["system"], b["config"]["dtype"])].append(b["result"])

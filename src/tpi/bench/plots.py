@@ -8,13 +8,14 @@ from pathlib import Path
 MiB = 2**20
 
 
-def _plt():
+def _figure():
+    """(figure, axes) of one plot, drawn off-screen (matplotlib is imported only here)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt
+    return plt.subplots(figsize=(7, 4.5))
 
 
 def _save(fig, ax, path: Path) -> None:
@@ -41,8 +42,7 @@ def plot_latency(rows: list[dict], title: str, path: Path) -> bool:
     series = link_series(rows)
     if not series:
         return False
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = _figure()
     for (runner, n, mode, limit, budget), rs in sorted(series.items()):
         xs = [r["config"]["latency_ms"] for r in rs]
         label = f"{mode}, {n} devices ({runner}{', limit ' + limit if limit else ''})"
@@ -74,8 +74,7 @@ def plot_memory(rows: list[dict], baselines: list[dict], title: str, path: Path)
     pts = memory_series(rows)
     if not pts:
         return False
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = _figure()
     for (runner, limit), by_n in sorted(pts.items()):
         ns = sorted(by_n)
         tag = f"{runner}{', limit ' + limit if limit else ', no limit'}"
@@ -129,8 +128,7 @@ def plot_budget(rows: list[dict], baselines: list[dict], title: str, path: Path)
     pts = budget_points(rows)
     if not pts:
         return False
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = _figure()
     finite = [b for v in pts.values() for b, _ in v if b] + [
         b["config"]["max_memory_bytes"] for b in baselines if b["config"].get("max_memory_bytes")]
     right = max(finite) * 1.6 / MiB

@@ -98,13 +98,11 @@ def baseline_table(runs: list[dict]) -> str:
 def paper_table(rows: list[dict], baselines: list[dict]) -> str:
     """The paper's shape: TTFT, token latency and peak memory per system, scheduler off and on,
     at 0 ms star links with the device count that has the most variants, beside the baselines."""
-    base = [r for r in rows if r["config"]["latency_ms"] == 0 and r["config"]["allreduce"] == "star"
-            and not r["config"].get("bandwidth")]
+    base = findings.table_rows(rows)
     if not base:
         return ""
-    n = findings.table_devices(base)
-    base = sorted((r for r in base if r["config"]["devices"] == n),
-                  key=lambda r: (not r["config"].get("no_scheduler"), r["config"].get("memory_budget") or "~"))
+    n = base[0]["config"]["devices"]
+    base = sorted(base, key=lambda r: (not r["config"].get("no_scheduler"), r["config"].get("memory_budget") or "~"))
     acc = [b["result"]["token_latency_s"] * 1e3 for b in baselines  # at tpi's storage dtype
            if b["config"].get("offload") and b["config"]["dtype"] == "bfloat16"]
     acc_ms = statistics.median(acc) if acc else None

@@ -195,14 +195,14 @@ def proc_status(pid: int) -> dict:
 
 def cmd_run(args) -> None:
     from tpi.engine import RuntimeOptions, kv_cache_bytes
-    from tpi.weights.scheduler import parse_size
+    from tpi.weights.scheduler import block_costs, parse_size
     from tpi.weights.store import ShardStore
 
     store = ShardStore(args.store)
     world, cfg = store.plan.world_size, store.config
     limit = parse_size(args.limit)
     opts = RuntimeOptions(dtype="bfloat16", compute_dtype="bfloat16", max_seq=args.max_seq, window=args.window)
-    largest = [max(store.file_bytes(f) for f in store.block_files(r)) for r in range(world)]
+    largest = [max(block_costs(store, r, opts.torch_compute_dtype())) for r in range(world)]
     kv = [kv_cache_bytes(store, r, opts) for r in range(world)]
     budget = max(kv) + args.window * max(largest)            # the window and the KV cache; nothing retained
     workdir = Path(args.workdir)

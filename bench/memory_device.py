@@ -21,6 +21,7 @@ def device_main(args) -> None:
     from tpi.comm.gloo import GlooCommunicator, make_store
     from tpi.engine import RuntimeOptions, build_runner, open_embedding
     from tpi.memory import peak_rss_bytes, rss_bytes
+    from tpi.weights.scheduler import block_costs
     from tpi.weights.store import ShardStore
 
     rank, world = args.rank, args.world
@@ -79,7 +80,7 @@ def device_main(args) -> None:
     describe = getattr(runner.blocks, "describe", None)
     result.update(peak_rss=peak_rss_bytes(), kv_bytes=runner.cache.nbytes,
                   blocks=describe() if describe else None,
-                  largest_block=max(store.files[f].bytes for f in store.block_files(rank)),
+                  largest_block=max(block_costs(store, rank, opts.torch_compute_dtype())),
                   head_bytes=0)  # the output head is in every device's slice; the master holds no table
     Path(args.result).write_text(json.dumps(result))
     runner.blocks.close()

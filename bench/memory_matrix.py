@@ -18,11 +18,15 @@ GiB, MiB = 1 << 30, 1 << 20
 
 
 def slice_info(store_dir: Path, world: int) -> dict:
+    import torch
+
     from tpi.engine import RuntimeOptions, kv_cache_bytes
+    from tpi.weights.scheduler import block_costs
     from tpi.weights.store import ShardStore
 
     store = ShardStore(store_dir)
-    sizes = [[store.files[f].bytes for f in store.block_files(r)] for r in range(world)]
+    # what each block holds once loaded (bfloat16 compute: a bfloat16 block as read), the budget's unit
+    sizes = [block_costs(store, r, torch.bfloat16) for r in range(world)]
     return {"slice": max(sum(s) for s in sizes), "largest": max(max(s) for s in sizes),
             "head": 0, "sizes": sizes, "store": store,
             "kv": lambda opts: max(kv_cache_bytes(store, r, RuntimeOptions(**opts)) for r in range(world))}

@@ -25,9 +25,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "(per output channel) / int4 (groups of 32)")
     p.add_argument("--compute-dtype", default=None, help="compute dtype (default: float32; bfloat16 halves weight memory)")
     p.add_argument("--max-seq", type=int, default=2048, help="context length (KV cache size)")
-    p.add_argument("--max-block-size", default="64MiB", metavar="SIZE",
+    p.add_argument("--max-block-size", default=None, metavar="SIZE",
                    help="shard store: cut MLP blocks and output-head slices bigger than this into pieces "
-                        "(the window counts pieces; default 64MiB)")
+                        "(the window counts pieces; default 16MiB)")
     p.add_argument("--head-topk", type=int, default=128, metavar="K",
                    help="output-head candidates per device: sampling is exact for greedy and top-k <= K (default 128)")
 
@@ -56,8 +56,10 @@ def runtime_options(args):
 
 def max_block_bytes(args) -> int:
     from tpi.weights.scheduler import parse_size
+    from tpi.weights.slicing import DEFAULT_MAX_BLOCK_BYTES
 
-    return parse_size(getattr(args, "max_block_size", None) or "64MiB")
+    size = getattr(args, "max_block_size", None)
+    return parse_size(size) if size else DEFAULT_MAX_BLOCK_BYTES
 
 
 def build_parser() -> argparse.ArgumentParser:

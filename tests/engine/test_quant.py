@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from text_sample import DECLARATION
 from tpi.engine import RuntimeOptions, build_inproc_engine, kv_cache_bytes, prepare_store
+from tpi.weights.scheduler import block_costs
 from tpi.model.layers import linear
 from tpi.model.sampling import SamplingParams
 from tpi.weights.quant import (DenseWeight, Int4Weight, Int8Weight, QuantizedWeight, _repack_int4, int4_kernel_bytes,
@@ -126,7 +127,7 @@ def test_quantized_store_streams_like_it_is_resident(tiny_model, scheme):
     kept = names.get("down", {}).get("dtype")      # int8 leaves q, k, v, down in bfloat16
     assert kept == ("bfloat16" if scheme == "int8" else None)
     # bytes each file holds once loaded (the output-head slice stays bfloat16: converted to float32)
-    sizes = [store.files[f].bytes + packed_copy_bytes(store.files[f].tensors, torch.float32) for f in store.block_files(1)]
+    sizes = block_costs(store, 1, torch.float32)
     budget = kv_cache_bytes(store, 1, RuntimeOptions(dtype=scheme, max_seq=64)) + max(sizes) + (sum(sizes) - max(sizes)) // 4
     runs = []
     for opts in (RuntimeOptions(dtype=scheme, max_seq=64, scheduler=False),

@@ -14,7 +14,7 @@ from tpi.comm.base import CommError
 from tpi.engine import RuntimeOptions, build_inproc_engine, kv_cache_bytes, prepare_store
 from tpi.model.blocks import ResidentBlocks
 from tpi.model.sampling import SamplingParams
-from tpi.weights.scheduler import (MemoryBudgetError, SlidingWindowBlocks, parse_size, plan_retention)
+from tpi.weights.scheduler import (MemoryBudgetError, SlidingWindowBlocks, block_costs, parse_size, plan_retention)
 from tpi.weights.slicing import DEFAULT_MAX_BLOCK_BYTES
 from tpi.weights.store import StoreError
 
@@ -67,6 +67,14 @@ def test_plan_spreads_residents_and_stays_within_budget():
         assert sorted(plan.resident + plan.streamed) == list(range(len(costs)))
 
 
+def test_plan_keeps_a_big_block_resident_when_that_shrinks_every_slot():
+    costs = [10] * 8 + [40]                     # e.g. 8 MLP pieces and one big head slice
+    plan = plan_retention(costs, 2, 80)
+    assert 8 in plan.resident and plan.slot_cost == 10
+    assert sum(costs[i] for i in plan.streamed) == 60   # sizing slots by the big block: 120
+    assert plan.planned_bytes <= 80
+
+
 # --- end to end on the in-process cluster ----------------------------------------------
 
 def slice_bytes(store, rank):
@@ -74,9 +82,15 @@ def slice_bytes(store, rank):
     return [store.files[rel].bytes for rel in store.block_files(rank)]
 
 
+def slice_costs(store, rank, compute_dtype=torch.float32):
+    """Bytes each of those blocks holds once loaded (the scheduler's budget rule)."""
+    return block_costs(store, rank, compute_dtype)
+
+
 def budget_for(store, opts, window, fraction):
     """A per-device budget: KV cache + `window` largest blocks + `fraction` of the slice."""
-    return max(kv_cache_bytes(store, r, opts) + window * max(slice_bytes(store, r)) + int(fraction * sum(slice_bytes(store, r)))
+    return max(kv_cache_bytes(store, r, opts) + window * max(slice_costs(store, r, opts.torch_compute_dtype()))
+               + int(fraction * sum(slice_costs(store, r, opts.torch_compute_dtype())))
                for r in range(store.plan.world_size))
 
 
@@ -154,7 +168,7 @@ def test_budget_holding_the_slice_reads_nothing_after_start(tiny_model):
         assert read == [sum(slice_bytes(store, r)) for r in range(2)]
         engine.generator.generate(PROMPT, SamplingParams(max_new_tokens=6))
         assert [b.stats.bytes_read for b in blocks] == read
-        assert all(b.stats.high_water_bytes <= sum(slice_bytes(store, r)) for r, b in enumerate(blocks))
+        assert all(b.stats.high_water_bytes <= sum(slice_costs(store, r)) for r, b in enumerate(blocks))
     finally:
         engine.close()
 
@@ -166,7 +180,8 @@ def test_conversions_are_counted_in_the_budget(tiny_model):
     opts = RuntimeOptions(dtype="bfloat16", compute_dtype="float32", max_seq=64)
     kv = kv_cache_bytes(store, 0, opts)
     # each loaded block costs its file plus a float32 copy (about 3x the file)
-    budget = kv + 2 * 3 * max(slice_bytes(store, 0)) + sum(slice_bytes(store, 0)) // 2
+    costs = slice_costs(store, 0, torch.float32)
+    budget = kv + 2 * max(costs) + sum(costs) // 2
     opts = RuntimeOptions(dtype="bfloat16", compute_dtype="float32", max_seq=64, memory_budget=budget)
     tokens, blocks = run(model, [1.0, 1.0], opts)
     expected, _ = run(model, [1.0, 1.0], RuntimeOptions(dtype="bfloat16", compute_dtype="float32",
@@ -181,7 +196,7 @@ def test_budget_too_small_for_the_window_is_refused(tiny_model):
     model = tiny_model(TINY)
     store = prepare_store(str(model), [1.0, 1.0], "float32", max_block_bytes=CAP)
     opts = RuntimeOptions(dtype="float32", max_seq=64, window=2)
-    small = kv_cache_bytes(store, 0, opts) + max(slice_bytes(store, 0)) + 1
+    small = kv_cache_bytes(store, 0, opts) + max(slice_costs(store, 0)) + 1
     with pytest.raises(MemoryBudgetError, match="cannot hold a window of 2 blocks"):
         build_inproc_engine(str(model), [1.0, 1.0], RuntimeOptions(dtype="float32", max_seq=64, memory_budget=small),
                             max_block_bytes=CAP)
@@ -193,7 +208,7 @@ def test_budget_too_small_for_the_window_is_refused(tiny_model):
 def test_streamed_blocks_are_views_of_the_window_buffers(tiny_model):
     model = tiny_model(TINY)
     store = prepare_store(str(model), [1.0, 1.0], "float32", max_block_bytes=CAP)
-    src = SlidingWindowBlocks(store, 1, window=2, budget_bytes=2 * max(slice_bytes(store, 1)),
+    src = SlidingWindowBlocks(store, 1, window=2, budget_bytes=2 * max(slice_costs(store, 1)),
                               compute_dtype=torch.float32)
     try:
         assert not src.plan.resident
@@ -206,7 +221,7 @@ def test_streamed_blocks_are_views_of_the_window_buffers(tiny_model):
                 ref = store.load_block(1, layer, kind)
                 assert all(torch.equal(blk[k], ref[k]) for k in ref)
                 src.release(layer, kind)
-        assert src.stats.held_bytes == 2 * max(slice_bytes(store, 1))
+        assert src.stats.held_bytes == 2 * max(slice_costs(store, 1))
     finally:
         src.close()
 
@@ -219,7 +234,7 @@ def private_store(tiny_model, tmp_path):
     model = tiny_model(TINY)
     store = prepare_store(str(model), [1.0, 1.0], "float32", out=tmp_path / "store", max_block_bytes=CAP)
     opts = RuntimeOptions(dtype="float32", max_seq=64, window=2)
-    budget = max(kv_cache_bytes(store, r, opts) + 2 * max(slice_bytes(store, r)) for r in range(2))
+    budget = max(kv_cache_bytes(store, r, opts) + 2 * max(slice_costs(store, r)) for r in range(2))
     return model, store, RuntimeOptions(dtype="float32", max_seq=64, window=2, memory_budget=budget)
 
 

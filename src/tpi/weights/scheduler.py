@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 from tpi.weights.quant import QUANTIZED_KINDS, pack_block, packed_copy_bytes
-from tpi.weights.store import ShardStore, StoreError, read_into, tensors_from_buffer
+from tpi.weights.store import ShardStore, StoreError, aligned_bytes, aligned_empty, read_into, tensors_from_buffer
 from tpi.model.blocks import Block, BlockSource
 
 Key = tuple[int, str, int]  # (layer, "attn" | "mlp" | "head", piece)
@@ -142,6 +142,14 @@ def default_device_budget(devices_in_process: int = 1, limit: int | None = None,
 
 # --- the retention plan ----------------------------------------------------------------
 
+def block_costs(store: ShardStore, rank: int, compute_dtype: torch.dtype) -> list[int]:
+    """Bytes each block of the device's slice holds when loaded, in execution order: its read
+    buffer (the file rounded up to whole pages, see `aligned_empty`) plus any dtype
+    conversions. The budget is planned and accounted by this one rule."""
+    return [aligned_bytes(store.files[rel].bytes) + packed_copy_bytes(store.files[rel].tensors, compute_dtype)
+            for rel in store.block_files(rank)]
+
+
 @dataclass(frozen=True)
 class RetentionPlan:
     resident: tuple[int, ...]     # indices (in execution order) of blocks kept for good
@@ -154,32 +162,49 @@ class RetentionPlan:
 def plan_retention(costs: list[int], window: int, budget: int | None) -> RetentionPlan:
     """Choose the resident blocks. costs[i]: bytes block i holds when loaded (execution order).
 
-    Everything is resident when it fits (or there is no budget). Otherwise the window takes
-    min(window, streamed) slots of the largest streamed block, and the rest of the budget
-    holds resident blocks picked evenly through the order (by bytes), then topped up."""
+    Everything is resident when it fits (or there is no budget). Otherwise the plan streams
+    as few bytes per token as the budget allows: the window takes min(window, streamed) slots
+    the size of the largest streamed block, so keeping the biggest blocks resident can shrink
+    every slot. Each candidate slot size is tried (blocks above it must be resident); for each,
+    the rest of the budget holds blocks picked evenly through the order (by bytes), then
+    topped up; the candidate streaming the fewest bytes wins."""
     n = len(costs)
     if window < 1:
         raise MemoryBudgetError(f"the window must hold at least one block, got {window}")
     total = sum(costs)
     if budget is None or total <= budget:
         return RetentionPlan(tuple(range(n)), (), 0, 0, total)
-    largest = max(costs)
-    if window * largest > budget:
+    plans = [p for p in (_plan_for_slot(costs, window, budget, s) for s in sorted(set(costs))) if p]
+    if not plans:
+        largest = max(costs)
+        need = min(window * s + sum(c for c in costs if c > s) for s in set(costs))
         fits = budget // largest
         raise MemoryBudgetError(
             f"memory budget {format_size(budget)} cannot hold a window of {window} blocks of up to "
             f"{format_size(largest)}; " + (f"use --window {fits} or " if fits else "")
-            + f"give a budget of at least {format_size(window * largest)}")
-    resident: set[int] = set()
-    avail = budget - window * largest
+            + f"give a budget of at least {format_size(need)}")
+    plan = min(plans, key=lambda p: (sum(costs[i] for i in p.streamed), p.planned_bytes))
+    assert plan.planned_bytes <= budget, (plan, budget)
+    return plan
+
+
+def _plan_for_slot(costs: list[int], window: int, budget: int, slot: int) -> RetentionPlan | None:
+    """The plan whose streamed blocks all cost at most `slot`; None if that cannot fit."""
+    n = len(costs)
+    resident = {i for i in range(n) if costs[i] > slot}
+    used = sum(costs[i] for i in resident)
+    avail = budget - window * slot - used
+    if avail < 0:
+        return None
     # Evenly by bytes: block i becomes resident when the bytes "owed" so far cover it.
-    frac, owed, used = avail / total, 0.0, 0
-    for i, c in enumerate(costs):
-        owed += frac * c
-        if owed >= c and used + c <= avail:
+    candidates = [i for i in range(n) if i not in resident]
+    frac, owed = avail / sum(costs[i] for i in candidates), 0.0
+    for i in candidates:
+        owed += frac * costs[i]
+        if owed >= costs[i] and used + costs[i] <= budget - window * slot:
             resident.add(i)
-            owed -= c
-            used += c
+            owed -= costs[i]
+            used += costs[i]
     while True:  # top up: a smaller or shorter window can free room for more residents
         streamed = [i for i in range(n) if i not in resident]
         slots = min(window, len(streamed))
@@ -193,9 +218,7 @@ def plan_retention(costs: list[int], window: int, budget: int | None) -> Retenti
     streamed = [i for i in range(n) if i not in resident]
     slots = min(window, len(streamed))
     slot_cost = max(costs[i] for i in streamed)
-    plan = RetentionPlan(tuple(sorted(resident)), tuple(streamed), slots, slot_cost, used + slots * slot_cost)
-    assert plan.planned_bytes <= budget, (plan, budget)
-    return plan
+    return RetentionPlan(tuple(sorted(resident)), tuple(streamed), slots, slot_cost, used + slots * slot_cost)
 
 
 # --- integrity -------------------------------------------------------------------------
@@ -274,8 +297,7 @@ class SlidingWindowBlocks(BlockSource):
         if missing:
             raise StoreError(f"{store.root}: manifest lists no {missing[0]} (device {rank} not in this store?)")
         file_bytes = [store.files[r].bytes for r in self.rels]
-        copy_bytes = [packed_copy_bytes(store.files[r].tensors, compute_dtype) for r in self.rels]
-        self.plan = plan_retention([f + c for f, c in zip(file_bytes, copy_bytes)], window, budget_bytes)
+        self.plan = plan_retention(block_costs(store, rank, compute_dtype), window, budget_bytes)
         self.stats = SchedulerStats(budget_bytes=budget_bytes)
         self.verifier = FileVerifier(store)
         self._lock = threading.Lock()  # guards stats
@@ -286,9 +308,9 @@ class SlidingWindowBlocks(BlockSource):
         self.streamed: list[Key] = [self.order[i] for i in self.plan.streamed]
         self._pos = {key: p for p, key in enumerate(self.streamed)}
         slot_bytes = max((file_bytes[i] for i in self.plan.streamed), default=0)
-        self.slots = [_Slot(torch.empty(slot_bytes, dtype=torch.uint8)) for _ in range(self.plan.slots)]
+        self.slots = [_Slot(aligned_empty(slot_bytes)) for _ in range(self.plan.slots)]
         self._free = list(self.slots)
-        self._account(slot_bytes * self.plan.slots)
+        self._account(aligned_bytes(slot_bytes) * self.plan.slots)
         self._cond = threading.Condition()
         self._ready: dict[Key, _Pending] = {}
         self._in_use: Key | None = None
@@ -339,12 +361,13 @@ class SlidingWindowBlocks(BlockSource):
         return block, size, copied
 
     def _load_resident(self, i: int) -> Block:
-        buf = torch.empty(self.store.files[self.rels[i]].bytes, dtype=torch.uint8)
-        self._account(buf.numel())
+        held = aligned_bytes(self.store.files[self.rels[i]].bytes)
+        buf = aligned_empty(self.store.files[self.rels[i]].bytes)
+        self._account(held)
         block, size, copied = self._read(i, buf)
         ptr = buf.untyped_storage().data_ptr()
         if not any(t.untyped_storage().data_ptr() == ptr for t in _tensors_of(block)):
-            self._account(-buf.numel())  # every tensor was converted: the buffer goes
+            self._account(-held)  # every tensor was converted: the buffer goes
         self._account(copied)
         return block
 

@@ -61,7 +61,7 @@ HEAD_TENSORS = {
 
 BLOCK_KINDS = ("attn", "mlp")
 HEAD_KIND = "head"            # the output head: a pseudo-layer after the last one
-DEFAULT_MAX_BLOCK_BYTES = 64 << 20
+DEFAULT_MAX_BLOCK_BYTES = 16 << 20  # small pieces: small window slots, fine-grained retention
 # Bytes per stored element, to size pieces before writing them (int4: two per byte; the
 # small scales are left out, so a quantized piece may exceed the cap by a few percent).
 ELEMENT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "int4": 0.5}

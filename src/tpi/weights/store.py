@@ -17,13 +17,15 @@ sliding-window scheduler, which re-reads blocks every token, checks the sha256 o
 read of each file and again whenever the file's stat changes: see tpi.weights.scheduler.)
 
 Block files are safetensors. Besides the whole-file `load`, this module reads them without
-copies: `read_into` fills a caller's uint8 buffer chunk by chunk, dropping each chunk from
-the page cache, and `tensors_from_buffer` makes the tensors as views of that buffer.
+copies: `read_into` fills a caller's uint8 buffer (with O_DIRECT where it can, else chunk by
+chunk, dropping each chunk from the page cache), and `tensors_from_buffer` makes the tensors
+as views of that buffer.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -142,14 +144,14 @@ class ShardStore:
         if entry is None:
             raise StoreError(f"{rel} is not listed in {self.root / MANIFEST}")
         path = self.root / rel
-        buf = torch.empty(entry.bytes, dtype=torch.uint8)
+        buf = aligned_empty(entry.bytes)
         try:
             size, _ = read_into(path, buf)
         except FileNotFoundError:
             raise StoreError(f"block file missing: {path}") from None
         if size != entry.bytes:
             raise StoreError(f"block file {path} has {size} bytes, manifest says {entry.bytes} (truncated?)")
-        if hashlib.sha256(memoryview(buf.numpy())).hexdigest() != entry.sha256:
+        if hashlib.sha256(memoryview(buf[:size].numpy())).hexdigest() != entry.sha256:
             raise StoreError(f"block file {path} failed its sha256 check (altered or corrupt)")
         return tensors_from_buffer(buf, size, str(path))
 
@@ -197,35 +199,101 @@ SAFETENSORS_DTYPES = {
     "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32,
     "I64": torch.int64, "BOOL": torch.bool,
 }
-READ_CHUNK = 8 << 20  # bytes read (then dropped from the page cache) per system call
+READ_CHUNK = 8 << 20  # bytes per system call of a buffered read (then dropped from the page cache)
+DIRECT_CHUNK = 32 << 20  # bytes per O_DIRECT read: bigger requests stream faster (dd: 4 MiB 608, 64 MiB 784 MB/s)
+DIRECT_ALIGN = 4096   # O_DIRECT wants the buffer address, file offset and length aligned to this
+
+
+def aligned_bytes(nbytes: int) -> int:
+    """What `aligned_empty(nbytes)` allocates: nbytes rounded up to whole DIRECT_ALIGN pages."""
+    return -(-nbytes // DIRECT_ALIGN) * DIRECT_ALIGN
+
+
+def aligned_empty(nbytes: int) -> torch.Tensor:
+    """A (aligned_bytes(nbytes),) uint8 buffer on fresh anonymous pages (page-aligned start and
+    length), so `read_into` can fill it with O_DIRECT; unmapped when the last view goes."""
+    size = aligned_bytes(nbytes)
+    if size == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    return torch.frombuffer(mmap.mmap(-1, size), dtype=torch.uint8)
 
 
 def read_into(path: str | Path, buf: torch.Tensor) -> tuple[int, os.stat_result]:
-    """Read the whole file at `path` into the front of `buf` (1-D uint8, large enough),
-    chunk by chunk, dropping each chunk's page-cache pages as soon as it is copied, so a
-    device's page cache never holds more than one chunk of a streamed block.
-    Returns (bytes read, fstat of the file read). Raises FileNotFoundError if missing."""
+    """Read the whole file at `path` into the front of `buf` (1-D uint8, large enough).
+    Returns (bytes read, fstat of the file read). Raises FileNotFoundError if missing.
+
+    The page cache is kept out of a device's memory limit either way: with O_DIRECT (when
+    `buf` comes from `aligned_empty` and the file system takes it) the kernel reads into
+    `buf` without caching, and on a shared disk several devices' streams go faster and cost
+    half the CPU (measured: 4 concurrent readers, 16 MiB pieces, 1.6x the throughput of
+    buffered reads); otherwise the file is read chunk by chunk and each chunk's pages dropped
+    as soon as it is copied."""
+    view = memoryview(buf.numpy()).cast("B")
+    fd = _open_direct(path) if buf.numel() % DIRECT_ALIGN == buf.data_ptr() % DIRECT_ALIGN == 0 else None
+    if fd is not None:
+        try:
+            st = os.fstat(fd)
+            if st.st_size > len(view):
+                raise StoreError(f"{path} has {st.st_size} bytes, more than the {len(view)}-byte buffer (manifest out of date?)")
+            if _read_direct(fd, view, st.st_size, path):
+                return st.st_size, st
+        finally:
+            os.close(fd)
     fd = os.open(path, os.O_RDONLY)
     try:
         st = os.fstat(fd)
-        size = st.st_size
-        if size > buf.numel():
-            raise StoreError(f"{path} has {size} bytes, more than the {buf.numel()}-byte buffer (manifest out of date?)")
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        except (AttributeError, OSError):
-            pass
-        view = memoryview(buf.numpy()).cast("B")
-        done = 0
-        while done < size:
-            n = os.preadv(fd, [view[done : min(size, done + READ_CHUNK)]], done)
-            if n == 0:
-                raise StoreError(f"{path} shrank while being read ({done} of {size} bytes)")
-            _drop_cache(fd, done, n)
-            done += n
-        return size, st
+        if st.st_size > len(view):
+            raise StoreError(f"{path} has {st.st_size} bytes, more than the {len(view)}-byte buffer (manifest out of date?)")
+        _read_buffered(fd, view, st.st_size, path)
+        return st.st_size, st
     finally:
         os.close(fd)
+
+
+def _open_direct(path: str | Path) -> int | None:
+    """An O_DIRECT descriptor of `path`, or None where the system has none."""
+    direct = getattr(os, "O_DIRECT", 0)
+    if not direct:
+        return None
+    try:
+        return os.open(path, os.O_RDONLY | direct)
+    except OSError as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        return None  # e.g. EINVAL: the file system does not support O_DIRECT
+
+
+def _read_direct(fd: int, view: memoryview, size: int, path) -> bool:
+    """O_DIRECT read of the whole file; False if the file system refuses aligned reads."""
+    done = 0
+    while done < size:
+        end = min(len(view), done + DIRECT_CHUNK)                # aligned: len(view) is
+        try:
+            n = os.preadv(fd, [view[done:end]], done)
+        except OSError:
+            if done == 0:
+                return False
+            raise
+        if n == 0:
+            raise StoreError(f"{path} shrank while being read ({done} of {size} bytes)")
+        done += n
+        if n % DIRECT_ALIGN and done < size:                      # a short read off the grid
+            raise StoreError(f"{path} changed while being read ({done} of {size} bytes)")
+    return True
+
+
+def _read_buffered(fd: int, view: memoryview, size: int, path) -> None:
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+    except (AttributeError, OSError):
+        pass
+    done = 0
+    while done < size:
+        n = os.preadv(fd, [view[done : min(size, done + READ_CHUNK)]], done)
+        if n == 0:
+            raise StoreError(f"{path} shrank while being read ({done} of {size} bytes)")
+        _drop_cache(fd, done, n)
+        done += n
 
 
 def parse_header(prefix: bytes | memoryview, where: str = "") -> tuple[dict, int]:

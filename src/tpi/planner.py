@@ -2,34 +2,54 @@
 of the time per token, broken down so the cluster status can show where it goes.
 
 Pure functions of (model config, device capabilities, links, settings); no I/O.
-Device 0 is always the master: it also runs the head (embedding, final norm, LM head).
+Device 0 is always the master. It holds no embedding table (it reads its tokens' rows from
+embed.safetensors on demand, a few KB per token, not modelled) and, like every device,
+holds and scores its own slice of the vocabulary (`DeviceShard.vocab`, split in proportion
+to the weights): the output head is one more block after the last layer, cut into pieces
+and streamed or kept resident by the scheduler like any other.
 
 The rule (docs/registry.md has the derivation):
 
-  A device given a share w of every layer's work (heads and MLP columns) needs per token
+  A device given a share w of every layer's work (heads, MLP columns) and of the vocabulary
+  needs per token
       t_i(w) = max( w*F / speed_i ,  stream_i(w) / disk_i )
-  where F is the FLOPs of all layers and
-      stream_i(w) = max(0, w*A - R_i) * storage_bytes / held_bytes
+  where F is the FLOPs of all layers plus the output head (2*V*H), and
+      stream_i(w) = 0                                          if w*(P*hb + KV) <= R_i
+                  = (w*(P*hb + KV) + window(w) - R_i) * sb/hb   otherwise
   the bytes the sliding-window scheduler re-reads from disk each token because the slice
-  does not fit: A is the memory one share needs (its blocks as the scheduler holds them,
-  a window of `window_blocks` blocks for streaming, and the KV cache) and R_i the device's
-  budget less what it holds besides (norms, and on the master the head). Reading overlaps compute
-  (the scheduler prefetches), hence the max. The master's head runs after the last layer,
-  while the workers wait, so it adds to the token time but not to the master's share.
+  does not fit: P is the parameters of all layers and the output head, hb the bytes a loaded
+  parameter holds, KV the whole model's KV cache, R_i the device's budget less the
+  replicated norms, and
+      window(w) = window_blocks * hb * max(w*attn, min(w*mlp, cap), min(w*head, cap))
+  the scheduler's window slots: attention blocks are never cut, MLP blocks and head slices
+  are cut into pieces of at most cap = settings.max_block_bytes (in stored bytes). Reading
+  overlaps compute (the scheduler prefetches), hence the max.
+
+  Approximated in this continuous model (the estimate of a concrete plan below is exact):
+  the window slot is the largest piece's upper bound (the runtime cuts near-equal pieces,
+  so a little smaller), the scheduler's choice of which blocks to keep is taken to stream
+  exactly the overflow, and file headers and page rounding are left out.
 
   The planner picks shares that sum to 1 and equalise t_i, i.e. minimise the slowest device's
   time (bisection on T for sum_i w_i(T) = 1, with w_i(T) the largest share device i finishes
-  in T). When every slice fits its budget this is work in proportion to measured GFLOP/s.
-  A device whose proportional slice would not fit becomes slower by its disk rate past the
-  point where it stops fitting, so work shifts away from it to devices with room; only when
-  no device has room does the remainder stream, from the devices whose disks are fastest.
-  A share is capped where the KV cache plus the streaming window alone fill the budget; if
-  the caps sum to less than 1 the model cannot run on this cluster and PlanError says so.
+  in T, itself found by bisection: t_i is non-decreasing in w). When every slice fits its
+  budget this is work in proportion to measured GFLOP/s. A device whose proportional slice
+  would not fit becomes slower by its disk rate past the point where it stops fitting, so
+  work shifts away from it to devices with room; only when no device has room does the
+  remainder stream, from the devices whose disks are fastest. A share is capped where the
+  KV cache plus the streaming window alone fill the budget; if the caps sum to less than 1
+  the model cannot run on this cluster and PlanError says so.
 
   Heads are whole, so the plan make_plan cuts from these shares can give a device a little
   more than its share. `plan_cluster` estimates the concrete plan, then repeatedly moves
   weight off its slowest device (x0.9, 12 rounds) and keeps the plan with the lowest
   estimated time per token.
+
+  The estimate of a concrete plan (`estimate`) builds each device's pieces as the splitter
+  cuts them (`tpi.weights.slicing.block_pieces`), costs each as the scheduler does (its file,
+  header included, rounded up to whole pages, plus dtype conversions; the header is
+  estimated, within tens of bytes) and asks the scheduler's own `plan_retention` which
+  pieces it would stream under the budget less the KV cache.
 """
 from __future__ import annotations
 
@@ -39,6 +59,9 @@ from typing import Sequence
 from tpi.capability import DeviceCapability
 from tpi.config import ModelConfig
 from tpi.plan import DeviceShard, PlanError, ShardPlan, make_plan
+from tpi.weights.scheduler import MemoryBudgetError, plan_retention
+from tpi.weights.slicing import DEFAULT_MAX_BLOCK_BYTES, ELEMENT_BYTES, block_pieces
+from tpi.weights.store import aligned_bytes, execution_order
 
 # Bytes per parameter in a shard file (int4: 4 bits + a float16 scale and min per 32; int8:
 # 1 byte, but q, k, v and down stay bfloat16, 41-47% of a Llama's projections: ~1.5).
@@ -48,6 +71,9 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1.5, "int4": 0
 # every weight is dequantized to float32 at load (tpi.weights.quant.kernel_form).
 KERNEL_COPY_BYTES = {"int8": 0, "int4": 0.625}
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+# A shard file's safetensors header: 8 bytes of length, then ~64-72 bytes of JSON per tensor
+# (name, dtype, shape, offsets), measured on stores the splitter writes.
+HEADER_BYTES, HEADER_BYTES_PER_TENSOR = 8, 72
 FRAME_OVERHEAD_BYTES = 64  # a wire frame's header and JSON around one all-reduce tensor
 ALL_REDUCES_PER_LAYER = 2  # after attention (o_proj) and after the MLP (down_proj)
 
@@ -79,6 +105,7 @@ class PlannerSettings:
     context: int = 256                # tokens of context the estimate assumes for attention
     window_blocks: int = 2            # blocks the scheduler holds while streaming (in use + being read)
     kv_dtype: str | None = None       # dtype of the KV cache (default: the compute dtype)
+    max_block_bytes: int = DEFAULT_MAX_BLOCK_BYTES  # the store's piece cap (tpi prepare --max-block-bytes)
 
     @property
     def held_bytes(self) -> float:
@@ -93,6 +120,15 @@ class PlannerSettings:
         converts = self.storage_dtype != self.compute_dtype
         return sb + (DTYPE_BYTES[self.compute_dtype] if converts else 0)
 
+    @property
+    def head_storage_dtype(self) -> str:
+        """The output head stays bfloat16 in quantized stores."""
+        return self.storage_dtype if self.storage_dtype in FLOAT_DTYPES else "bfloat16"
+
+    @property
+    def head_held_bytes(self) -> float:
+        return PlannerSettings(self.head_storage_dtype, self.compute_dtype).held_bytes
+
 
 @dataclass(frozen=True)
 class DeviceEstimate:
@@ -102,10 +138,10 @@ class DeviceEstimate:
     kv_heads: int
     mlp_cols: int
     gflops: float
-    compute_ms: float            # its layers' FLOPs / its GFLOP/s (the master's excludes the head)
-    resident_bytes: int          # weights + KV cache + head it holds in memory
+    compute_ms: float            # its layers' and its vocabulary slice's FLOPs / its GFLOP/s
+    resident_bytes: int          # what the scheduler plans to hold (resident pieces + window) + KV cache
     budget_bytes: int
-    streamed_bytes: int          # re-read from disk per token (0 when its slice fits)
+    streamed_bytes: int          # file bytes re-read from disk per token (0 when its slice fits)
     disk_ms: float
     fits: bool                   # the whole slice stays resident
     feasible: bool               # the KV cache and the streaming window fit at all
@@ -118,7 +154,7 @@ class Estimate:
     total_ms: float
     compute_ms: float            # per layer, the slowest device's attention + MLP, summed over layers
     disk_ms: float               # the slowest device's streaming (overlapped with compute)
-    head_ms: float               # embedding + LM head on the master
+    head_ms: float               # the slowest device's part of the vocabulary-split output head
     latency_ms: float            # 2 all-reduces/layer x 2 hops x one-way delay of the slowest link
     transfer_ms: float           # the same hops' bytes through the master's port
     bottleneck: str              # the largest of compute/disk/head/latency/transfer
@@ -167,12 +203,14 @@ def _mlp_flops(cfg: ModelConfig, cols: int) -> float:
 
 
 def _head_params(cfg: ModelConfig) -> int:
+    """The checkpoint's embedding, final norm and (untied) LM head: all the non-layer weights."""
     lm = 0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size
     return cfg.vocab_size * cfg.hidden_size + cfg.hidden_size + lm
 
 
-def _head_flops(cfg: ModelConfig) -> float:
-    return 2.0 * cfg.vocab_size * cfg.hidden_size
+def _head_flops(cfg: ModelConfig, rows: int | None = None) -> float:
+    """Scoring `rows` tokens of the vocabulary (default all of it) against the hidden state."""
+    return 2.0 * (cfg.vocab_size if rows is None else rows) * cfg.hidden_size
 
 
 def _kv_bytes(cfg: ModelConfig, nkv: float, s: PlannerSettings) -> float:
@@ -200,65 +238,106 @@ def _check(devices: Sequence[DeviceCapability], settings: PlannerSettings) -> No
 class _Device:
     speed: float     # FLOP/s
     disk: float      # B/s
-    room: float      # R_i: budget less the fixed memory, bytes
-    cap: float       # largest share whose KV cache + streaming window fit
+    room: float      # R_i: budget less the replicated norms, bytes
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """The continuous model's constants (whole model, i.e. at share 1), bytes as held."""
+
+    flops: float     # F: all layers + the output head, per token
+    held: float      # P*hb: every layer's weights and the whole vocabulary's head rows
+    kv: float        # KV cache of all KV heads
+    ratio: float     # file bytes per held byte of the above
+    attn: float      # one whole attention block (never cut)
+    mlp: float       # one whole MLP block
+    head: float      # the whole output head
+    mlp_piece: float   # the largest MLP piece the cap allows
+    head_piece: float  # the largest head piece the cap allows
+    window_blocks: int
+
+    def window(self, w: float) -> float:
+        """The scheduler's window at share w: window_blocks slots of the largest piece."""
+        return self.window_blocks * max(w * self.attn, min(w * self.mlp, self.mlp_piece),
+                                        min(w * self.head, self.head_piece))
+
+    def feasible(self, x: _Device, w: float) -> bool:
+        return w * (self.held + self.kv) <= x.room or w * self.kv + self.window(w) <= x.room
+
+    def time(self, x: _Device, w: float) -> float:
+        """t_i(w): compute, or re-reading the overflow, whichever is slower (non-decreasing in w)."""
+        need = w * (self.held + self.kv)
+        stream = 0.0 if need <= x.room else (need + self.window(w) - x.room) * self.ratio
+        return max(w * self.flops / x.speed, stream / x.disk)
+
+    def share(self, x: _Device, t: float = float("inf")) -> float:
+        """The largest share (<= 1) device x can take and finish in t; bisection."""
+        if self.feasible(x, 1.0) and self.time(x, 1.0) <= t:
+            return 1.0
+        lo, hi = 0.0, 1.0
+        for _ in range(50):
+            mid = (lo + hi) / 2
+            if self.feasible(x, mid) and self.time(x, mid) <= t:
+                lo = mid
+            else:
+                hi = mid
+        return lo
+
+
+def _shape(cfg: ModelConfig, settings: PlannerSettings) -> _Shape:
+    L, H, V = cfg.num_layers, cfg.hidden_size, cfg.vocab_size
+    hb, sb = settings.held_bytes, DTYPE_BYTES[settings.storage_dtype]
+    hhb, hsb = settings.head_held_bytes, DTYPE_BYTES[settings.head_storage_dtype]
+    attn = _attn_params(cfg, cfg.num_heads, cfg.num_kv_heads, False) - H  # norms excluded
+    mlp = _mlp_params(cfg, cfg.intermediate_size, False) - H
+    cap = settings.max_block_bytes                  # stored bytes; block_pieces cuts by these
+    elem, head_elem = ELEMENT_BYTES[settings.storage_dtype], ELEMENT_BYTES[settings.head_storage_dtype]
+    held = L * (attn + mlp) * hb + V * H * hhb
+    stored = L * (attn + mlp) * sb + V * H * hsb
+    return _Shape(
+        flops=L * (_attn_flops(cfg, cfg.num_heads, cfg.num_kv_heads, settings.context)
+                   + _mlp_flops(cfg, cfg.intermediate_size)) + _head_flops(cfg),
+        held=held, kv=_kv_bytes(cfg, cfg.num_kv_heads, settings), ratio=stored / held,
+        attn=attn * hb, mlp=mlp * hb, head=V * H * hhb,
+        mlp_piece=cap / elem * hb, head_piece=cap / head_elem * hhb,
+        window_blocks=settings.window_blocks)
 
 
 def plan_weights(cfg: ModelConfig, devices: Sequence[DeviceCapability],
                  settings: PlannerSettings = PlannerSettings()) -> list[float]:
     """Relative work per device (rank 0 = the master) for `make_plan`; they sum to 1."""
     _check(devices, settings)
-    L, hb, sb = cfg.num_layers, settings.held_bytes, DTYPE_BYTES[settings.storage_dtype]
-    cb = DTYPE_BYTES[settings.compute_dtype]
-    full_attn = _attn_params(cfg, cfg.num_heads, cfg.num_kv_heads, False) - cfg.hidden_size
-    full_mlp = _mlp_params(cfg, cfg.intermediate_size, False) - cfg.hidden_size
-    P = L * (full_attn + full_mlp)                             # layer parameters, norms excluded
-    F = L * (_attn_flops(cfg, cfg.num_heads, cfg.num_kv_heads, settings.context)
-             + _mlp_flops(cfg, cfg.intermediate_size))
-    KV = _kv_bytes(cfg, cfg.num_kv_heads, settings)
-    window = settings.window_blocks * max(full_attn, full_mlp) * hb  # the largest blocks, whole model
-    A = P * hb + window + KV                                   # memory one whole share needs while streaming
-    ratio = sb / hb                                            # streamed file bytes per held byte
-
+    shape = _shape(cfg, settings)
+    norms = (2 * cfg.num_layers + 1) * cfg.hidden_size * settings.held_bytes  # replicated on every device
     devs = []
     for rank, d in enumerate(devices):
-        fixed_mem = 2 * L * cfg.hidden_size * hb               # the replicated norms
-        if rank == 0:
-            fixed_mem += _head_params(cfg) * cb
-        room = d.mem_budget_bytes - fixed_mem
+        room = d.mem_budget_bytes - norms
         if room <= 0:
-            what = "the head and norms" if rank == 0 else "the norms"
             raise PlanError(f"device {rank}: memory budget {d.mem_budget_bytes / 2**20:.0f} MiB "
-                            f"does not even hold {what} ({fixed_mem / 2**20:.0f} MiB)")
-        devs.append(_Device(d.gflops * 1e9, d.disk_mbps * 1e6, room, min(1.0, room / (window + KV))))
+                            f"does not even hold the norms ({norms / 2**20:.0f} MiB)")
+        devs.append(_Device(d.gflops * 1e9, d.disk_mbps * 1e6, room))
 
-    if sum(x.cap for x in devs) < 1.0:
+    caps = [shape.share(x) for x in devs]
+    if sum(caps) < 1.0:
         raise PlanError(
             "the cluster's memory budgets cannot hold the KV cache and a streaming window "
-            f"(need {(window + KV) / 2**20:.0f} MiB in all, budgets: "
+            f"(need {(shape.kv + shape.window(1.0)) / 2**20:.0f} MiB in all, budgets: "
             + ", ".join(f"{d.mem_budget_bytes / 2**20:.0f}" for d in devices)
             + " MiB); add devices, raise budgets or lower max_seq")
 
-    def share(x: _Device, t: float) -> float:
-        compute = t * x.speed / F
-        if compute * A <= x.room:                              # fits: compute bound
-            return min(x.cap, compute)
-        disk = (x.room + t * x.disk / ratio) / A               # stream(w)/disk <= t
-        return min(x.cap, compute, disk)
-
     hi = 1e-6
-    while sum(share(x, hi) for x in devs) < 1.0:
+    while sum(shape.share(x, hi) for x in devs) < 1.0:
         hi *= 2
         if hi > 1e9:
             raise PlanError("no finite time per token: check the devices' measured speeds")
     lo = 0.0
-    for _ in range(100):
+    for _ in range(60):
         mid = (lo + hi) / 2
-        if sum(share(x, mid) for x in devs) >= 1.0:
+        if sum(shape.share(x, mid) for x in devs) >= 1.0:
             hi = mid
         else:
             lo = mid
-    shares = [share(x, hi) for x in devs]
+    shares = [shape.share(x, hi) for x in devs]
     total = sum(shares)
     return [max(s / total, 1e-6) for s in shares]  # make_plan still gives each device one head
 
@@ -292,11 +371,14 @@ def estimate(cfg: ModelConfig, plan: ShardPlan, devices: Sequence[DeviceCapabili
              links: Sequence[Link | None] | None = None,
              settings: PlannerSettings = PlannerSettings()) -> Estimate:
     """ms per token for `plan` on `devices`:
-        total = head + max(compute, disk) + latency + transfer
+        total = max(compute + head, disk) + latency + transfer
         compute  = sum over layers of (slowest attention + slowest MLP): each all-reduce waits
+        head     = the slowest device's vocabulary slice (2 x rows x H FLOPs), then the top-k
+                   all-reduce
         disk     = max_i streamed_bytes_i / disk_i, overlapped with compute by prefetching
-        latency  = layers x 2 all-reduces x 2 hops x max_i rtt_i / 2
-        transfer = layers x 2 all-reduces x 2 hops x sum_i frame_bytes / bandwidth_i
+                   (the head's pieces are streamed like the layers')
+        latency  = all-reduces x 2 hops x max_i rtt_i / 2
+        transfer = all-reduces x 2 hops x sum_i frame_bytes / bandwidth_i
                    (the master's port carries every worker's frame in turn)
     """
     _check(devices, settings)
@@ -306,11 +388,13 @@ def estimate(cfg: ModelConfig, plan: ShardPlan, devices: Sequence[DeviceCapabili
     per: list[DeviceEstimate] = []
     attn_ms: list[float] = []
     mlp_ms: list[float] = []
+    head_ms: list[float] = []
     for shard, d in zip(plan.shards, devices):
-        e, a_ms, m_ms = _device_estimate(cfg, shard, d, plan.weights, settings)
+        e, a_ms, m_ms, h_ms = _device_estimate(cfg, shard, d, plan.weights, settings)
         per.append(e)
         attn_ms.append(a_ms)
         mlp_ms.append(m_ms)
+        head_ms.append(h_ms)
         if not e.feasible:
             notes.append(f"device {shard.rank}: budget cannot hold its KV cache and streaming window")
         elif not e.fits:
@@ -318,8 +402,8 @@ def estimate(cfg: ModelConfig, plan: ShardPlan, devices: Sequence[DeviceCapabili
                          f"{e.streamed_bytes / 1e6:.1f} MB/token from disk")
     L = cfg.num_layers
     compute_ms = L * (max(attn_ms) + max(mlp_ms))
+    head = max(head_ms)
     disk_ms = max(e.disk_ms for e in per)
-    head_ms = _head_flops(cfg) / (devices[0].gflops * 1e9) * 1e3
     hops = all_reduces_per_token(L) * HOPS_PER_ALL_REDUCE
     worker_links = list(links or [None])[1:]
     worker_links += [None] * (len(devices) - 1 - len(worker_links))
@@ -329,38 +413,66 @@ def estimate(cfg: ModelConfig, plan: ShardPlan, devices: Sequence[DeviceCapabili
     frame = cfg.hidden_size * DTYPE_BYTES[settings.wire_dtype] + FRAME_OVERHEAD_BYTES
     latency_ms = hops * max((x.rtt_s / 2 for x in known), default=0.0) * 1e3
     transfer_ms = hops * sum(frame / x.bandwidth_bytes_s for x in known) * 1e3
-    parts = {"compute": compute_ms, "disk": disk_ms, "head": head_ms,
+    parts = {"compute": compute_ms, "disk": disk_ms, "head": head,
              "latency": latency_ms, "transfer": transfer_ms}
-    total = head_ms + max(compute_ms, disk_ms) + latency_ms + transfer_ms
-    return Estimate(total_ms=total, compute_ms=compute_ms, disk_ms=disk_ms, head_ms=head_ms,
+    total = max(compute_ms + head, disk_ms) + latency_ms + transfer_ms
+    return Estimate(total_ms=total, compute_ms=compute_ms, disk_ms=disk_ms, head_ms=head,
                     latency_ms=latency_ms, transfer_ms=transfer_ms,
                     bottleneck=max(parts, key=parts.get), devices=tuple(per), notes=tuple(notes))
 
 
+def piece_costs(cfg: ModelConfig, shard: DeviceShard, settings: PlannerSettings) -> tuple[list[int], list[int]]:
+    """(cost, file bytes) of each of the device's pieces in execution order, as the splitter
+    cuts them and the scheduler counts them (`tpi.weights.scheduler.block_costs`): the file
+    rounded up to whole pages plus its dtype conversions. The header is estimated."""
+    H = cfg.hidden_size
+    sb, hb = DTYPE_BYTES[settings.storage_dtype], settings.held_bytes
+    hsb, hhb = DTYPE_BYTES[settings.head_storage_dtype], settings.head_held_bytes
+    row_bias = shard.adds_row_bias
+    pieces = block_pieces(cfg, shard, settings.storage_dtype, settings.max_block_bytes)
+
+    def piece(params: float, tensors: int, stored: float, held: float, extra: int = 0) -> tuple[int, int]:
+        file = int(HEADER_BYTES + HEADER_BYTES_PER_TENSOR * tensors + extra + round(params * stored))
+        return aligned_bytes(file) + round(params * (held - stored)), file
+
+    out = []
+    for layer, kind, p in execution_order(cfg.num_layers, pieces):
+        lo, hi = pieces[kind][p]
+        if kind == "attn":
+            params = _attn_params(cfg, shard.num_q_heads, shard.num_kv_heads, row_bias)
+            tensors = 5 + 3 * cfg.attention_bias + (cfg.o_bias and row_bias)
+            out.append(piece(params, tensors, sb, hb))
+        elif kind == "mlp":
+            cols, down_bias = hi - lo, cfg.mlp_bias and row_bias and p == 0  # the row bias lives in piece 0
+            params = H + 3 * H * cols + (2 * cols if cfg.mlp_bias else 0) + (H if down_bias else 0)
+            out.append(piece(params, 4 + 2 * cfg.mlp_bias + down_bias, sb, hb))
+        else:  # HEAD_KIND: final_norm (H), lm_head (rows, H), rows (2,) int64
+            out.append(piece(H + (hi - lo) * H, 3, hsb, hhb, extra=16))
+    return [c for c, _ in out], [f for _, f in out]
+
+
 def _device_estimate(cfg: ModelConfig, shard: DeviceShard, d: DeviceCapability, weights, settings: PlannerSettings):
-    L, hb, sb = cfg.num_layers, settings.held_bytes, DTYPE_BYTES[settings.storage_dtype]
-    cb = DTYPE_BYTES[settings.compute_dtype]
+    """One device's estimate, and its ms per layer's attention, per layer's MLP and for its head."""
+    L = cfg.num_layers
     nq, nkv, cols = shard.num_q_heads, shard.num_kv_heads, shard.mlp_width
-    attn_p = _attn_params(cfg, nq, nkv, shard.adds_row_bias)
-    mlp_p = _mlp_params(cfg, cols, shard.adds_row_bias)
     speed = d.gflops * 1e9
     a_ms = _attn_flops(cfg, nq, nkv, settings.context) / speed * 1e3
     m_ms = _mlp_flops(cfg, cols) / speed * 1e3
-    weights_bytes = L * (attn_p + mlp_p) * hb
-    fixed = int(_kv_bytes(cfg, nkv, settings)) + (_head_params(cfg) * cb if shard.rank == 0 else 0)
-    room = d.mem_budget_bytes - fixed
-    fits = weights_bytes <= room
-    window = settings.window_blocks * max(attn_p, mlp_p) * hb
-    feasible = fits or room >= window
-    streamed = 0
-    if not fits:
-        resident_weights = max(0, room - window)
-        streamed = int((weights_bytes - resident_weights) / hb * sb)
+    h_ms = _head_flops(cfg, shard.vocab_size) / speed * 1e3
+    costs, files = piece_costs(cfg, shard, settings)
+    kv = int(_kv_bytes(cfg, nkv, settings))
+    budget = d.mem_budget_bytes - kv          # what the runtime gives the scheduler (engine.build_runner)
+    try:
+        if budget <= 0:
+            raise MemoryBudgetError("the KV cache fills the budget")
+        retention = plan_retention(costs, settings.window_blocks, budget)
+        streamed, held, feasible = sum(files[i] for i in retention.streamed), retention.planned_bytes, True
+    except MemoryBudgetError:
+        streamed, held, feasible = sum(files), max(budget, 0), False  # cannot run: say what it would read
     disk_ms = streamed / (d.disk_mbps * 1e6) * 1e3
     share = weights[shard.rank] / sum(weights)
     e = DeviceEstimate(rank=shard.rank, share=share, q_heads=nq, kv_heads=nkv, mlp_cols=cols,
-                       gflops=d.gflops, compute_ms=L * (a_ms + m_ms),
-                       resident_bytes=int(fixed + min(weights_bytes, max(room, 0))),
-                       budget_bytes=d.mem_budget_bytes, streamed_bytes=streamed, disk_ms=disk_ms,
-                       fits=fits, feasible=feasible)
-    return e, a_ms, m_ms
+                       gflops=d.gflops, compute_ms=L * (a_ms + m_ms) + h_ms,
+                       resident_bytes=kv + held, budget_bytes=d.mem_budget_bytes,
+                       streamed_bytes=streamed, disk_ms=disk_ms, fits=streamed == 0, feasible=feasible)
+    return e, a_ms, m_ms, h_ms

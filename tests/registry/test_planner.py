@@ -8,6 +8,7 @@ import pytest
 from tpi.capability import DeviceCapability, measure, probe_compute, probe_disk
 from tpi.config import parse_hf_config
 from tpi.plan import PlanError
+from tpi.weights.scheduler import MemoryBudgetError
 from tpi.planner import (
     HOPS_PER_ALL_REDUCE, Link, PlannerSettings, all_reduces_per_token, estimate, plan_cluster, plan_weights,
 )
@@ -61,8 +62,14 @@ def test_when_nothing_fits_the_overflow_streams_and_shows_in_the_estimate():
     with pytest.raises(PlanError, match="memory budgets cannot hold the KV cache"):
         plan_cluster(SMOLLM2, [dev(10, budget=200 * MiB), dev(10, budget=40 * MiB)],
                      settings=PlannerSettings(max_seq=8192))
-    with pytest.raises(PlanError, match="device 0: memory budget 40 MiB does not even hold the head"):
-        plan_cluster(SMOLLM2, [dev(10, budget=40 * MiB), dev(10)])
+    # The master holds no embedding table and only its slice of the output head: a small
+    # budget gives it a small share, it is not refused for the whole head (28 M parameters).
+    small_master = plan_cluster(SMOLLM2, [dev(10, budget=40 * MiB), dev(10)], [None, LAN])
+    assert 0 < small_master.weights[0] < 0.2
+    assert small_master.estimate.devices[0].feasible
+    assert small_master.plan.shards[0].vocab[1] < SMOLLM2.vocab_size / 5
+    with pytest.raises(PlanError, match="device 0: memory budget 0 MiB does not even hold the norms"):
+        plan_cluster(SMOLLM2, [dev(10, budget=64 * 1024), dev(10)])
 
 
 def test_estimate_formula_and_breakdown():
@@ -74,8 +81,12 @@ def test_estimate_formula_and_breakdown():
     assert e.latency_ms == pytest.approx(hops * 0.004 / 2 * 1e3)          # the slowest link sets the pace
     frame = 576 * 4 + 64
     assert e.transfer_ms == pytest.approx(hops * (frame / 5e6 + frame / 100e6) * 1e3)
-    assert e.head_ms == pytest.approx(2 * 49152 * 576 / 10e9 * 1e3)
-    assert e.total_ms == pytest.approx(e.head_ms + max(e.compute_ms, e.disk_ms) + e.latency_ms + e.transfer_ms)
+    # Each device scores its third of the vocabulary: the head phase is the slowest slice's.
+    assert [s.vocab_size for s in result.plan.shards] == [16384] * 3
+    assert e.head_ms == pytest.approx(2 * 16384 * 576 / 10e9 * 1e3)
+    assert e.total_ms == pytest.approx(max(e.compute_ms + e.head_ms, e.disk_ms) + e.latency_ms + e.transfer_ms)
+    d1 = e.devices[1]
+    assert d1.compute_ms == pytest.approx(e.compute_ms + e.head_ms)  # equal devices, equal slices
     assert e.bottleneck == "latency"
     assert e.to_json()["devices"][1]["rank"] == 1
     # One device: no communication at all; compute is the whole model's FLOPs / its speed.
@@ -112,3 +123,71 @@ def test_held_bytes_follow_the_scheduler_accounting():
     assert shares["int8"] > shares["bfloat16"]  # the same budget holds a bigger int8 slice
     with pytest.raises(PlanError, match="unknown storage dtype"):
         plan_weights(SMOLLM2, [dev(10)], PlannerSettings(storage_dtype="int3"))
+
+
+# Llama-3.1-70B's shape: 80 layers, hidden 8192, 64 query / 8 KV heads, MLP 28672, 128K vocabulary, untied.
+LLAMA70B = parse_hf_config(dict(
+    architectures=["LlamaForCausalLM"], hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+    num_attention_heads=64, num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False,
+    max_position_embeddings=131072, rope_theta=500000.0,
+))
+
+
+def test_70b_on_eight_1gb_devices_streams_and_the_master_is_not_charged_the_head():
+    # docs/benchmarks-memory.md (70B section): 8 devices in 1 GB each, bfloat16, window 2,
+    # a 4096-token KV cache. The whole head (embedding + LM head) is 4.2 GB in bfloat16: the
+    # old model charged it to the master and refused the plan.
+    settings = PlannerSettings(storage_dtype="bfloat16", compute_dtype="bfloat16", max_seq=4096)
+    devices = [dev(10, budget=10**9, disk=500) for _ in range(8)]
+    result = plan_cluster(LLAMA70B, devices, [None] + [LAN] * 7, settings)
+    assert result.weights[0] == pytest.approx(1 / 8, rel=0.02)  # equal devices, equal shares
+    master = result.estimate.devices[0]
+    assert master.feasible and master.resident_bytes <= 10**9
+    assert result.plan.shards[0].vocab_size == 128256 // 8  # its slice of the head, no more
+    per_device_kv = 2 * 80 * 1 * 4096 * 128 * 2
+    assert all(e.feasible and not e.fits for e in result.estimate.devices)
+    # It streams what the budget less the KV cache cannot keep: ~2.2 GB/token of its ~2.9 GB slice.
+    slice_bytes = (80 * (8 * 128 * 8192 * 2 + 128 * 8192 * 2 + 3 * 8192 * 3584) + 16032 * 8192) * 2
+    assert master.streamed_bytes >= slice_bytes - (10**9 - per_device_kv)
+    assert master.streamed_bytes < slice_bytes
+    # Equal finish times: the master scores no more of the vocabulary than the workers.
+    assert result.estimate.head_ms == pytest.approx(2 * 16032 * 8192 / 10e9 * 1e3, rel=0.01)
+
+
+def test_streamed_bytes_match_the_scheduler_on_a_real_store(tiny_model, tmp_path):
+    """The estimate's pieces, costs and streamed set are the scheduler's own, on a real store."""
+    import torch
+
+    from tpi.engine import prepare_store
+    from tpi.planner import piece_costs
+    from tpi.weights.scheduler import block_costs, plan_retention
+
+    # Pieces of at most 256 KiB: the head slices of this tiny model (49152 x 96) are cut.
+    cap = 256 << 10
+    store = prepare_store(str(tiny_model("llama3")), [1, 2], "bfloat16", tmp_path / "store", max_block_bytes=cap)
+    cfg = store.config
+    settings = PlannerSettings(storage_dtype="bfloat16", compute_dtype="float32", max_seq=64, max_block_bytes=cap)
+    streaming = 0
+    for shard in store.plan.shards:
+        rank = shard.rank
+        real = block_costs(store, rank, torch.float32)
+        files = [store.files[rel].bytes for rel in store.block_files(rank)]
+        costs, est_files = piece_costs(cfg, shard, settings)
+        assert len(store.pieces(rank)["head"]) > 1
+        assert costs == real  # the header estimate disappears in the page rounding
+        assert all(abs(a - b) <= 32 for a, b in zip(est_files, files))
+        kv = 2 * cfg.num_layers * shard.num_kv_heads * 64 * cfg.head_dim * 4
+        for fraction in (0.25, 0.5, 0.75, 0.95, 1.0):
+            budget = int(sum(real) * fraction)
+            try:
+                runtime = plan_retention(real, settings.window_blocks, budget)
+            except MemoryBudgetError:
+                continue
+            e = estimate(cfg, store.plan, [dev(10, budget=budget + kv)] * 2, settings=settings).devices[rank]
+            want = sum(files[i] for i in runtime.streamed)
+            # Equal up to the header estimate: at most 32 bytes per streamed file.
+            assert abs(e.streamed_bytes - want) <= 32 * len(runtime.streamed)
+            assert e.fits == (not runtime.streamed)
+            assert e.resident_bytes == kv + runtime.planned_bytes
+            streaming += bool(runtime.streamed)
+    assert streaming >= 4  # most of the budgets above make the scheduler stream

@@ -152,12 +152,12 @@ def bounds(cfg, run: dict, machine_cap: dict) -> dict:
 
     # The planner: N devices, each a share of this machine's cores (they run on it together).
     per_dev_cores = min(run.get("cpus") or cap.cores / n, cap.cores / n)
-    # Budgets as the runtime applies them: --memory-budget covers a device's layer weights and
-    # KV cache (the master's head comes on top); without one, each container's limit (the
-    # master's own) through the planner's default rule; without a limit, the machine's.
-    head_bytes = facts["head_params"] * DTYPE_BYTES[cdt]
+    # Budgets as the runtime applies them: --memory-budget covers a device's layer weights,
+    # its slice of the output head and its KV cache, the master's as any other's (it holds no
+    # embedding table); without one, each container's limit (the master's own) through the
+    # planner's default rule; without a limit, the machine's.
     budget = parse_size(run.get("memory_budget"))
-    budgets = [budget + head_bytes] + [budget] * (n - 1) if budget is not None else [cap.mem_budget_bytes] * n
+    budgets = [budget] * n if budget is not None else [cap.mem_budget_bytes] * n
     if budget is None and run.get("mem_limit"):
         # The runtime's rule (limit - the process's RSS - headroom), with the RSS of an idle
         # worker process: the budget it derives in a container of that limit, give or take
@@ -167,7 +167,7 @@ def bounds(cfg, run: dict, machine_cap: dict) -> dict:
         def rule(limit: str) -> int:
             return default_device_budget(1, limit=docker_size(limit), rss=IDLE_RSS_BYTES)
 
-        budgets = [rule(run.get("master_mem_limit") or run["mem_limit"]) + head_bytes] + [rule(run["mem_limit"])] * (n - 1)
+        budgets = [rule(run.get("master_mem_limit") or run["mem_limit"])] + [rule(run["mem_limit"])] * (n - 1)
     devs = [DeviceCapability(arch=cap.arch, cores=max(1, int(per_dev_cores)), mem_total_bytes=cap.mem_total_bytes,
                              mem_budget_bytes=b, gflops=cap.gflops * per_dev_cores / cap.cores,
                              disk_mbps=cap.disk_mbps) for b in budgets]

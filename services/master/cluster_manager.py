@@ -155,7 +155,8 @@ class ClusterManager:
             records[n].capability if n in records else self.master_capability for n in self.device_names]
         o = self.opts
         settings = PlannerSettings(storage_dtype=o.dtype, compute_dtype=str(o.torch_compute_dtype()).removeprefix("torch."),
-                                   max_seq=o.max_seq, num_slots=o.num_slots, window_blocks=o.window)
+                                   max_seq=o.max_seq, num_slots=o.num_slots, window_blocks=o.window,
+                                   max_block_bytes=max_block_bytes(self.args))
         planned = plan_cluster(load_model_config(resolve_model(self.args.model)), caps, None, settings)
         self.estimate = planned.estimate.to_json()
         return list(planned.weights)

@@ -136,13 +136,14 @@ def cmd_split(args) -> None:
     if args.delete_source:
         from tpi.config import load_model_config
         from tpi.plan import make_plan
-        from tpi.weights.slicing import block_pieces
+        from tpi.weights.slicing import DEFAULT_MAX_BLOCK_BYTES, block_pieces
         from tpi.weights.store import block_path
 
         cfg = load_model_config(model)
         wmap = json.loads((model / "model.safetensors.index.json").read_text())["weight_map"]
         plan = make_plan(cfg, [1.0] * args.world)
-        pieces = {s.rank: block_pieces(cfg, s, "bfloat16", 64 << 20) for s in plan.shards}
+        # the pieces prepare_store cuts (its default cap): a source is deleted once all exist
+        pieces = {s.rank: block_pieces(cfg, s, "bfloat16", DEFAULT_MAX_BLOCK_BYTES) for s in plan.shards}
 
         def files(layer: int, kinds) -> list[Path]:
             return [out / block_path(r, layer, k, p if len(pieces[r][k]) > 1 else None)

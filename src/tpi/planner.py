@@ -202,12 +202,6 @@ def _mlp_flops(cfg: ModelConfig, cols: int) -> float:
     return 6.0 * cfg.hidden_size * cols
 
 
-def _head_params(cfg: ModelConfig) -> int:
-    """The checkpoint's embedding, final norm and (untied) LM head: all the non-layer weights."""
-    lm = 0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size
-    return cfg.vocab_size * cfg.hidden_size + cfg.hidden_size + lm
-
-
 def _head_flops(cfg: ModelConfig, rows: int | None = None) -> float:
     """Scoring `rows` tokens of the vocabulary (default all of it) against the hidden state."""
     return 2.0 * (cfg.vocab_size if rows is None else rows) * cfg.hidden_size

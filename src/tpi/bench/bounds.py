@@ -122,13 +122,16 @@ def docker_size(text: str | None) -> int | None:
 
 
 def model_facts(cfg) -> dict:
-    from tpi.planner import _attn_flops, _attn_params, _head_flops, _head_params, _mlp_flops, _mlp_params
+    from tpi.planner import _attn_flops, _attn_params, _head_flops, _mlp_flops, _mlp_params
 
     L = cfg.num_layers
     layer_params = L * (_attn_params(cfg, cfg.num_heads, cfg.num_kv_heads, True)
                         + _mlp_params(cfg, cfg.intermediate_size, True))
     flops = L * (_attn_flops(cfg, cfg.num_heads, cfg.num_kv_heads, 64) + _mlp_flops(cfg, cfg.intermediate_size))
-    return {"layers": L, "layer_params": layer_params, "head_params": _head_params(cfg),
+    # per token the output head reads its V x H rows (the LM head, or the tied embedding) and the
+    # final norm; the embedding table only the rows of the tokens fed (one in decode)
+    head_params = cfg.vocab_size * cfg.hidden_size + 2 * cfg.hidden_size
+    return {"layers": L, "layer_params": layer_params, "head_params": head_params,
             "flops_per_token": flops + _head_flops(cfg),
             "hidden_size": cfg.hidden_size}
 

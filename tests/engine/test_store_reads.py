@@ -55,6 +55,26 @@ def test_file_system_refusing_o_direct_falls_back_to_buffered_reads(tmp_path, mo
     assert refused and bytes(buf[:n].numpy()) == data
 
 
+def test_file_system_refusing_aligned_reads_falls_back_on_the_same_descriptor(tmp_path, monkeypatch):
+    """Others take O_DIRECT at open and refuse the read: the descriptor is switched to buffered."""
+    import errno
+    import fcntl
+
+    data = write_random(tmp_path / "block.bin", 2 * DIRECT_ALIGN + 9)
+    real_preadv, refused = os.preadv, []
+
+    def preadv_refusing_direct(fd, buffers, offset):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            refused.append(fd)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", preadv_refusing_direct)
+    buf = aligned_empty(len(data))
+    n, _ = read_into(tmp_path / "block.bin", buf)
+    assert refused and bytes(buf[:n].numpy()) == data
+
+
 def test_unaligned_buffer_reads_buffered(tmp_path):
     data = write_random(tmp_path / "block.bin", 10_001)
     buf = torch.empty(10_001 + 1, dtype=torch.uint8)[1:]  # odd address: O_DIRECT cannot use it

@@ -215,9 +215,6 @@ def _plan_for_slot(costs: list[int], window: int, budget: int, slot: int) -> Ret
             break
         resident.add(extra)
         used += costs[extra]
-    streamed = [i for i in range(n) if i not in resident]
-    slots = min(window, len(streamed))
-    slot_cost = max(costs[i] for i in streamed)
     return RetentionPlan(tuple(sorted(resident)), tuple(streamed), slots, slot_cost, used + slots * slot_cost)
 
 

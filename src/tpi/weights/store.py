@@ -23,6 +23,7 @@ as views of that buffer.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import mmap
@@ -201,6 +202,7 @@ SAFETENSORS_DTYPES = {
 }
 READ_CHUNK = 8 << 20  # bytes per system call of a buffered read (then dropped from the page cache)
 DIRECT_CHUNK = 32 << 20  # bytes per O_DIRECT read: bigger requests stream faster (dd: 4 MiB 608, 64 MiB 784 MB/s)
+O_DIRECT = getattr(os, "O_DIRECT", 0)  # 0 where the system has none
 DIRECT_ALIGN = 4096   # O_DIRECT wants the buffer address, file offset and length aligned to this
 
 
@@ -229,38 +231,33 @@ def read_into(path: str | Path, buf: torch.Tensor) -> tuple[int, os.stat_result]
     buffered reads); otherwise the file is read chunk by chunk and each chunk's pages dropped
     as soon as it is copied."""
     view = memoryview(buf.numpy()).cast("B")
-    fd = _open_direct(path) if buf.numel() % DIRECT_ALIGN == buf.data_ptr() % DIRECT_ALIGN == 0 else None
-    if fd is not None:
-        try:
-            st = os.fstat(fd)
-            if st.st_size > len(view):
-                raise StoreError(f"{path} has {st.st_size} bytes, more than the {len(view)}-byte buffer (manifest out of date?)")
-            if _read_direct(fd, view, st.st_size, path):
-                return st.st_size, st
-        finally:
-            os.close(fd)
-    fd = os.open(path, os.O_RDONLY)
+    aligned = buf.numel() % DIRECT_ALIGN == buf.data_ptr() % DIRECT_ALIGN == 0
+    fd, direct = _open(path, aligned and bool(O_DIRECT))
     try:
         st = os.fstat(fd)
         if st.st_size > len(view):
             raise StoreError(f"{path} has {st.st_size} bytes, more than the {len(view)}-byte buffer (manifest out of date?)")
+        if direct and _read_direct(fd, view, st.st_size, path):
+            return st.st_size, st
+        if direct:  # the file system refused an aligned read: the same descriptor, buffered
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~O_DIRECT)
         _read_buffered(fd, view, st.st_size, path)
         return st.st_size, st
     finally:
         os.close(fd)
 
 
-def _open_direct(path: str | Path) -> int | None:
-    """An O_DIRECT descriptor of `path`, or None where the system has none."""
-    direct = getattr(os, "O_DIRECT", 0)
-    if not direct:
-        return None
-    try:
-        return os.open(path, os.O_RDONLY | direct)
-    except OSError as e:
-        if isinstance(e, FileNotFoundError):
+def _open(path: str | Path, direct: bool) -> tuple[int, bool]:
+    """(descriptor, whether it is O_DIRECT): O_DIRECT if asked and the file system takes it
+    (some refuse it at open with EINVAL). FileNotFoundError if the file is missing."""
+    if direct:
+        try:
+            return os.open(path, os.O_RDONLY | O_DIRECT), True
+        except FileNotFoundError:
             raise
-        return None  # e.g. EINVAL: the file system does not support O_DIRECT
+        except OSError:
+            pass
+    return os.open(path, os.O_RDONLY), False
 
 
 def _read_direct(fd: int, view: memoryview, size: int, path) -> bool:

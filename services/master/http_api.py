@@ -15,7 +15,6 @@ by the KV-cache slots, a handful of requests, not thousands of idle connections.
 """
 from __future__ import annotations
 
-import hmac
 import logging
 import select
 import signal
@@ -24,6 +23,7 @@ import threading
 import time
 from typing import Callable
 
+from tpi.comm import auth
 from tpi_master.errors import APIError, bad_request
 from tpi_master.responses import Completion
 from tpi_master.scheduler import QueueFull, Scheduler
@@ -93,12 +93,12 @@ def create_app(engine, scheduler: Scheduler, *, model_name: str, api_key: str | 
     def check_api_key():
         if not api_key or not request.path.startswith(PROTECTED):
             return None
-        auth = request.headers.get("Authorization", "")
-        scheme, _, token = auth.partition(" ")
-        if not auth:
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        if not header:
             raise APIError(401, "You didn't provide an API key. Send 'Authorization: Bearer KEY'.",
                            code="missing_api_key")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+        if scheme.lower() != "bearer" or not auth.verify(api_key, token.strip()):
             raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
         return None
 

@@ -32,10 +32,12 @@ import socket
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import docker
 from docker.errors import APIError, DockerException, NotFound
+
+from tpi.comm.link import LinkSpec
 
 log = logging.getLogger("tpi.netem")
 
@@ -43,54 +45,29 @@ PROJECT_LABELS = ("com.docker.compose.project", "com.docker.stack.namespace")
 SERVICE_LABELS = ("com.docker.compose.service", "com.docker.swarm.service.name")
 HELPER_LABEL = "tpi.netem.helper"
 IFACE_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,15}$")
-_TIME = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
-_RATE = {"bit": 1.0, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9}
 
 
-@dataclass(frozen=True)
-class Link:
-    latency_s: float = 0.0
-    jitter_s: float = 0.0
-    rate_bps: float | None = None
-    loss_pct: float = 0.0
-
-    @classmethod
-    def parse(cls, text: str | None) -> Link:
-        """'latency=5ms,bandwidth=300mbit,jitter=1ms,loss=0.1%' -> Link; '' or 'none' -> Link()."""
-        if text is None or text.strip().lower() in ("", "none", "off"):
-            return cls()
-        out: dict[str, float] = {}
-        for item in text.split(","):
-            key, sep, raw = (s.strip().lower() for s in item.partition("="))
-            m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*([a-z%]*)", raw)
-            if not sep or not m:
-                raise ValueError(f"link {text!r}: cannot read {item!r}")
-            number, unit = float(m.group(1)), m.group(2)
-            if key in ("latency", "jitter"):
-                if unit not in _TIME:
-                    raise ValueError(f"link {text!r}: {key} needs a unit in {sorted(_TIME)}")
-                out[key + "_s"] = number * _TIME[unit]
-            elif key in ("bandwidth", "rate"):
-                if unit not in _RATE or number <= 0:
-                    raise ValueError(f"link {text!r}: bandwidth needs a positive number and a unit in {sorted(_RATE)}")
-                out["rate_bps"] = number * _RATE[unit]
-            elif key == "loss":
-                if unit not in ("", "%") or number > 100:
-                    raise ValueError(f"link {text!r}: loss is a percentage, e.g. loss=0.1%")
-                out["loss_pct"] = number
-            else:
-                raise ValueError(f"link {text!r}: unknown key {key!r} (latency, jitter, bandwidth, loss)")
-        return cls(**out)
+def parse_link(text: str | None) -> LinkSpec:
+    """EDGE_LINK or a `--link` value -> LinkSpec (the transport's own parser, so both accept
+    the same specs); '' or 'none' -> no shaping."""
+    return LinkSpec.parse(text) or LinkSpec()
 
 
-def transport_link(args: list[str]) -> Link:
+def report(link: LinkSpec) -> dict:
+    """The parts of `link` that are set, as the status file names them."""
+    parts = {"latency_s": link.latency, "jitter_s": link.jitter, "rate_bps": link.bandwidth,
+             "loss_pct": link.loss}
+    return {k: v for k, v in parts.items() if v}
+
+
+def transport_link(args: list[str]) -> LinkSpec:
     """The link a tpi process emulates itself: its `--link X` / `--link=X` argument."""
     for i, a in enumerate(args):
         if a == "--link" and i + 1 < len(args):
-            return Link.parse(args[i + 1])
+            return parse_link(args[i + 1])
         if a.startswith("--link="):
-            return Link.parse(a.split("=", 1)[1])
-    return Link()
+            return parse_link(a.split("=", 1)[1])
+    return LinkSpec()
 
 
 def ms(seconds: float) -> str:
@@ -115,46 +92,46 @@ class Decision:
     missing: list[str]        # parts of EDGE_LINK nobody emulates (logged as errors)
 
 
-def decide(link: Link, own: Link, netem: bool) -> Decision:
+def decide(link: LinkSpec, own: LinkSpec, netem: bool) -> Decision:
     """Split `link` between the kernel and the target's own transport emulation `own`."""
     kernel: dict = {}
     missing: list[str] = []
-    transport = {k: v for k, v in asdict(own).items() if v}
-    want_delay = link.latency_s > 0 or link.jitter_s > 0
-    kernel_delay = want_delay and own.latency_s == 0 and own.jitter_s == 0
+    transport = report(own)
+    want_delay = link.latency > 0 or link.jitter > 0
+    kernel_delay = want_delay and own.latency == 0 and own.jitter == 0
     if netem:
         args = ["netem"]
         if kernel_delay:
             # netem's default jitter is uniform, like the transport's (no distribution table)
-            args += ["delay", ms(link.latency_s)] + ([ms(link.jitter_s)] if link.jitter_s else [])
-            kernel.update(latency_s=link.latency_s, jitter_s=link.jitter_s)
-        if link.loss_pct:
-            args += ["loss", f"{link.loss_pct:g}%"]
-            kernel["loss_pct"] = link.loss_pct
-        if link.rate_bps:
-            args += ["rate", bits(link.rate_bps)]
-            kernel["rate_bps"] = link.rate_bps
-        if kernel_delay and link.rate_bps:
+            args += ["delay", ms(link.latency)] + ([ms(link.jitter)] if link.jitter else [])
+            kernel.update(latency_s=link.latency, jitter_s=link.jitter)
+        if link.loss:
+            args += ["loss", f"{link.loss:g}%"]
+            kernel["loss_pct"] = link.loss
+        if link.bandwidth:
+            args += ["rate", bits(link.bandwidth)]
+            kernel["rate_bps"] = link.bandwidth
+        if kernel_delay and link.bandwidth:
             args += ["limit", "10000"]
         qdisc = args if len(args) > 1 else []
     else:
         qdisc = []
-        if link.rate_bps:
-            qdisc = ["tbf", "rate", bits(link.rate_bps), "burst", str(tbf_burst_bytes(link.rate_bps)),
+        if link.bandwidth:
+            qdisc = ["tbf", "rate", bits(link.bandwidth), "burst", str(tbf_burst_bytes(link.bandwidth)),
                      "latency", "400ms"]
-            kernel["rate_bps"] = link.rate_bps
+            kernel["rate_bps"] = link.bandwidth
         if kernel_delay:
-            missing.append(f"delay {ms(link.latency_s)} (jitter {ms(link.jitter_s)}): the kernel has no netem "
+            missing.append(f"delay {ms(link.latency)} (jitter {ms(link.jitter)}): the kernel has no netem "
                            "and the process does not emulate it (start it with --link)")
-        if link.loss_pct:
-            missing.append(f"loss {link.loss_pct:g}%: the kernel has no netem")
+        if link.loss:
+            missing.append(f"loss {link.loss:g}%: the kernel has no netem")
     if kernel:
         kernel["qdisc"] = qdisc[0]
     return Decision(qdisc=qdisc, kernel=kernel, transport=transport, missing=missing)
 
 
 class Sidecar:
-    def __init__(self, client: docker.DockerClient, link: Link, services: set[str], iface: str,
+    def __init__(self, client: docker.DockerClient, link: LinkSpec, services: set[str], iface: str,
                  status_path: str):
         if not IFACE_RE.match(iface):
             raise ValueError(f"NETEM_IFACE {iface!r} is not an interface name")
@@ -272,7 +249,7 @@ class Sidecar:
 
     def write_status(self) -> None:
         with self.lock:
-            status = {"project": self.project, "services": sorted(self.services), "link": asdict(self.link),
+            status = {"project": self.project, "services": sorted(self.services), "link": report(self.link),
                       "netem": self.netem, "iface": self.iface, "updated": time.time(),
                       "containers": dict(self.applied)}
         tmp = self.status_path + ".tmp"
@@ -304,7 +281,7 @@ class Sidecar:
 
     def run(self, resync_s: float) -> None:
         log.info("project %r, services %s, interface %s, link %s", self.project, sorted(self.services),
-                 self.iface, describe(asdict(self.link)) or "none (clearing shaping)")
+                 self.iface, describe(report(self.link)) or "none (clearing shaping)")
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         threading.Thread(target=self.watch_events, args=(stop,), name="events", daemon=True).start()
@@ -333,7 +310,7 @@ def describe(parts: dict) -> str:
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    link = Link.parse(os.environ.get("EDGE_LINK", ""))
+    link = parse_link(os.environ.get("EDGE_LINK", ""))
     services = {s.strip() for s in os.environ.get("NETEM_SERVICES", "master,worker").split(",") if s.strip()}
     client = docker.from_env()
     sidecar = Sidecar(client, link, services, os.environ.get("NETEM_IFACE", "eth0"),

@@ -32,8 +32,6 @@ period after it (until the workers had time to re-register).
 from __future__ import annotations
 
 import atexit
-import hashlib
-import hmac
 import json
 import logging
 import random
@@ -49,6 +47,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from tpi.comm import auth
 from tpi.capability import DeviceCapability
 
 log = logging.getLogger("tpi.registry")
@@ -135,7 +134,7 @@ def require_token(token: str) -> None:
 
 def _mac(token: str, body: bytes) -> str:
     require_token(token)
-    return hmac.new(token.encode(), RECORD_LABEL + body, hashlib.sha256).hexdigest()
+    return auth.mac(token, RECORD_LABEL, body)
 
 
 def encode_record(rec: DeviceRecord, token: str) -> bytes:
@@ -148,7 +147,7 @@ def decode_record(raw: bytes, token: str) -> DeviceRecord:
     mac, sep, body = raw.partition(b".")
     if not sep:
         raise RecordError("not a signed record")
-    if not hmac.compare_digest(mac, _mac(token, body).encode()):
+    if not auth.verify(_mac(token, body), mac):
         raise ProofError("join-token proof does not verify")
     return _parse_body(body)
 

@@ -27,7 +27,6 @@ a re-plan every block whose sha256 is already cached is reused without a downloa
 from __future__ import annotations
 
 import hashlib
-import hmac
 import http.client
 import json
 import logging
@@ -44,6 +43,7 @@ from pathlib import Path
 from typing import Callable, Mapping
 from urllib.parse import quote
 
+from tpi.comm import auth
 from tpi.weights.store import EMBED_PATH, FORMAT_VERSION, MANIFEST, ShardStore, execution_order, piece_file
 
 log = logging.getLogger("tpi.shards")
@@ -63,14 +63,11 @@ class DeliveryError(RuntimeError):
 
 
 def bearer(token: str, store_id: str) -> str:
-    if not token:
-        raise ValueError("the join token must not be empty")
-    return hmac.new(token.encode(), BEARER_LABEL + store_id.encode(), hashlib.sha256).hexdigest()
+    return auth.mac(token, BEARER_LABEL, store_id)
 
 
 def manifest_mac(token: str, store_id: str, nonce: str, body: bytes) -> str:
-    msg = MANIFEST_LABEL + store_id.encode() + b"\x00" + nonce.encode() + b"\x00" + hashlib.sha256(body).digest()
-    return hmac.new(token.encode(), msg, hashlib.sha256).hexdigest()
+    return auth.mac(token, MANIFEST_LABEL, store_id, nonce, hashlib.sha256(body).digest())
 
 
 # ---------------------------------------------------------------------------------------
@@ -104,7 +101,7 @@ def shard_blueprint(stores: Mapping[str, str | Path] | Callable[[str], Path | No
         if not STORE_ID_RE.match(store_id):
             abort(404)
         got = request.headers.get("Authorization", "")
-        if not hmac.compare_digest(got.encode(), f"Bearer {bearer(token, store_id)}".encode()):
+        if not auth.verify(f"Bearer {bearer(token, store_id)}", got):
             log.warning("shards: refused %s %s from %s (bad or missing bearer)",
                         request.method, request.path, request.remote_addr)
             abort(Response("join-token proof missing or wrong\n", 401,
@@ -286,7 +283,7 @@ class ShardClient:
                 time.sleep(min(2.0, 0.2 * 2 ** attempt))
         else:
             raise DeliveryError(f"shard server {url} unreachable after {self.attempts} attempts: {last}")
-        if not hmac.compare_digest(mac.encode(), manifest_mac(self.token, store_id, nonce, body).encode()):
+        if not auth.verify(manifest_mac(self.token, store_id, nonce, body), mac):
             raise DeliveryError(f"shard server {url} did not prove it holds the join token "
                                 "(manifest MAC missing or wrong): refusing its files")
         try:

@@ -15,24 +15,47 @@ _spec = importlib.util.spec_from_file_location(
 sidecar = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = sidecar  # dataclasses look their module up there
 _spec.loader.exec_module(sidecar)
-Link, decide, transport_link = sidecar.Link, sidecar.decide, sidecar.transport_link
+from tpi.comm.hub import StarHub  # noqa: E402 - after the sidecar's module is set up
+from tpi.comm.link import LinkSpec as Link  # noqa: E402
+decide, transport_link, parse = sidecar.decide, sidecar.transport_link, sidecar.parse_link
 
-EDGE = Link.parse("latency=5ms,bandwidth=300mbit,jitter=1ms,loss=0.5%")
-OWN = Link.parse("latency=5ms,bandwidth=300mbit,jitter=1ms")
+EDGE = parse("latency=5ms,bandwidth=300mbit,jitter=1ms,loss=0.5%")
+OWN = parse("latency=5ms,bandwidth=300mbit,jitter=1ms")
 
 
 def test_parse():
-    assert EDGE == Link(latency_s=0.005, jitter_s=0.001, rate_bps=300e6, loss_pct=0.5)
-    assert Link.parse("none") == Link() == Link.parse("")
-    assert Link.parse("loss=0").loss_pct == 0
+    assert EDGE == Link(latency=0.005, jitter=0.001, bandwidth=300e6, loss=0.5)
+    assert parse("none") == Link() == parse("")
+    assert parse("loss=0").loss == 0
+    assert parse("rate=1mbit") == Link(bandwidth=1e6)
     for bad in ("latency=5", "bandwidth=0mbit", "loss=200%", "delay=5ms", "latency"):
         with pytest.raises(ValueError):
-            Link.parse(bad)
+            parse(bad)
+
+
+SPECS = ["latency=5ms,bandwidth=300mbit,jitter=1ms,loss=0", "latency=5ms,loss=0.5%",
+         "rate=10mbit", "latency=5", "loss=200%", "delay=5ms", "bandwidth=0mbit", "none"]
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_the_transport_and_the_sidecar_accept_the_same_specs(spec):
+    """A spec the appliance's EDGE_LINK may hold starts a real hub (the transport) exactly
+    when the sidecar accepts it, and both read the same link."""
+    try:
+        expected = parse(spec)
+    except ValueError:
+        expected = None
+    try:
+        with StarHub(1, "test-join-token-long-enough", link=spec) as hub:
+            got = hub.link or Link()
+    except ValueError:
+        got = None
+    assert got == expected
 
 
 def test_transport_link_is_read_from_the_command_line():
-    assert transport_link(["worker", "--link=latency=5ms"]) == Link(latency_s=0.005)
-    assert transport_link(["worker", "--link", "latency=2ms"]) == Link(latency_s=0.002)
+    assert transport_link(["worker", "--link=latency=5ms"]) == Link(latency=0.005)
+    assert transport_link(["worker", "--link", "latency=2ms"]) == Link(latency=0.002)
     assert transport_link(["worker", "--link=none"]) == Link()
     assert transport_link(["worker"]) == Link()
 

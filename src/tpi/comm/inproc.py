@@ -1,7 +1,9 @@
 """N shards in one process: each rank is a thread; all_reduce meets at a condition variable.
 
-Partial sums are added in rank order, so the result is deterministic and identical on
-every rank (as with the star all-reduce).
+The sum is the network's (star.py, `reduce_sum`): every partial in the wire dtype (the
+tensor's own dtype unless the group was given one), accumulated in float32 in rank order,
+rounded once to the wire dtype. So tests and `--transport inproc` see the same numbers, bit
+for bit, as a cluster over sockets, and every rank gets the identical result.
 """
 from __future__ import annotations
 
@@ -9,13 +11,17 @@ import threading
 
 import torch
 
-from tpi.comm.base import CommError, Communicator
+from tpi.comm.base import CommError, Communicator, reduce_sum
 
 
 class InProcGroup:
-    def __init__(self, world_size: int, timeout_s: float = 60.0):
+    def __init__(self, world_size: int, timeout_s: float = 60.0,
+                 wire_dtype: torch.dtype | None = None):
+        """wire_dtype: the dtype partials travel in on the network (None: each tensor's own,
+        as the master's default wire dtype is the compute dtype)."""
         self.world_size = world_size
         self.timeout_s = timeout_s
+        self.wire_dtype = wire_dtype
         self._cond = threading.Condition()
         self._parts: list[torch.Tensor | None] = [None] * world_size
         self._arrived = 0
@@ -38,7 +44,7 @@ class InProcGroup:
             self._arrived = 0
             self._broken = None
 
-    def _all_reduce(self, rank: int, tensor: torch.Tensor) -> torch.Tensor:
+    def _all_reduce(self, rank: int, tensor: torch.Tensor, exact: bool) -> torch.Tensor:
         with self._cond:
             if self._broken:
                 raise CommError(self._broken)
@@ -46,15 +52,13 @@ class InProcGroup:
             self._parts[rank] = tensor
             self._arrived += 1
             if self._arrived == self.world_size:
-                total = self._parts[0].clone()
-                for part in self._parts[1:]:
-                    total += part
-                self._result = total
+                wire = torch.float32 if exact else (self.wire_dtype or tensor.dtype)
+                self._result = reduce_sum(self._parts, wire).to(tensor.dtype)
                 self._parts = [None] * self.world_size
                 self._arrived = 0
                 self._round += 1
                 self._cond.notify_all()
-                return total
+                return self._result
             if not self._cond.wait_for(lambda: self._round != my_round or self._broken, self.timeout_s):
                 raise CommError(f"in-process all_reduce timed out after {self.timeout_s}s (rank {rank})")
             if self._round == my_round:
@@ -67,5 +71,4 @@ class InProcCommunicator(Communicator):
         self.group, self.rank, self.world_size = group, rank, group.world_size
 
     def all_reduce(self, tensor: torch.Tensor, exact: bool = False) -> torch.Tensor:
-        # summed in the tensor's own dtype: a float32 tensor is summed in float32 (exact)
-        return self.group._all_reduce(self.rank, tensor)
+        return self.group._all_reduce(self.rank, tensor, exact)

@@ -11,51 +11,63 @@ message never blocks compute or the messages queued behind it (pipelining):
 
 On one connection delivery order is kept (TCP does not reorder), so jitter never makes a
 later message overtake an earlier one. The Linux netem qdisc would do this in the kernel,
-but it is missing on some kernels (our CI's among them); this works everywhere.
+but it is missing on some kernels (our CI's among them); this works everywhere. Packet
+loss is the one part the transport cannot emulate (TCP would retransmit): a spec's `loss=` is
+accepted here and applied by the netem sidecar (services/netem) in the kernel.
 """
 from __future__ import annotations
 
+import logging
 import math
 import random
 import re
 from dataclasses import dataclass
 
+log = logging.getLogger("tpi.comm")
 _TIME = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
 _RATE = {"bit": 1.0, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9}
 _SEGMENT = 1448     # TCP payload per segment at MTU 1500
 _SEG_OVERHEAD = 66  # Ethernet + IP + TCP (with timestamps) headers per segment
 _WS_OVERHEAD = 14   # worst-case WebSocket frame header
+_KEYS = {"latency": _TIME, "bandwidth": _RATE, "jitter": _TIME, "loss": {"": 1.0, "%": 1.0}}
 
 
 @dataclass(frozen=True)
 class LinkSpec:
+    """One link profile, as `--link` and the appliance's EDGE_LINK write it. The one parser
+    of link specs: the transport (Link below) and the netem sidecar both read them here."""
     latency: float = 0.0            # one-way delay, seconds
     bandwidth: float | None = None  # bits per second; None = unlimited
     jitter: float = 0.0             # uniform ± seconds around latency
+    loss: float = 0.0               # percent of packets lost: the kernel's netem only (TCP
+                                    # retransmits; the transport cannot drop a frame)
 
     @classmethod
     def parse(cls, text: str | None) -> LinkSpec | None:
-        """'latency=5ms,bandwidth=300mbit,jitter=1ms' -> LinkSpec; '' or 'none' -> None."""
+        """'latency=5ms,bandwidth=300mbit,jitter=1ms,loss=0.1%' -> LinkSpec ('rate' is
+        another name for bandwidth); '' or 'none' -> None."""
         if text is None or text.strip().lower() in ("", "none", "off"):
             return None
         values: dict[str, float] = {}
         for item in text.split(","):
-            key, sep, raw = item.partition("=")
-            key, raw = key.strip().lower(), raw.strip().lower()
-            if not sep or key not in ("latency", "bandwidth", "jitter"):
-                raise ValueError(f"link spec {text!r}: expected latency=, bandwidth=, jitter=; "
+            key, sep, raw = (s.strip().lower() for s in item.partition("="))
+            key = "bandwidth" if key == "rate" else key
+            m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*([a-z%]*)", raw)
+            if not sep or key not in _KEYS:
+                raise ValueError(f"link spec {text!r}: expected {', '.join(_KEYS)}=; "
                                  f"got {item!r}")
-            m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*([a-z]*)", raw)
             if not m:
                 raise ValueError(f"link spec {text!r}: cannot read {raw!r}")
             number, unit = float(m.group(1)), m.group(2)
-            table = _RATE if key == "bandwidth" else _TIME
+            table = _KEYS[key]
             if unit not in table:
                 raise ValueError(f"link spec {text!r}: unit {unit!r} for {key} not in "
                                  f"{sorted(table)}")
             values[key] = number * table[unit]
         if values.get("bandwidth") == 0:
             raise ValueError(f"link spec {text!r}: bandwidth must be > 0")
+        if values.get("loss", 0) > 100:
+            raise ValueError(f"link spec {text!r}: loss is a percentage, at most 100%")
         return cls(**values)
 
     def __str__(self) -> str:
@@ -64,6 +76,8 @@ class LinkSpec:
             parts.append(f"bandwidth={self.bandwidth / 1e6:g}mbit")
         if self.jitter:
             parts.append(f"jitter={self.jitter * 1e3:g}ms")
+        if self.loss:
+            parts.append(f"loss={self.loss:g}%")
         return ",".join(parts)
 
 
@@ -77,6 +91,9 @@ class Link:
     """One process's emulated uplink. Used from the event-loop thread only."""
 
     def __init__(self, spec: LinkSpec, seed: int | None = None):
+        if spec.loss:
+            log.warning("link %s: the transport does not drop frames (TCP retransmits); "
+                        "packet loss is emulated by the kernel's netem only", spec)
         self.spec = spec
         self._free_at = 0.0
         self._rng = random.Random(seed)

@@ -32,7 +32,15 @@ TINY_FAMILIES = {
         num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=3, tie_word_embeddings=True,
         max_position_embeddings=512, use_sliding_window=False,
     ),
+    "qwen3": dict(  # head_dim 24 is not hidden / heads (16): the explicit head_dim is what counts
+        architectures=["Qwen3ForCausalLM"], model_type="qwen3", hidden_size=96, intermediate_size=192,
+        num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2, head_dim=24,
+        tie_word_embeddings=False, max_position_embeddings=512, attention_bias=False,
+    ),
 }
+# Families whose norm weights get random values (HF initialises them to 1, or 0 for Gemma's
+# (1 + w)): a norm applied in the wrong place or not at all must change the tokens.
+RANDOM_NORMS = {"qwen3"}
 
 
 def make_tiny_model(family: str, out: Path, smollm2: Path, init_range: float = 0.2) -> Path:
@@ -50,6 +58,8 @@ def make_tiny_model(family: str, out: Path, smollm2: Path, init_range: float = 0
         for name, p in model.named_parameters():
             if name.endswith(".bias"):
                 p.normal_(0, 0.1)
+            elif family in RANDOM_NORMS and "norm" in name:
+                p.add_(torch.randn_like(p), alpha=0.2)
     model.save_pretrained(out, safe_serialization=True)
     for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         if (smollm2 / f).is_file():

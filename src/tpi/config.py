@@ -5,12 +5,17 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-# Architectures whose maths `tpi.model` implements: the Llama family.
+# Architectures whose maths `tpi.model` implements: the Llama family and its relatives.
+# A family's differences are fields of ModelConfig (read here) and rows of the slicing table
+# (tpi.weights.slicing), not branches in the model code.
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
 }
+# Gate activations of the gated MLP: HF `hidden_act` / `hidden_activation` -> our name.
+ACTIVATIONS = {"silu": "silu"}
 
 
 class UnsupportedModelError(ValueError):
@@ -19,18 +24,20 @@ class UnsupportedModelError(ValueError):
 
 @dataclass(frozen=True)
 class RopeScaling:
-    """`rope_scaling` of type llama3 (Llama 3.1 / 3.2). Other types are refused."""
+    """`rope_scaling` of type llama3 (Llama 3.1 / 3.2) or linear (positions divided by
+    `factor`, Gemma 3's global layers). Other types are refused."""
 
     factor: float
-    low_freq_factor: float
-    high_freq_factor: float
-    original_max_position_embeddings: int
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 1.0
+    original_max_position_embeddings: int = 0
+    kind: str = "llama3"
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     architecture: str          # e.g. "LlamaForCausalLM"
-    family: str                # "llama" | "mistral" | "qwen2"
+    family: str                # "llama" | "mistral" | "qwen2" | "qwen3" | ...
     hidden_size: int
     intermediate_size: int
     num_layers: int
@@ -49,6 +56,8 @@ class ModelConfig:
     sliding_window: int | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    qk_norm: bool = False      # per-head RMSNorm of queries and keys before RoPE (Qwen3)
+    hidden_act: str = "silu"   # the MLP gate's activation (tpi.model.layers.ACTIVATIONS)
 
     @property
     def group_size(self) -> int:
@@ -84,9 +93,9 @@ def parse_hf_config(hf: dict) -> ModelConfig:
             + ", ".join(sorted(SUPPORTED_ARCHITECTURES))
         )
     family = SUPPORTED_ARCHITECTURES[arch]
-    act = hf.get("hidden_act", "silu")
-    if act != "silu":
-        raise UnsupportedModelError(f"{arch} with hidden_act={act!r}: only silu (SwiGLU) is supported")
+    act = hf.get("hidden_activation") or hf.get("hidden_act", "silu")
+    if act not in ACTIVATIONS:
+        raise UnsupportedModelError(f"{arch} with hidden_act={act!r}: supported are {', '.join(ACTIVATIONS)}")
     num_heads = hf["num_attention_heads"]
     num_kv = hf.get("num_key_value_heads") or num_heads
     if num_heads % num_kv:
@@ -100,6 +109,8 @@ def parse_hf_config(hf: dict) -> ModelConfig:
         sliding = hf.get("sliding_window")
     elif family == "qwen2" and hf.get("use_sliding_window"):
         sliding = hf.get("sliding_window")
+    elif family == "qwen3" and hf.get("use_sliding_window"):
+        raise UnsupportedModelError(f"{arch} with use_sliding_window: not supported (no released Qwen3 uses it)")
     eos = hf.get("eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
     return ModelConfig(
@@ -123,6 +134,8 @@ def parse_hf_config(hf: dict) -> ModelConfig:
         sliding_window=sliding,
         bos_token_id=hf.get("bos_token_id"),
         eos_token_ids=eos_ids,
+        qk_norm=family == "qwen3",
+        hidden_act=ACTIVATIONS[act],
     )
 
 

@@ -43,6 +43,7 @@ def hf_layer(model_dir, layer):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("family,weights", [
     ("qwen2", [1, 1]), ("qwen2", [1, 2, 3]), ("llama3", [3, 1, 1, 1, 1]), ("mistral", [1, 1, 1]),
+    ("qwen3", [1, 2, 1]),
 ])
 def test_sharded_layer_sums_to_unsharded(tiny_model, family, weights, dtype):
     model_dir = tiny_model(family)

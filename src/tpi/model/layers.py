@@ -1,4 +1,4 @@
-"""Building blocks: RMSNorm, rotary embeddings (with llama3 scaling), SwiGLU, linear.
+"""Building blocks: RMSNorm, rotary embeddings (with llama3 scaling), gated MLP, linear.
 
 Conventions follow Hugging Face's Llama so that outputs match it bit for bit in float32
 where the operation order allows.
@@ -64,5 +64,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return F.silu(gate) * up
+# The gate activations of the gated MLP (ModelConfig.hidden_act).
+ACTIVATIONS = {"silu": F.silu}
+
+
+def gated(gate: torch.Tensor, up: torch.Tensor, act: str = "silu") -> torch.Tensor:
+    """act(gate) * up: SwiGLU for silu."""
+    return ACTIVATIONS[act](gate) * up

@@ -18,7 +18,7 @@ from tpi.config import ModelConfig
 from tpi.model.blocks import BlockSource
 from tpi.model.head import Candidates, merge_topk, pack, piece_topk
 from tpi.model.kvcache import KVCache
-from tpi.model.layers import apply_rope, linear, rms_norm, rope_cos_sin, rope_inv_freq, swiglu
+from tpi.model.layers import apply_rope, gated, linear, rms_norm, rope_cos_sin, rope_inv_freq
 from tpi.plan import DeviceShard
 from tpi.timing import Breakdown, Stopwatch
 
@@ -131,8 +131,9 @@ class ShardRunner:
         cfg, B, T = self.cfg, x.shape[0], x.shape[1]
         hd, nq, nkv = cfg.head_dim, self.shard.num_q_heads, self.shard.num_kv_heads
         h = rms_norm(x, blk["input_norm"], cfg.rms_norm_eps)
-        q = linear(h, blk["q"], blk.get("q_bias")).view(B, T, nq, hd).transpose(1, 2)   # (B, nq, T, hd)
-        k = linear(h, blk["k"], blk.get("k_bias")).view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
+        q = self._head_norm(linear(h, blk["q"], blk.get("q_bias")).view(B, T, nq, hd), blk.get("q_norm"))
+        k = self._head_norm(linear(h, blk["k"], blk.get("k_bias")).view(B, T, nkv, hd), blk.get("k_norm"))
+        q, k = q.transpose(1, 2), k.transpose(1, 2)                                     # (B, n, T, hd)
         v = linear(h, blk["v"], blk.get("v_bias")).view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
         q, k = apply_rope(q, step.cos, step.sin), apply_rope(k, step.cos, step.sin)
         self.cache.write(layer, step.slots, step.starts, k, v)
@@ -146,6 +147,10 @@ class ShardRunner:
             out = self._sdpa(q, *self.cache.read(layer, step.slots, step.length), step.mask)
         out = out.transpose(1, 2).reshape(B, T, nq * hd)                               # (B, T, nq*hd)
         return linear(out, blk["o"], blk.get("o_bias"))                                # (B, T, H) partial
+
+    def _head_norm(self, x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        """Per-head RMSNorm over head_dim of x (B, T, heads, hd) when the family has one (q/k norm)."""
+        return x if weight is None else rms_norm(x, weight, self.cfg.rms_norm_eps)
 
     def _attend(self, layer: int, q: torch.Tensor, slots: list[int], start: int, T: int) -> torch.Tensor:
         """q (1, nq, T, hd) of one row whose first new token sits at `start` -> (1, nq, T, hd)."""
@@ -168,7 +173,7 @@ class ShardRunner:
         h = rms_norm(x, blk["post_norm"], self.cfg.rms_norm_eps)
         gate = linear(h, blk["gate"], blk.get("gate_bias"))                            # (B, T, w)
         up = linear(h, blk["up"], blk.get("up_bias"))                                  # (B, T, w)
-        return linear(swiglu(gate, up), blk["down"], blk.get("down_bias"))            # (B, T, H) partial
+        return linear(gated(gate, up, self.cfg.hidden_act), blk["down"], blk.get("down_bias"))            # (B, T, H) partial
 
     def _mask(self, positions: torch.Tensor, length: int) -> torch.Tensor | None:
         """Boolean (B, 1, T, L): key j is visible to the query at position p if j <= p

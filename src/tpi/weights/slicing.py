@@ -5,6 +5,7 @@ Both the splitter (offline) and tests (sharded == unsharded) use it.
 A layer is stored per device as two blocks:
   attn: input_norm (H)          q (nq*hd, H)   k, v (nkv*hd, H)   o (H, nq*hd)
         [q_bias, k_bias, v_bias (rows)]   [o_bias (H), device 0 only]
+        [q_norm, k_norm (hd): per-head norms, Qwen3]
   mlp:  post_norm (H)           gate, up (w, H)   down (H, w)
         [gate_bias, up_bias (w)]          [down_bias (H), device 0 only]
 where nq/nkv are the device's query/KV heads, hd the head dim and w its MLP width.
@@ -43,6 +44,8 @@ LAYER_TENSORS = {
     "self_attn.k_proj.bias": ("attn", "k_bias", "rows_kv"),
     "self_attn.v_proj.bias": ("attn", "v_bias", "rows_kv"),
     "self_attn.o_proj.bias": ("attn", "o_bias", "row_bias"),
+    "self_attn.q_norm.weight": ("attn", "q_norm", "whole"),
+    "self_attn.k_norm.weight": ("attn", "k_norm", "whole"),
     "post_attention_layernorm.weight": ("mlp", "post_norm", "whole"),
     "mlp.gate_proj.weight": ("mlp", "gate", "rows_mlp"),
     "mlp.up_proj.weight": ("mlp", "up", "rows_mlp"),

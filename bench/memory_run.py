@@ -13,14 +13,14 @@ import time
 from pathlib import Path
 
 from tpi.bench.cgroup import Cgroup
-from tpi.bench.testbed import drop_caches
+from tpi.host import drop_page_cache
 
 ENTRY = Path(__file__).with_name("memory.py")  # the command line whose `device` and `hf` run the children
 
 
 def cold_start() -> None:
     """Every run starts from an empty page cache: refuse to measure a warm one."""
-    if not drop_caches():
+    if not drop_page_cache():
         raise SystemExit("could not drop the page cache (needs root): see /work/shared/BENCHMARKING.md")
 
 

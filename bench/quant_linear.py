@@ -22,7 +22,7 @@ import time
 import torch
 
 from tpi.model.layers import linear
-from tpi.weights.quant import Int8Weight, QuantizedWeight, _repack_int4, pack_block, quantize
+from tpi.weights.quant import Int8Weight, QuantizedWeight, repack_int4, pack_block, quantize
 
 
 def timed(fn, calls: int) -> float:
@@ -60,7 +60,7 @@ def main() -> None:
             if scheme != "bfloat16":
                 raw = QuantizedWeight(tensors["w.qweight"], tensors["w.scale"], tensors.get("w.min"))
                 if cdt == torch.float32:   # pack_block dequantizes instead; the kernels for the record
-                    kern = Int8Weight(raw.qweight, raw.scale) if scheme == "int8" else _repack_int4(raw, cdt)
+                    kern = Int8Weight(raw.qweight, raw.scale) if scheme == "int8" else repack_int4(raw, cdt)
                     variants[f"{scheme:8s} compute {c}, torch kernel (not chosen)"] = (
                         lambda x=x, kern=kern: linear(x, kern), kern.nbytes)
                 variants[f"{scheme:8s} compute {c}, on the fly (QuantizedWeight.linear)"] = (

@@ -8,11 +8,13 @@ import torch
 import torch.nn.functional as F
 
 from text_sample import DECLARATION
-from tpi.engine import RuntimeOptions, build_inproc_engine, kv_cache_bytes, prepare_store
+from tpi.settings import RuntimeOptions
+from tpi.engine import build_inproc_engine, kv_cache_bytes, prepare_store
+from tpi.settings import ModelSettings
 from tpi.weights.scheduler import block_costs
 from tpi.model.layers import linear
 from tpi.model.sampling import SamplingParams
-from tpi.weights.quant import (DenseWeight, Int4Weight, Int8Weight, QuantizedWeight, _repack_int4, int4_kernel_bytes,
+from tpi.weights.quant import (DenseWeight, Int4Weight, Int8Weight, QuantizedWeight, repack_int4, int4_kernel_bytes,
                                kernel_form, pack_block, packed_copy_bytes, quantize, quantize_tensors, unpack_int4)
 
 
@@ -64,7 +66,7 @@ def test_linear_kernels_match_the_dequantized_weight(scheme, shape):
     k = kernel_form(q, torch.float32)                                     # float32: dequantized once
     assert isinstance(k, DenseWeight) and k.weight.dtype == torch.float32
     torch.testing.assert_close(linear(x, k, b), ref, rtol=1e-5, atol=1e-5)
-    kern = Int8Weight(q.qweight, q.scale) if scheme == "int8" else _repack_int4(q, torch.float32)
+    kern = Int8Weight(q.qweight, q.scale) if scheme == "int8" else repack_int4(q, torch.float32)
     torch.testing.assert_close(linear(x, kern, b), ref, rtol=1e-5, atol=1e-5)  # the float32 kernels agree too
     xb, kb = x.bfloat16(), kernel_form(q, torch.bfloat16)
     if scheme == "int8" and width % 8:
@@ -132,7 +134,7 @@ def test_quantized_store_streams_like_it_is_resident(tiny_model, scheme):
     runs = []
     for opts in (RuntimeOptions(dtype=scheme, max_seq=64, scheduler=False),
                  RuntimeOptions(dtype=scheme, max_seq=64, window=1, memory_budget=budget)):
-        engine = build_inproc_engine(model, [1.0, 2.0], opts)
+        engine = build_inproc_engine(ModelSettings(model, [1.0, 2.0]), opts)
         try:
             engine.generator.stop_ids = set()
             runs.append(engine.generator.generate(PROMPT, SamplingParams(max_new_tokens=8)).tokens)
@@ -147,7 +149,7 @@ def test_quantized_store_streams_like_it_is_resident(tiny_model, scheme):
 
 def teacher_forced_argmax(dtype: str, devices: int) -> torch.Tensor:
     """Top-1 prediction at each of 257 positions of a real text, from one prefill."""
-    engine = build_inproc_engine(None, [1.0] * devices, RuntimeOptions(dtype=dtype, compute_dtype="float32", max_seq=272))
+    engine = build_inproc_engine(ModelSettings(None, [1.0] * devices), RuntimeOptions(dtype=dtype, compute_dtype="float32", max_seq=272))
     try:
         ids = torch.tensor([engine.tokenizer.encode(DECLARATION)[:257]])  # (1, 257)
         with torch.no_grad():

@@ -78,7 +78,8 @@ def run_baselines(args) -> int:
     import tempfile
 
     from tpi.bench import cgroup
-    from tpi.bench.testbed import drop_caches, model_slug
+    from tpi.bench.testbed import model_slug
+    from tpi.host import drop_page_cache
     from tpi.weights.scheduler import parse_size
     from tpi.weights.sources import resolve_model
 
@@ -99,7 +100,7 @@ def run_baselines(args) -> int:
             code = ("import json,sys; from tpi.bench.baselines import measure_one; "
                     f"print(json.dumps(measure_one({model_dir!r}, {dtype!r}, {args.prompt!r}, {args.tokens}, "
                     f"{args.rounds}, {offload}, {max_memory}, {folder!r})))")
-            dropped = drop_caches()
+            dropped = drop_page_cache()
             before = machine.snapshot()
             t = time.perf_counter()
             cg = cgroup.Cgroup("tpi-bench-hf", limit if offload else None) if cgroup.available() else None

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import time
 
-from tpi.planner import DTYPE_BYTES, Link, PlannerSettings, all_reduces_per_token, plan_cluster
+from tpi.cluster.estimate import DTYPE_BYTES, Link, PlannerSettings, all_reduces_per_token
+from tpi.cluster.planner import plan_cluster
 
 
 IDLE_RSS_BYTES = 220 * 10**6  # a Python process that has imported torch (/work/shared/BENCHMARKING.md)
@@ -45,12 +46,12 @@ def probe_memory_bandwidth(mb: int = 256, repeats: int = 3) -> float:
 def probe_disk_parallel(readers: int, mb: int = 128, directory: str = "/var/tmp") -> float:
     """MB/s of `readers` threads each reading its own `mb` MB file at once, pages dropped first:
     what devices streaming from one disk together can get (one small sequential reader, as
-    tpi.capability.probe_disk, sees less)."""
+    tpi.cluster.capability.probe_disk, sees less)."""
     import os
     import tempfile
     import threading
 
-    from tpi.capability import _drop_cache
+    from tpi.host import drop_file_cache
 
     block = os.urandom(1 << 20)
     names = []
@@ -63,11 +64,11 @@ def probe_disk_parallel(readers: int, mb: int = 128, directory: str = "/var/tmp"
                     f.write(block)
                 f.flush()
                 os.fsync(f.fileno())
-                _drop_cache(f.fileno())
+                drop_file_cache(f.fileno())
 
         def read(name):
             with open(name, "rb", buffering=0) as f:
-                _drop_cache(f.fileno())
+                drop_file_cache(f.fileno())
                 while f.read(1 << 22):
                     pass
 
@@ -87,7 +88,7 @@ def machine_capability(readers: int = 1) -> dict:
     """One measurement of the whole machine: GFLOP/s (float32 decode-shaped matmul), disk MB/s
     (one small reader, and `readers` large ones at once), memory GB/s. Taken under whatever
     load the shared machine had at the time."""
-    from tpi.capability import measure
+    from tpi.cluster.capability import measure
 
     cap = measure("float32")
     return {"capability": cap.to_json(), "mem_bandwidth_gbs": probe_memory_bandwidth() / 1e9,
@@ -122,23 +123,23 @@ def docker_size(text: str | None) -> int | None:
 
 
 def model_facts(cfg) -> dict:
-    from tpi.planner import _attn_flops, _attn_params, _head_flops, _mlp_flops, _mlp_params
+    from tpi.cluster.estimate import attn_flops, attn_params, head_flops, mlp_flops, mlp_params
 
     L = cfg.num_layers
-    layer_params = L * (_attn_params(cfg, cfg.num_heads, cfg.num_kv_heads, True)
-                        + _mlp_params(cfg, cfg.intermediate_size, True))
-    flops = L * (_attn_flops(cfg, cfg.num_heads, cfg.num_kv_heads, 64) + _mlp_flops(cfg, cfg.intermediate_size))
+    layer_params = L * (attn_params(cfg, cfg.num_heads, cfg.num_kv_heads, True)
+                        + mlp_params(cfg, cfg.intermediate_size, True))
+    flops = L * (attn_flops(cfg, cfg.num_heads, cfg.num_kv_heads, 64) + mlp_flops(cfg, cfg.intermediate_size))
     # per token the output head reads its V x H rows (the LM head, or the tied embedding) and the
     # final norm; the embedding table only the rows of the tokens fed (one in decode)
     head_params = cfg.vocab_size * cfg.hidden_size + 2 * cfg.hidden_size
     return {"layers": L, "layer_params": layer_params, "head_params": head_params,
-            "flops_per_token": flops + _head_flops(cfg),
+            "flops_per_token": flops + head_flops(cfg),
             "hidden_size": cfg.hidden_size}
 
 
 def bounds(cfg, run: dict, machine_cap: dict) -> dict:
     """Bounds (ms/token) and the planner's prediction for one run's configuration."""
-    from tpi.capability import DeviceCapability
+    from tpi.cluster.capability import DeviceCapability
 
     n = run["devices"]
     facts = model_facts(cfg)

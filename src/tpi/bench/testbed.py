@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tpi.bench import machine
+from tpi.host import drop_page_cache
 
 RESULTS = Path("bench/results")
 PROMPT = "The history of the printing press begins"
@@ -107,7 +108,7 @@ def model_slug(model: str | None) -> str:
 # local runner
 
 def run_local(cfg: RunConfig, timeout: float) -> dict:
-    cmd = [sys.executable, "-m", "tpi.cli", "generate", "--transport", "ws", "--devices", str(cfg.devices),
+    cmd = [sys.executable, "-m", "tpi_cli", "generate", "--transport", "ws", "--devices", str(cfg.devices),
            "--json", "--greedy", "--prompt", cfg.prompt, "--max-new-tokens", str(cfg.tokens), *cfg.engine_flags()]
     if cfg.model:
         cmd += ["--model", cfg.model]
@@ -125,7 +126,7 @@ def run_local(cfg: RunConfig, timeout: float) -> dict:
         d["per_token"].pop("layers", None)
     return {"ttft_s": r["ttft_s"], "token_latency_s": r["token_latency_s"], "tokens": len(r["tokens"]),
             "prompt_tokens": r["prompt_tokens"], "text": r["text"], "devices": devices, "wall_s": wall,
-            "engine_command": " ".join(cmd[2:]).replace("tpi.cli", "tpi", 1)}
+            "engine_command": " ".join(cmd[2:]).replace("tpi_cli", "tpi", 1)}
 
 
 # ---------------------------------------------------------------------------------------
@@ -240,16 +241,6 @@ def prepare_volume(client, model_dir: str, image: str, cfg: RunConfig) -> str:
     return dst
 
 
-def drop_caches() -> bool:
-    """Empty the host's page cache (root only), so no run reads another run's cached pages."""
-    try:
-        subprocess.run(["sync"], check=True)
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        return True
-    except OSError:
-        return False
-
-
 def _oom_note(containers) -> str:
     """Which containers the kernel killed for memory, as the reason a run failed."""
     killed = []
@@ -273,7 +264,7 @@ def run_docker(cfg: RunConfig, timeout: float, image: str = "tpi:latest") -> dic
     token = secrets.token_hex(16)
     model_dir = str(resolve_model(cfg.model))
     model_in_volume = prepare_volume(client, model_dir, image, cfg)
-    dropped = drop_caches()
+    dropped = drop_page_cache()
     net = client.networks.create(f"tpibench-{tag}", driver="bridge")
     common = dict(image=image, detach=True, network=net.name, init=True,
                   environment={"TPI_CACHE": "/data/cache"},

@@ -17,7 +17,9 @@ import os
 
 import torch
 
-from tpi.weights.store import (EMBED_PATH, SAFETENSORS_DTYPES, ShardStore, StoreError, _drop_cache, hash_file,
+from tpi.dtypes import SAFETENSORS_DTYPES
+from tpi.host import drop_file_cache
+from tpi.weights.store import (EMBED_PATH, ShardStore, StoreError, hash_file,
                                read_header)
 
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -80,7 +82,7 @@ class EmbeddingRows:
                     raise StoreError(f"{self.path}: row {token} is cut short")
                 # whole pages: DONTNEED leaves partly covered pages cached
                 start, end = off - off % PAGE, -(-(off + self.row_bytes) // PAGE) * PAGE
-                _drop_cache(fd, start, end - start)
+                drop_file_cache(fd, start, end - start)
         finally:
             os.close(fd)
         return rows[inverse].view(*ids.shape, self.hidden_size).to(self.dtype)

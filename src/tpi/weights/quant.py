@@ -266,7 +266,7 @@ def _kernel_block_n() -> int | None:
     return _BLOCK_N[0]
 
 
-def _repack_int4(q: QuantizedWeight, dtype: torch.dtype) -> Int4Weight:
+def repack_int4(q: QuantizedWeight, dtype: torch.dtype) -> Int4Weight:
     out, half = q.qweight.shape
     group = q.group
     block_n = _kernel_block_n()
@@ -306,7 +306,7 @@ def kernel_form(q: QuantizedWeight, dtype: torch.dtype) -> "Int8Weight | Int4Wei
     if q.bits == 8:
         return Int8Weight(q.qweight, q.scale.to(dtype)) if _int8_kernel_fits(q.qweight.shape[1], dtype) else q
     if _HAS_INT4_MM and q.group in INT4_KERNEL_GROUPS:
-        return _repack_int4(q, dtype)
+        return repack_int4(q, dtype)
     return q
 
 

@@ -37,7 +37,7 @@ import hashlib
 import os
 import re
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -80,63 +80,22 @@ def format_size(n: int | None) -> str:
     return f"{n / 1024:.1f} KiB"
 
 
-def device_memory_limit() -> int | None:
-    """The memory limit of the cgroup this process is in (v1 or v2, the tightest limit on
-    the path to the root), else what tpi.memory reads at the mount root; None if unlimited."""
-    from tpi.memory import cgroup_limit_bytes
-
-    limits = []
-    try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
-    except OSError:
-        lines = []
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
-        if controllers == "" or "memory" in controllers.split(","):
-            roots = (["/sys/fs/cgroup", "/sys/fs/cgroup/unified"] if controllers == ""
-                     else ["/sys/fs/cgroup/memory"])
-            fname = "memory.max" if controllers == "" else "memory.limit_in_bytes"
-            for root in roots:
-                p = Path(root + path.rstrip("/"))
-                while True:
-                    limits.append(_read_limit(p / fname))
-                    if str(p) == root or p == p.parent:
-                        break
-                    p = p.parent
-    limits = [x for x in limits if x is not None]
-    if not limits:
-        return cgroup_limit_bytes()
-    return min(limits)
-
-
-def _read_limit(path: Path) -> int | None:
-    try:
-        text = path.read_text().strip()
-    except OSError:
-        return None
-    if text == "max" or not text.isdigit():
-        return None
-    value = int(text)
-    return None if value >= 1 << 60 else value
-
-
 def default_device_budget(devices_in_process: int = 1, limit: int | None = None,
                           rss: int | None = None) -> int | None:
-    """Memory one device may give to layer weights and its KV cache: the cgroup limit minus
-    the process's current RSS and a headroom (max(128 MiB, 10%) for activations and
-    transients), shared by the devices of this process. None when there is no limit."""
-    from tpi.memory import rss_bytes
+    """Memory one device may give to layer weights and its KV cache under the process's
+    memory limit (tpi.host.memory_budget: the limit minus what the process holds and a
+    headroom), shared by the devices of this process. None when there is no limit."""
+    from tpi.host import headroom_bytes, memory_budget, memory_limit_bytes, rss_bytes
 
-    limit = device_memory_limit() if limit is None else limit
+    limit = memory_limit_bytes() if limit is None else limit
     if limit is None:
         return None
     rss = (rss_bytes() or 0) if rss is None else rss
-    headroom = max(128 * MiB, limit // 10)
-    free = limit - rss - headroom
+    free = memory_budget(limit, rss)
     if free <= 0:
         raise MemoryBudgetError(
             f"the memory limit {format_size(limit)} leaves nothing for layer weights: the process "
-            f"already holds {format_size(rss)} and needs {format_size(headroom)} of headroom")
+            f"already holds {format_size(rss)} and needs {format_size(headroom_bytes(limit))} of headroom")
     return free // devices_in_process
 
 

@@ -21,11 +21,11 @@ from tpi.plan import ShardPlan
 from tpi.weights.checkpoint import Checkpoint
 from tpi.weights.slicing import (DEFAULT_MAX_BLOCK_BYTES, HEAD_KIND, HEAD_TENSORS, block_pieces, parse_layer_name,
                                  slice_for_device, slice_piece)
+from tpi.dtypes import FLOAT_DTYPES
 from tpi.weights.quant import QUANT_DTYPES, quant_format, quantize_tensors
 from tpi.weights.store import (EMBED_PATH, FORMAT_VERSION, MANIFEST, atomic_write, block_path, read_header,
                                read_tensor, write_safetensors)
 
-FLOAT_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 # storage dtype -> dtype of the float tensors (all of them, or the unquantized ones)
 STORAGE_DTYPES = {**FLOAT_DTYPES, **{q: torch.bfloat16 for q in QUANT_DTYPES}}
 MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",

@@ -36,6 +36,8 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 from tpi.config import ModelConfig
+from tpi.dtypes import SAFETENSORS_DTYPES, SAFETENSORS_NAMES
+from tpi.host import drop_file_cache
 from tpi.plan import ShardPlan
 
 MANIFEST = "manifest.json"
@@ -85,7 +87,7 @@ def atomic_write(path: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-        _drop_cache(f.fileno())  # written shards must not fill the page cache either
+        drop_file_cache(f.fileno())  # written shards must not fill the page cache either
     os.replace(tmp, path)
 
 
@@ -174,32 +176,17 @@ class ShardStore:
         return [self.piece_path(rank, *key) for key in self.execution_order(rank)]
 
 
-def _drop_cache(fd: int, offset: int = 0, length: int = 0) -> None:
-    try:
-        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
-    except (AttributeError, OSError):
-        pass
-
-
 def read_uncached(path: Path) -> bytes:
     """Read a whole file, then tell the kernel to drop its pages: streamed weights must
     not pile up in the page cache inside a device's memory limit."""
     with open(path, "rb") as f:
         data = f.read()
-        try:
-            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-        except (AttributeError, OSError):
-            pass
+        drop_file_cache(f.fileno())
     return data
 
 
 # --- zero-copy reading of safetensors files ------------------------------------------
 
-SAFETENSORS_DTYPES = {
-    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
-    "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32,
-    "I64": torch.int64, "BOOL": torch.bool,
-}
 READ_CHUNK = 8 << 20  # bytes per system call of a buffered read (then dropped from the page cache)
 DIRECT_CHUNK = 32 << 20  # bytes per O_DIRECT read: bigger requests stream faster (dd: 4 MiB 608, 64 MiB 784 MB/s)
 O_DIRECT = getattr(os, "O_DIRECT", 0)  # 0 where the system has none
@@ -289,7 +276,7 @@ def _read_buffered(fd: int, view: memoryview, size: int, path) -> None:
         n = os.preadv(fd, [view[done : min(size, done + READ_CHUNK)]], done)
         if n == 0:
             raise StoreError(f"{path} shrank while being read ({done} of {size} bytes)")
-        _drop_cache(fd, done, n)
+        drop_file_cache(fd, done, n)
         done += n
 
 
@@ -354,7 +341,7 @@ def read_tensor(path: str | Path, header: dict, base: int, name: str,
             if n == 0:
                 raise StoreError(f"{path}: tensor {name} is cut short")
             done += n
-        _drop_cache(fd, start, end - start)
+        drop_file_cache(fd, start, end - start)
     finally:
         os.close(fd)
     return buf.view(SAFETENSORS_DTYPES[info["dtype"]]).view(shape)
@@ -375,7 +362,7 @@ def hash_file(path: str | Path) -> tuple[str, os.stat_result]:
             if n == 0:
                 raise StoreError(f"{path} shrank while being read ({done} of {st.st_size} bytes)")
             digest.update(view[:n])
-            _drop_cache(fd, done, n)
+            drop_file_cache(fd, done, n)
             done += n
         return digest.hexdigest(), st
     finally:
@@ -392,9 +379,6 @@ def read_header(path: str | Path) -> tuple[dict, int]:
         return parse_header(head + f.read(n), str(path))
 
 
-_DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
-
-
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> tuple[str, int]:
     """Write `tensors` as a safetensors file, tensor by tensor (never the whole file as one
     bytes object), atomically, with its pages dropped from the page cache.
@@ -404,7 +388,7 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> tuple[str
     header, offset = {}, 0
     for n in names:
         t = tensors[n]
-        header[n] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        header[n] = {"dtype": SAFETENSORS_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
         offset += t.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-(8 + len(raw)) % 8)
@@ -421,6 +405,6 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> tuple[str
             digest.update(data)
         f.flush()
         os.fsync(f.fileno())
-        _drop_cache(f.fileno())
+        drop_file_cache(f.fileno())
     os.replace(tmp, path)
     return digest.hexdigest(), 8 + len(raw) + offset

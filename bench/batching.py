@@ -47,7 +47,7 @@ def free_port() -> int:
 
 def start_master(args) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    cmd = [sys.executable, "-m", "tpi.cli", "master", "--http", f"127.0.0.1:{port}", "--devices", str(args.devices),
+    cmd = [sys.executable, "-m", "tpi_cli", "master", "--http", f"127.0.0.1:{port}", "--devices", str(args.devices),
            "--dtype", args.dtype, "--slots", str(max(args.concurrency))]
     print("starting:", " ".join(cmd[2:]), file=sys.stderr)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -68,14 +68,16 @@ def start_master(args) -> tuple[subprocess.Popen, str]:
 def _serve_budgeted(port: int, devices: int, dtype: str, slots: int, budget: str, max_seq: int) -> None:
     import logging
 
-    from tpi.engine import RuntimeOptions, build_inproc_engine
+    from tpi.settings import RuntimeOptions
+    from tpi.engine import build_inproc_engine
+    from tpi.settings import ModelSettings
     from tpi.weights.scheduler import parse_size
     from tpi_master.http_api import serve
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
 
     opts = RuntimeOptions(dtype=dtype, max_seq=max_seq, num_slots=slots, memory_budget=parse_size(budget))
-    serve(build_inproc_engine(None, [1.0] * devices, opts), "127.0.0.1", port)
+    serve(build_inproc_engine(ModelSettings(None, [1.0] * devices), opts), "127.0.0.1", port)
 
 
 def start_budgeted_master(args):

@@ -10,7 +10,7 @@ import platform
 import statistics
 import time
 
-from tpi.threads import prefer_passive_wait
+from tpi.host import prefer_passive_wait
 
 prefer_passive_wait()  # as the tpi command does, before torch loads (applies to both systems)
 import torch  # noqa: E402
@@ -38,15 +38,17 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM
 
-    from tpi.engine import DTYPES, RuntimeOptions, build_inproc_engine
+    from tpi.dtypes import FLOAT_DTYPES
+    from tpi.settings import RuntimeOptions
+    from tpi.engine import build_inproc_engine
+    from tpi.settings import ModelSettings
     from tpi.model.sampling import SamplingParams
     from tpi.weights.sources import resolve_model
 
     model_dir = resolve_model("smollm2")
-    dtype = DTYPES[args.dtype]
+    dtype = FLOAT_DTYPES[args.dtype]
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
-    engine = build_inproc_engine(str(model_dir), [1.0] * args.devices,
-                                 RuntimeOptions(dtype=args.dtype, max_seq=512))
+    engine = build_inproc_engine(ModelSettings(str(model_dir), [1.0] * args.devices), RuntimeOptions(dtype=args.dtype, max_seq=512))
     engine.generator.stop_ids = set()
     prompt = engine.tokenizer.encode_chat([{"role": "user", "content": "Tell me about the history of Paris."}])
     params = SamplingParams(max_new_tokens=args.tokens)

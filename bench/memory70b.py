@@ -128,7 +128,7 @@ def cmd_split(args) -> None:
     head pieces exist, a layer's file once its blocks exist): source + store never need to
     fit side by side (the machine's disk or tmpfs could not hold both)."""
     out, model = Path(args.out), Path(args.model)
-    code = ("import json,sys,time; from tpi.engine import prepare_store; from tpi.memory import peak_rss_bytes;"
+    code = ("import json,sys,time; from tpi.engine import prepare_store; from tpi.host import peak_rss_bytes;"
             f"t=time.time(); s=prepare_store({args.model!r}, [1.0]*{args.world}, 'bfloat16', {str(out)!r});"
             "print(json.dumps({'seconds': time.time()-t, 'peak_rss': peak_rss_bytes(), "
             "'bytes': sum(f.bytes for f in s.files.values())}))")
@@ -170,14 +170,14 @@ def cmd_split(args) -> None:
 # --- the run ----------------------------------------------------------------------------------
 
 IDLE_WORKER = "import torch, tpi.engine, tpi.comm.client, tpi.protocol, tpi_worker.main"
-IDLE_MASTER = IDLE_WORKER + ", tpi.comm.hub, tpi_master.main, tpi_master.http_api, tpi_master.cluster_manager"
+IDLE_MASTER = IDLE_WORKER + ", tpi.comm.hub, tpi_master.main, tpi_master.http_api, tpi.cluster.manager"
 
 
 def idle_rss(imports: str, tokenizer_dir: Path | None = None) -> int:
     """RSS of a process that has imported what a worker (or the master) imports and loaded no
     weights; the master's also holds the tokenizer (128256 entries here), which it needs
     before any weight."""
-    code = imports + "; from tpi.memory import rss_bytes"
+    code = imports + "; from tpi.host import rss_bytes"
     if tokenizer_dir is not None:
         code += f"; from tpi.tokenizer import ChatTokenizer; t = ChatTokenizer({str(tokenizer_dir)!r})"
     code += "; print(rss_bytes())"
@@ -195,7 +195,8 @@ def proc_status(pid: int) -> dict:
 
 
 def cmd_run(args) -> None:
-    from tpi.engine import RuntimeOptions, kv_cache_bytes
+    from tpi.settings import RuntimeOptions
+    from tpi.engine import kv_cache_bytes
     from tpi.weights.scheduler import block_costs, parse_size
     from tpi.weights.store import ShardStore
 
@@ -220,10 +221,10 @@ def cmd_run(args) -> None:
     t0 = time.time()
     try:
         for r in range(1, world):
-            procs.append(cgs[r].spawn([sys.executable, "-m", "tpi.cli", "worker", "--master",
+            procs.append(cgs[r].spawn([sys.executable, "-m", "tpi_cli", "worker", "--master",
                                        f"ws://127.0.0.1:{hub_port}", "--rank", str(r), "--name", f"w{r}",
                                        "--once", *common], workdir / f"worker-{r}.log", child_env("1")))
-        master = cgs[0].spawn([sys.executable, "-m", "tpi.cli", "master", "--model", str(store.root),
+        master = cgs[0].spawn([sys.executable, "-m", "tpi_cli", "master", "--model", str(store.root),
                                "--devices", str(world), "--listen", f"127.0.0.1:{hub_port}",
                                "--http", f"127.0.0.1:{http_port}", "--dtype", "bfloat16",
                                "--compute-dtype", "bfloat16", "--max-seq", str(args.max_seq),

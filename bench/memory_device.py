@@ -19,8 +19,9 @@ def device_main(args) -> None:
     import torch.distributed as dist
 
     from tpi.comm.gloo import GlooCommunicator, make_store
-    from tpi.engine import RuntimeOptions, build_runner, open_embedding
-    from tpi.memory import peak_rss_bytes, rss_bytes
+    from tpi.settings import RuntimeOptions
+    from tpi.engine import build_runner, open_embedding
+    from tpi.host import peak_rss_bytes, rss_bytes
     from tpi.weights.scheduler import block_costs
     from tpi.weights.store import ShardStore
 
@@ -45,7 +46,7 @@ def device_main(args) -> None:
         return runner.step(x, comm, slots, starts)
 
     if rank == 0:
-        from tpi.cluster import Cluster
+        from tpi.cluster.base import Cluster
         from tpi.generate import Generator
         from tpi.model.sampling import SamplingParams
 

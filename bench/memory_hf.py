@@ -17,7 +17,7 @@ def hf_main(args) -> None:
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     from transformers import AutoModelForCausalLM
 
-    from tpi.memory import peak_rss_bytes, rss_bytes
+    from tpi.host import peak_rss_bytes, rss_bytes
 
     idle = rss_bytes()
     kw = dict(dtype=torch.bfloat16)

@@ -20,7 +20,8 @@ GiB, MiB = 1 << 30, 1 << 20
 def slice_info(store_dir: Path, world: int) -> dict:
     import torch
 
-    from tpi.engine import RuntimeOptions, kv_cache_bytes
+    from tpi.settings import RuntimeOptions
+    from tpi.engine import kv_cache_bytes
     from tpi.weights.scheduler import block_costs
     from tpi.weights.store import ShardStore
 

@@ -73,7 +73,7 @@ def cmd_split(args) -> None:
     for dtype in args.dtypes.split(","):
         cold_start()
         cg = Cgroup("tpi-bench-split", parse_size(args.limit))
-        code = ("import json,sys,time; from tpi.engine import prepare_store; from tpi.memory import peak_rss_bytes;"
+        code = ("import json,sys,time; from tpi.engine import prepare_store; from tpi.host import peak_rss_bytes;"
                 f"t=time.time(); prepare_store({args.model!r}, [1.0]*{args.world}, {dtype!r}, {str(out / dtype)!r}, "
                 f"max_block_bytes={max_block});"
                 "print(json.dumps({'seconds': time.time()-t, 'peak_rss': peak_rss_bytes()}))")

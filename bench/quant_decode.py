@@ -13,7 +13,9 @@ import argparse
 import os
 import statistics
 
-from tpi.engine import RuntimeOptions, build_inproc_engine
+from tpi.settings import RuntimeOptions
+from tpi.engine import build_inproc_engine
+from tpi.settings import ModelSettings
 from tpi.model.sampling import SamplingParams
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
@@ -30,8 +32,7 @@ def main() -> None:
     configs = [(s, c) for c in args.compute.split(",") for s in args.stores.split(",")]
     engines = {}
     for store, compute in configs:
-        engines[(store, compute)] = build_inproc_engine(
-            None, [1.0] * args.devices, RuntimeOptions(dtype=store, compute_dtype=compute, scheduler=False, max_seq=256))
+        engines[(store, compute)] = build_inproc_engine(ModelSettings(None, [1.0] * args.devices), RuntimeOptions(dtype=store, compute_dtype=compute, scheduler=False, max_seq=256))
     ids = next(iter(engines.values())).tokenizer.encode(PROMPT)
     ms = {k: [] for k in configs}
     tokens = {}

@@ -22,7 +22,7 @@ sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "cluster")]
 import redis  # noqa: E402
 from procs import free_port  # noqa: E402
 from test_registry_cluster import chat, plan_devices, start_redis, start_registry_master, start_worker  # noqa: E402
-from tpi.registry import Keys  # noqa: E402
+from tpi.cluster.registry import Keys  # noqa: E402
 
 
 def memory_mib(pid: int) -> tuple[int, int]:

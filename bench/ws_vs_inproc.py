@@ -14,7 +14,7 @@ import sys
 
 
 def run(transport: str, devices: int, tokens: int, extra: list[str]) -> dict:
-    cmd = [sys.executable, "-m", "tpi.cli", "generate", "--devices", str(devices), "--transport", transport,
+    cmd = [sys.executable, "-m", "tpi_cli", "generate", "--devices", str(devices), "--transport", transport,
            "--prompt", "The history of the Roman Empire", "--max-new-tokens", str(tokens), "--greedy",
            "--dtype", "float32", "--json", *extra]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout

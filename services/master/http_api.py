@@ -27,7 +27,7 @@ from tpi.comm import auth
 from tpi_master.errors import APIError, bad_request
 from tpi_master.responses import Completion
 from tpi_master.scheduler import QueueFull, Scheduler
-from tpi_master.status import ClusterStatus, engine_slots
+from tpi_master.status import ClusterStatus
 from tpi_master.validation import parse_chat, parse_completion
 
 log = logging.getLogger("tpi.master.http")
@@ -184,12 +184,12 @@ class ApiServer:
                  blueprints: list | None = None):
         from werkzeug.serving import make_server
 
-        slots = num_slots or engine_slots(engine)
+        slots = num_slots or engine.num_slots
         self.scheduler = Scheduler(engine, slots, on_cluster_failure=on_cluster_failure, max_queue=max_queue,
                                    between_requests=between_requests)
         status = ClusterStatus(engine, self.scheduler, model_name, status_provider)
         self.app = create_app(engine, self.scheduler, model_name=model_name, api_key=api_key, status=status)
-        for blueprint in blueprints or []:  # e.g. the shard server (tpi.shard_delivery)
+        for blueprint in blueprints or []:  # e.g. the shard server (shard_server.py)
             self.app.register_blueprint(blueprint)
         self.httpd = make_server(host, port, self.app, threaded=True)
         self.host, self.port = host, self.httpd.server_port

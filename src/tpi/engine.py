@@ -10,52 +10,21 @@ from pathlib import Path
 
 import torch
 
-from tpi.cluster import Cluster, InProcCluster
+from tpi.cluster.base import Cluster, InProcCluster
 from tpi.config import load_model_config
 from tpi.generate import Generator
 from tpi.model.blocks import ResidentBlocks
-from tpi.model.head import DEFAULT_TOPK, head_topk
+from tpi.model.head import head_topk
 from tpi.model.shard import ShardRunner
 from tpi.plan import PlanError, make_plan
+from tpi.settings import ModelSettings, RuntimeOptions
 from tpi.tokenizer import ChatTokenizer
 from tpi.weights.sources import cache_dir, resolve_model
 from tpi.weights.quant import pack_block
 from tpi.weights.embedding import EmbeddingRows
 from tpi.weights.slicing import DEFAULT_MAX_BLOCK_BYTES
-from tpi.weights.splitter import STORAGE_DTYPES, split_checkpoint
+from tpi.weights.splitter import split_checkpoint
 from tpi.weights.store import FORMAT_VERSION, ShardStore
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass(frozen=True)
-class RuntimeOptions:
-    dtype: str = "bfloat16"             # storage dtype of the shard store (or int8 / int4)
-    compute_dtype: str | None = None    # default: float32 (weights upcast as they load)
-    max_seq: int = 2048                 # context length (KV cache size)
-    num_slots: int = 1                  # sequences that can decode together
-    scheduler: bool = True              # stream blocks under a budget (False: all resident)
-    window: int = 2                     # streamed blocks in memory at once (in use + being read)
-    memory_budget: int | None = None    # bytes per device for layer weights + KV cache;
-                                        # None: from the cgroup limit (no limit: all resident)
-    kv_dtype: str | None = None         # KV cache dtype (default: the compute dtype)
-    head_topk: int = DEFAULT_TOPK       # output-head candidates per device (exact sampling for top-k <= this)
-
-    def torch_compute_dtype(self) -> torch.dtype:
-        # float32 by default: CPUs without bfloat16 units gain nothing from bf16 arithmetic, and
-        # greedy SmolLM2 in bf16 compute drifts from the reference answers (see tests/api).
-        name = self.compute_dtype or "float32"
-        if name not in DTYPES:
-            raise ValueError(f"unknown compute dtype {name!r}; choose from {', '.join(DTYPES)}")
-        return DTYPES[name]
-
-    def torch_kv_dtype(self) -> torch.dtype:
-        if self.kv_dtype is None:
-            return self.torch_compute_dtype()
-        if self.kv_dtype not in DTYPES:
-            raise ValueError(f"unknown KV cache dtype {self.kv_dtype!r}; choose from {', '.join(DTYPES)}")
-        return DTYPES[self.kv_dtype]
-
 
 def prepare_store(model_src: str | None, weights: list[float], dtype: str, out: str | Path | None = None,
                   root: str | Path | None = None, max_block_bytes: int = DEFAULT_MAX_BLOCK_BYTES) -> ShardStore:
@@ -161,6 +130,15 @@ class Engine:
     embedder: EmbeddingRows
     cluster: Cluster
     generator: Generator
+    num_slots: int = 1              # sequences its KV caches hold (the batch limit)
+
+    def swap_cluster(self, cluster: Cluster, store: ShardStore | None = None, compute_dtype=None) -> None:
+        """Serve from `cluster` from now on (called between steps, e.g. after a re-plan); with
+        a new `store`, the master's embedding rows are read from it (the old one may go)."""
+        self.cluster = self.generator.cluster = cluster
+        if store is not None:
+            self.store = store
+            self.embedder = self.generator.embedder = open_embedding(store, compute_dtype)
 
     def close(self) -> None:
         self.cluster.close()
@@ -175,12 +153,12 @@ def build_engine(store: ShardStore, cluster: Cluster, opts: RuntimeOptions) -> E
         eos = json.loads(gen_cfg.read_text()).get("eos_token_id")
         stops |= set(eos if isinstance(eos, list) else [] if eos is None else [eos])
     generator = Generator(store.config, embedder, cluster, tokenizer, max_context(store, opts), stops)
-    return Engine(store, tokenizer, embedder, cluster, generator)
+    return Engine(store, tokenizer, embedder, cluster, generator, opts.num_slots)
 
 
-def build_inproc_engine(model_src: str | None, weights: list[float], opts: RuntimeOptions,
-                        max_block_bytes: int = DEFAULT_MAX_BLOCK_BYTES) -> Engine:
-    store = prepare_store(model_src, weights, opts.dtype, max_block_bytes=max_block_bytes)
+def build_inproc_engine(model: ModelSettings, opts: RuntimeOptions) -> Engine:
+    """Every device of `model`'s plan as a thread of this process."""
+    store = prepare_store(model.source, list(model.weights), opts.dtype, max_block_bytes=model.max_block_bytes)
     opts = replace(opts, max_seq=max_context(store, opts))
     n = store.plan.world_size
     if opts.scheduler and opts.memory_budget is None:

@@ -11,7 +11,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from tpi.cluster import Cluster
+from tpi.cluster.base import Cluster
 from tpi.config import ModelConfig
 from tpi.model.sampling import SamplingParams, choose_token
 from tpi.timing import Breakdown

@@ -214,7 +214,10 @@ class SetupDone(Message):
 class Assignment(Message):
     rank: int
     world_size: int
-    plan: dict[str, Any]            # the engine's plan, as plain JSON
+    store: str                      # the store's path on the master (a worker may see the volume)
+    store_id: str                   # its name, for the shard server
+    options: dict[str, Any]         # tpi.settings.RuntimeOptions.to_json(), checked by from_json
+    shards_url: str | None = None   # the master's shard server, for workers without the volume
 
 
 @message(31, "control", "hub")
@@ -226,11 +229,6 @@ class ForwardStep(Message):
     every_position: bool = False    # output-head candidates for every position, not just the last
 
 
-@message(32, "control", "hub")
-class ResetCache(Message):
-    seq: int = 0
-
-
 @message(33, "control", "hub")
 class Shutdown(Message):
     reason: str = ""
@@ -240,7 +238,10 @@ class Shutdown(Message):
 class Reply(Message):
     seq: int
     ok: bool = True
-    detail: str = ""
+    error: str = ""                             # why not ok
+    memory: dict[str, int | None] | None = None # the worker's memory: rss_bytes, peak_rss_bytes and
+                                                # its shard's (tpi.model.shard.ShardRunner.memory_status)
+    breakdown: dict[str, float] | None = None   # the step's compute_s, comm_s, disk_wait_s
     tensor: torch.Tensor | None = None
 
 
@@ -253,6 +254,15 @@ class CollectiveDrill(Message):
     seed: int = 0
     dtype: str = "float32"
     exact: bool = False             # all_reduce(..., exact=True): float32 whatever the wire dtype
+
+
+@message(36, "control", "worker")
+class DrillReport(Message):
+    """A worker's answer to CollectiveDrill: its median all-reduce time and CPU per all-reduce."""
+    seq: int
+    median_s: float
+    cpu_s: float
+    tensor: torch.Tensor | None = None          # the last all-reduce's result
 
 
 # --- link measurement: answered on the receiver's event loop, through its emulated uplink
@@ -480,5 +490,5 @@ __all__ = [
     "dtype_from_name", "step_of",
     "Hello", "Challenge", "AuthResponse", "Welcome", "Error", "Partial", "Reduced",
     "RingChunk", "Abort", "PeerInfo", "RingSetup", "GlooSetup", "SetupDone", "Assignment",
-    "ForwardStep", "ResetCache", "Shutdown", "Reply", "CollectiveDrill",
+    "ForwardStep", "Shutdown", "Reply", "CollectiveDrill", "DrillReport",
 ]

@@ -27,8 +27,17 @@ class Breakdown:
                 for i in range(3):
                     mine[i] += theirs[i]
 
+    def totals(self) -> dict[str, float]:
+        """The three sums, as a worker's Reply carries them."""
+        return {"compute_s": self.compute_s, "comm_s": self.comm_s, "disk_wait_s": self.disk_wait_s}
+
+    @classmethod
+    def from_reply(cls, totals: dict[str, float]) -> "Breakdown":
+        """A worker's totals (any key missing counts as 0: a peer's reply is not trusted to be whole)."""
+        return cls(*(float(totals.get(k, 0.0)) for k in ("compute_s", "comm_s", "disk_wait_s")))
+
     def to_json(self, per_layer: bool = False) -> dict:
-        out = {"compute_s": self.compute_s, "comm_s": self.comm_s, "disk_wait_s": self.disk_wait_s}
+        out: dict = self.totals()
         if per_layer:
             out["layers"] = self.layers
             out["head"] = self.head

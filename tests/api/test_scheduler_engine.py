@@ -12,9 +12,11 @@ import openai
 import pytest
 import requests
 
-from tpi.cluster import Cluster
+from tpi.cluster.base import Cluster
 from tpi.comm.base import CommError
-from tpi.engine import RuntimeOptions, build_inproc_engine
+from tpi.settings import RuntimeOptions
+from tpi.engine import build_inproc_engine
+from tpi.settings import ModelSettings
 from tpi.model.sampling import SamplingParams
 from tpi_master.http_api import ApiServer
 from tpi_master.scheduler import Failed, Finished, Scheduler, Token
@@ -46,7 +48,7 @@ class FailingCluster(Cluster):
 
 @pytest.fixture(scope="module")
 def engine():
-    eng = build_inproc_engine("smollm2", [1, 1], RuntimeOptions(dtype="float32", num_slots=len(QUESTIONS)))
+    eng = build_inproc_engine(ModelSettings("smollm2", [1, 1]), RuntimeOptions(dtype="float32", num_slots=len(QUESTIONS)))
     eng.cluster = FailingCluster(eng.cluster)
     yield eng
     eng.cluster.inner.close()
@@ -95,7 +97,7 @@ def test_batched_greedy_equals_single_sequence_generator(engine, prompts, refere
 def test_batched_greedy_equals_single_sequence_generator_in_bfloat16():
     """The default dtype: rows at different positions attend over their own keys only, so
     they round exactly as when run alone."""
-    eng = build_inproc_engine("smollm2", [1, 1], RuntimeOptions(dtype="bfloat16", num_slots=len(QUESTIONS)))
+    eng = build_inproc_engine(ModelSettings("smollm2", [1, 1]), RuntimeOptions(dtype="bfloat16", num_slots=len(QUESTIONS)))
     try:
         params = SamplingParams(temperature=0.0, max_new_tokens=16)
         prompts = [eng.tokenizer.encode_chat([{"role": "user", "content": q}]) for q in QUESTIONS]

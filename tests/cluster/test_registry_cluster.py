@@ -34,7 +34,7 @@ def start_redis(port: int) -> subprocess.Popen:
 
 def start_worker(registry: str, log_dir, name: str, token: str = TOKEN, *extra: str) -> subprocess.Popen:
     log = open(log_dir / f"{name}.log", "wb")
-    return subprocess.Popen([sys.executable, "-m", "tpi.cli", "worker", "--registry", registry,
+    return subprocess.Popen([sys.executable, "-m", "tpi_cli", "worker", "--registry", registry,
                              "--join-token", token, "--name", name, "--timeout", "3", *extra],
                             stdout=log, stderr=subprocess.STDOUT)
 

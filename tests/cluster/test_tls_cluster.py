@@ -26,7 +26,7 @@ def self_signed(d, name: str) -> tuple[str, str]:
 
 
 def worker(url: str, log_path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "tpi.cli", "worker", "--master", url, "--join-token", TOKEN,
+    return subprocess.Popen([sys.executable, "-m", "tpi_cli", "worker", "--master", url, "--join-token", TOKEN,
                              "--timeout", "3", *extra], stdout=open(log_path, "wb"), stderr=subprocess.STDOUT)
 
 
@@ -76,6 +76,6 @@ def _up(master: Server) -> bool:
 
 def test_worker_refuses_a_ca_for_a_plain_url(tmp_path):
     cert, _ = self_signed(tmp_path, "master")
-    proc = subprocess.run([sys.executable, "-m", "tpi.cli", "worker", "--master", f"ws://127.0.0.1:{free_port()}",
+    proc = subprocess.run([sys.executable, "-m", "tpi_cli", "worker", "--master", f"ws://127.0.0.1:{free_port()}",
                            "--join-token", TOKEN, "--tls-ca", cert], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "not wss://" in proc.stderr

@@ -16,7 +16,7 @@ PROMPT = ["--prompt", "The history of the Roman Empire", "--max-new-tokens", "24
 
 
 def generate(*args: str) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "tpi.cli", "generate", *PROMPT, *args],
+    proc = subprocess.run([sys.executable, "-m", "tpi_cli", "generate", *PROMPT, *args],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout)
@@ -34,7 +34,7 @@ def test_ws_tokens_equal_inproc(devices):
 
 def start_worker(port: int, token: str, log_dir, name: str) -> subprocess.Popen:
     log = open(log_dir / f"{name}.log", "wb")
-    return subprocess.Popen([sys.executable, "-m", "tpi.cli", "worker", "--master", f"ws://127.0.0.1:{port}",
+    return subprocess.Popen([sys.executable, "-m", "tpi_cli", "worker", "--master", f"ws://127.0.0.1:{port}",
                              "--join-token", token, "--name", name, "--timeout", "3"],
                             stdout=log, stderr=subprocess.STDOUT)
 

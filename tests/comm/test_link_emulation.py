@@ -10,7 +10,7 @@ import torch
 from tpi.comm.client import StarClient
 from tpi.comm.drill import run_master
 from tpi.comm.hub import StarHub
-from tpi.protocol import ResetCache
+from tpi.protocol import Shutdown
 
 
 @pytest.mark.parametrize("mode,n,latency,hops", [("star", 2, 20, 2), ("star", 4, 20, 2),
@@ -39,9 +39,9 @@ def test_latency_does_not_block_the_sender(token):
         with StarClient.connect(hub.url, token) as client:
             t0 = time.monotonic()
             for i in range(20):
-                hub.broadcast(ResetCache(seq=i))
+                hub.broadcast(Shutdown(reason=str(i)))
             sent = time.monotonic() - t0
-            seqs = [client.recv_control(timeout=5).seq for _ in range(20)]
+            seqs = [int(client.recv_control(timeout=5).reason) for _ in range(20)]
             arrived = time.monotonic() - t0
     assert seqs == list(range(20))                 # in order
     assert sent < 0.05                             # broadcast returns at once

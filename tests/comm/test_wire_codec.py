@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tpi.protocol import (MAGIC, VERSION, Assignment, Error, ForwardStep, Hello, Partial,
-                          ProtocolError, Reduced, Reply, ResetCache, RingSetup, Shutdown,
+                          ProtocolError, Reduced, Reply, RingSetup, Shutdown,
                           Welcome, decode, encode, read_header)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int32, torch.int8,
@@ -48,9 +48,12 @@ def test_control_messages_round_trip():
         Hello(version=VERSION, nonce="ab" * 32, name="pi-4", want_rank=2),
         Welcome(rank=1, world_size=3, allreduce="ring", wire_dtype="bfloat16", proof="00"),
         Error(code="auth", message="join token rejected"),
-        Assignment(rank=2, world_size=4, plan={"heads": [3, 2], "ok": True, "x": None}),
+        Assignment(rank=2, world_size=4, store="/data/stores/ab12", store_id="ab12",
+                   options={"max_seq": 64, "window": 2, "kv_dtype": None}, shards_url="http://m:8000"),
         ForwardStep(seq=7, slots=[0, 3], starts=[5, 9], hidden=torch.randn(2, 1, 576)),
-        ResetCache(seq=1), Shutdown(), Reply(seq=3), Reply(seq=4, tensor=torch.arange(3)),
+        Shutdown(), Reply(seq=3), Reply(seq=4, tensor=torch.arange(3)),
+        Reply(seq=5, memory={"rss_bytes": 1 << 30, "budget_bytes": None}, breakdown={"compute_s": 0.25}),
+        Reply(seq=6, ok=False, error="no shard loaded"),
         RingSetup(generation=2, peers={"1": "ws://10.0.0.2:4000"}),
     ]
     for m in msgs:
@@ -89,8 +92,8 @@ def test_frame_helper_builds_valid_frames():
     (frame(kind=33, dtype=0, shape=(), meta=b"[1]", payload=b""), "not a JSON object"),
     (frame(kind=33, dtype=0, shape=(), meta=b'{"why":1}', payload=b""), "unknown fields"),
     (frame(kind=5, dtype=0, shape=(), meta=b'{"code":"x"}', payload=b""), "missing fields"),
-    (frame(kind=32, dtype=0, shape=(), meta=b'{"seq":"1"}', payload=b""), "is not int"),
-    (frame(kind=32, dtype=0, shape=(), meta=b'{"seq":true}', payload=b""), "is not int"),
+    (frame(kind=34, dtype=0, shape=(), meta=b'{"seq":"1"}', payload=b""), "is not int"),
+    (frame(kind=34, dtype=0, shape=(), meta=b'{"seq":true}', payload=b""), "is not int"),
     (frame(kind=31, dtype=1, shape=(1,),
            meta=json.dumps({"seq": 1, "slots": [0], "starts": [1, "a"]}).encode()), "starts"),
     (frame(kind=33, dtype=0, shape=(), payload=b"xx"), "trailing bytes"),

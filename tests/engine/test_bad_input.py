@@ -8,7 +8,9 @@ import sys
 
 import pytest
 
-from tpi.engine import RuntimeOptions, build_inproc_engine, prepare_store
+from tpi.settings import RuntimeOptions
+from tpi.engine import build_inproc_engine, prepare_store
+from tpi.settings import ModelSettings
 from tpi.tokenizer import TokenizerError
 from tpi.weights.store import ShardStore, StoreError, block_path
 
@@ -61,7 +63,7 @@ def test_missing_tokenizer(tiny_model, tmp_path):
     shutil.copytree(tiny_model("llama3"), model)
     (model / "tokenizer.json").unlink()
     with pytest.raises(TokenizerError, match="missing tokenizer"):
-        build_inproc_engine(str(model), [1], RuntimeOptions())
+        build_inproc_engine(ModelSettings(str(model), [1]), RuntimeOptions())
 
 
 def test_unsupported_architecture_on_the_command_line(tiny_model, tmp_path):
@@ -70,14 +72,14 @@ def test_unsupported_architecture_on_the_command_line(tiny_model, tmp_path):
     cfg = json.loads((model / "config.json").read_text())
     cfg["architectures"] = ["FalconForCausalLM"]
     (model / "config.json").write_text(json.dumps(cfg))
-    proc = subprocess.run([sys.executable, "-m", "tpi.cli", "generate", "--model", str(model),
+    proc = subprocess.run([sys.executable, "-m", "tpi_cli", "generate", "--model", str(model),
                            "--prompt", "hi"], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "unsupported architecture FalconForCausalLM" in proc.stderr
 
 
 def test_too_many_devices_on_the_command_line(tiny_model):
-    proc = subprocess.run([sys.executable, "-m", "tpi.cli", "generate", "--model", str(tiny_model("mistral")),
+    proc = subprocess.run([sys.executable, "-m", "tpi_cli", "generate", "--model", str(tiny_model("mistral")),
                            "--devices", "6", "--prompt", "hi"], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "only 5 query heads" in proc.stderr

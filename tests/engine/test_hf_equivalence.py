@@ -4,7 +4,9 @@ from __future__ import annotations
 import pytest
 
 from reference import TINY_FAMILIES, hf_greedy
-from tpi.engine import RuntimeOptions, build_inproc_engine
+from tpi.settings import RuntimeOptions
+from tpi.engine import build_inproc_engine
+from tpi.settings import ModelSettings
 from tpi.model.sampling import SamplingParams
 
 NEW_TOKENS = 32
@@ -12,7 +14,7 @@ F32 = RuntimeOptions(dtype="float32", max_seq=256)
 
 
 def tpi_greedy(model_dir, weights, prompt, new_tokens=NEW_TOKENS):
-    engine = build_inproc_engine(str(model_dir), weights, F32)
+    engine = build_inproc_engine(ModelSettings(str(model_dir), weights), F32)
     try:
         engine.generator.stop_ids = set()  # compare exactly new_tokens tokens, as HF does
         return engine.generator.generate(prompt, SamplingParams(max_new_tokens=new_tokens)).tokens

@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from tpi.comm.base import CommError
-from tpi.engine import RuntimeOptions, build_inproc_engine, kv_cache_bytes, prepare_store
+from tpi.settings import RuntimeOptions
+from tpi.engine import build_inproc_engine, kv_cache_bytes, prepare_store
+from tpi.settings import ModelSettings
 from tpi.model.blocks import ResidentBlocks
 from tpi.model.sampling import SamplingParams
 from tpi.weights.scheduler import (MemoryBudgetError, SlidingWindowBlocks, block_costs, parse_size, plan_retention)
@@ -95,7 +97,7 @@ def budget_for(store, opts, window, fraction):
 
 
 def run(model, weights, opts, new_tokens=10, cap=CAP):
-    engine = build_inproc_engine(str(model) if model else None, weights, opts, max_block_bytes=cap)
+    engine = build_inproc_engine(ModelSettings(str(model) if model else None, weights, max_block_bytes=cap), opts)
     try:
         engine.generator.stop_ids = set()
         tokens = engine.generator.generate(PROMPT, SamplingParams(max_new_tokens=new_tokens)).tokens
@@ -160,7 +162,7 @@ def test_budget_holding_the_slice_reads_nothing_after_start(tiny_model):
     model = tiny_model(TINY)
     store = prepare_store(str(model), [1.0, 1.0], "float32", max_block_bytes=CAP)
     opts = RuntimeOptions(dtype="float32", max_seq=64, memory_budget=budget_for(store, RuntimeOptions(max_seq=64, dtype="float32"), 0, 1.0))
-    engine = build_inproc_engine(str(model), [1.0, 1.0], opts, max_block_bytes=CAP)
+    engine = build_inproc_engine(ModelSettings(str(model), [1.0, 1.0], max_block_bytes=CAP), opts)
     try:
         blocks = [r.blocks for r in engine.cluster.runners]
         assert all(not b.plan.streamed for b in blocks)
@@ -198,11 +200,9 @@ def test_budget_too_small_for_the_window_is_refused(tiny_model):
     opts = RuntimeOptions(dtype="float32", max_seq=64, window=2)
     small = kv_cache_bytes(store, 0, opts) + max(slice_costs(store, 0)) + 1
     with pytest.raises(MemoryBudgetError, match="cannot hold a window of 2 blocks"):
-        build_inproc_engine(str(model), [1.0, 1.0], RuntimeOptions(dtype="float32", max_seq=64, memory_budget=small),
-                            max_block_bytes=CAP)
+        build_inproc_engine(ModelSettings(str(model), [1.0, 1.0], max_block_bytes=CAP), RuntimeOptions(dtype="float32", max_seq=64, memory_budget=small))
     with pytest.raises(MemoryBudgetError, match="does not even hold the KV cache"):
-        build_inproc_engine(str(model), [1.0, 1.0], RuntimeOptions(dtype="float32", max_seq=64, memory_budget=1000),
-                            max_block_bytes=CAP)
+        build_inproc_engine(ModelSettings(str(model), [1.0, 1.0], max_block_bytes=CAP), RuntimeOptions(dtype="float32", max_seq=64, memory_budget=1000))
 
 
 def test_streamed_blocks_are_views_of_the_window_buffers(tiny_model):
@@ -294,7 +294,7 @@ def test_altered_block_file_is_a_clear_error(private_store):
 # --- the command line --------------------------------------------------------------------
 
 def test_generate_json_reports_breakdown_per_device_and_layer(tiny_model, capsys):
-    from tpi.cli import main
+    from tpi_cli.main import main
 
     model = tiny_model(TINY)
     code = main(["generate", "--model", str(model), "--devices", "2", "--dtype", "float32", "--prompt", "Hello",

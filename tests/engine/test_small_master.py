@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from tpi.comm.inproc import InProcGroup
-from tpi.engine import RuntimeOptions, build_inproc_engine, load_resident_runner, prepare_store
+from tpi.settings import RuntimeOptions
+from tpi.engine import build_inproc_engine, load_resident_runner, prepare_store
+from tpi.settings import ModelSettings
 from tpi.model.head import Candidates
 from tpi.model.layers import rms_norm
 from tpi.model.sampling import SamplingParams, choose_token
@@ -137,7 +139,7 @@ def test_pieces_give_the_same_tokens_and_respect_the_cap(tiny_model):
                 assert store.file_bytes(rel) <= cap + 4096                    # + header and norms
     tokens = {}
     for name, c in (("whole", 64 << 20), ("pieces", cap)):
-        engine = build_inproc_engine(str(model), [1.0, 2.0], F32, max_block_bytes=c)
+        engine = build_inproc_engine(ModelSettings(str(model), [1.0, 2.0], max_block_bytes=c), F32)
         try:
             engine.generator.stop_ids = set()
             tokens[name] = engine.generator.generate(PROMPT, SamplingParams(max_new_tokens=12)).tokens

@@ -14,7 +14,7 @@ import threading
 from flask import Flask
 from werkzeug.serving import make_server
 
-from tpi.shard_delivery import shard_blueprint, stores_under
+from tpi_master.shard_server import shard_blueprint, stores_under
 
 
 class DropFirst:

@@ -5,13 +5,12 @@ import time
 
 import pytest
 
-from tpi.capability import DeviceCapability, measure, probe_compute, probe_disk
+from tpi.cluster.capability import DeviceCapability, measure, probe_compute, probe_disk
 from tpi.config import parse_hf_config
 from tpi.plan import PlanError
 from tpi.weights.scheduler import MemoryBudgetError
-from tpi.planner import (
-    HOPS_PER_ALL_REDUCE, Link, PlannerSettings, all_reduces_per_token, estimate, plan_cluster, plan_weights,
-)
+from tpi.cluster.estimate import HOPS_PER_ALL_REDUCE, Link, PlannerSettings, all_reduces_per_token, estimate
+from tpi.cluster.planner import plan_cluster, plan_weights
 
 # SmolLM2-135M's shape: 30 layers, hidden 576, 9 query / 3 KV heads, MLP 1536, tied embeddings.
 SMOLLM2 = parse_hf_config(dict(
@@ -159,7 +158,7 @@ def test_streamed_bytes_match_the_scheduler_on_a_real_store(tiny_model, tmp_path
     import torch
 
     from tpi.engine import prepare_store
-    from tpi.planner import piece_costs
+    from tpi.cluster.estimate import piece_costs
     from tpi.weights.scheduler import block_costs, plan_retention
 
     # Pieces of at most 256 KiB: the head slices of this tiny model (49152 x 96) are cut.

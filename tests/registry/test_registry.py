@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from tpi.capability import DeviceCapability
-from tpi.membership import Membership
-from tpi.registry import (
+from tpi.cluster.capability import DeviceCapability
+from tpi.cluster.membership import Membership
+from tpi.cluster.registry import (
     HEARTBEAT_S, POLL_S, TTL_S, DeviceRecord, Keys, ProofError, Registration, RegistryTimeout,
     decode_record, encode_record, find_master, redact, register_master,
 )
@@ -104,7 +104,7 @@ def test_clean_exit_deregisters_at_once(redis_server, spawn):
 
 
 def test_wrong_join_token_is_refused_and_told(redis_server, spawn, caplog):
-    caplog.set_level(logging.INFO, logger="tpi.registry")
+    caplog.set_level(logging.INFO, logger="tpi.cluster.registry")
     with Membership(redis_server.url, TOKEN) as m:
         good = worker(spawn, redis_server, "w-good")
         bad = worker(spawn, redis_server, "w-bad", token="a guessed token")
@@ -151,7 +151,7 @@ def test_second_process_with_same_id_does_not_steal_it(redis_server):
 
 
 def test_redis_restart_client_reregisters_master_keeps_view(redis_server, spawn, caplog):
-    caplog.set_level(logging.INFO, logger="tpi.registry")
+    caplog.set_level(logging.INFO, logger="tpi.cluster.registry")
     rec = Recorder()
     master = register_master(redis_server.url, TOKEN, "10.0.0.1:29500", CAP)
     with Membership(redis_server.url, TOKEN, on_change=rec) as m:
@@ -185,7 +185,7 @@ def test_registry_password_from_url(redis_factory, spawn, caplog):
         w = worker(spawn, server, "w-auth")
         w.expect("registered")
         assert m.wait(lambda ms: "w-auth" in ms, timeout=5)
-    caplog.set_level(logging.WARNING, logger="tpi.registry")
+    caplog.set_level(logging.WARNING, logger="tpi.cluster.registry")
     wrong = server.url.replace("p4ss-word", "nope")
     reg = Registration(wrong, TOKEN, "worker", "w-wrongpw", None, CAP).start()
     try:
@@ -201,7 +201,7 @@ def test_tpi_worker_deregisters_on_sigterm(redis_server):
     """The real `tpi worker` (here waiting for a master that never comes): `docker stop`
     sends SIGTERM, and the record must go at once, not when its TTL runs out."""
     key = Keys().worker("w-term")
-    proc = subprocess.Popen([sys.executable, "-m", "tpi.cli", "worker", "--registry", redis_server.url,
+    proc = subprocess.Popen([sys.executable, "-m", "tpi_cli", "worker", "--registry", redis_server.url,
                              "--join-token", TOKEN, "--name", "w-term"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

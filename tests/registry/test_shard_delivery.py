@@ -14,7 +14,7 @@ import torch
 
 from tpi.config import load_model_config
 from tpi.plan import make_plan
-from tpi.shard_delivery import DeliveryError, ShardClient, bearer
+from tpi.cluster.delivery import DeliveryError, ShardClient, bearer
 from tpi.weights.splitter import split_checkpoint
 from tpi.weights.store import ShardStore, block_path
 

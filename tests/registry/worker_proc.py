@@ -12,8 +12,8 @@ import signal
 import sys
 import threading
 
-from tpi.capability import DeviceCapability
-from tpi.registry import register_worker
+from tpi.cluster.capability import DeviceCapability
+from tpi.cluster.registry import register_worker
 
 
 def main() -> int:

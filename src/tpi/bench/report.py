@@ -44,7 +44,7 @@ def machine_text(runs: list[dict]) -> str:
 
         s += (" Measured at the start of each sweep (under that load): "
               f"{rng([c['capability']['gflops'] for c in caps], '{:.1f}')} GFLOP/s float32 (decode-shaped matmul, "
-              f"`tpi.capability.measure()`), disk {rng(disks, '{:.0f}')} MB/s (one 16 MB reader, or as many "
+              f"`tpi.cluster.capability.measure()`), disk {rng(disks, '{:.0f}')} MB/s (one 16 MB reader, or as many "
               f"128 MB readers at once as the sweep had devices), memory copy "
               f"{rng([c['mem_bandwidth_gbs'] for c in caps], '{:.1f}')} GB/s. The bounds take the best GFLOP/s, "
               f"disk rate and copy rate measured in any sweep (a bound assumes the machine at its best).")
@@ -155,7 +155,7 @@ def write_report(args) -> int:
              "per token, summed (they share one disk) / measured disk bandwidth; with a container limit and no "
              "explicit budget, the runtime's default-budget rule (limit - idle RSS of 220 MB - headroom) gives "
              "the budgets. Every all-reduce waits for the compute before it, so bound = latency + max(compute, "
-             "memory, disk). Planner = `tpi.planner.plan_cluster(...).estimate.total_ms` with each device given "
+             "memory, disk). Planner = `tpi.cluster.planner.plan_cluster(...).estimate.total_ms` with each device given "
              "1/N of the measured machine (it models star links: its ring figures use 2 hops).\n"]
     for name in names:
         parts.append(model_section(name, [r for r in testbed if model_of(r) == name],

@@ -6,7 +6,6 @@ standard normal tensor, so the expected sum of every repetition is known to the 
 """
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from dataclasses import dataclass
@@ -14,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from tpi.comm.base import CommError, Communicator
-from tpi.protocol import CollectiveDrill, Reply, Shutdown, dtype_from_name
+from tpi.protocol import CollectiveDrill, DrillReport, Reply, Shutdown, dtype_from_name
 
 
 def base_input(seed: int, rank: int, shape: list[int], dtype: torch.dtype) -> torch.Tensor:
@@ -54,15 +53,14 @@ def serve_worker(client, comm: Communicator) -> None:
         if isinstance(msg, Shutdown):
             return
         if not isinstance(msg, CollectiveDrill):
-            client.send(Reply(seq=-1, ok=False, detail=f"drill worker: {type(msg).__name__}"))
+            client.send(Reply(seq=-1, ok=False, error=f"drill worker: {type(msg).__name__}"))
             continue
         try:
             out, times, cpu = _run(comm, msg)
         except CommError as e:
-            client.send(Reply(seq=msg.seq, ok=False, detail=str(e)))
+            client.send(Reply(seq=msg.seq, ok=False, error=str(e)))
             continue
-        detail = {"median": statistics.median(times), "cpu": cpu}
-        client.send(Reply(seq=msg.seq, detail=json.dumps(detail), tensor=out))
+        client.send(DrillReport(seq=msg.seq, median_s=statistics.median(times), cpu_s=cpu, tensor=out))
 
 
 def worker_main(url: str, token: str, *, threads: int | None = 1, cafile: str | None = None,
@@ -88,7 +86,7 @@ class DrillResult:
     master_times: list[float]                 # seconds per all_reduce on rank 0
     master_cpu: float                         # rank 0's process CPU seconds per all_reduce
     master_out: torch.Tensor                  # rank 0's last result
-    replies: dict[int, Reply]                 # each worker's answer (tensor = its last result)
+    replies: dict[int, DrillReport]           # each worker's answer (tensor = its last result)
     expected: torch.Tensor                    # float32 sum of the last repetition
 
     @property
@@ -98,7 +96,7 @@ class DrillResult:
     @property
     def worker_cpu(self) -> float:
         """Mean over workers of their process CPU seconds per all_reduce."""
-        cpus = [json.loads(r.detail)["cpu"] for r in self.replies.values()]
+        cpus = [r.cpu_s for r in self.replies.values()]
         return statistics.mean(cpus) if cpus else 0.0
 
     def max_error(self) -> float:
@@ -125,7 +123,7 @@ def run_master(hub, comm: Communicator, reps: int, shape: list[int], seed: int =
                 pass
         raise
     replies = hub.gather(timeout=reply_timeout, ranks=ranks)
-    bad = {r: m.detail for r, m in replies.items() if not (isinstance(m, Reply) and m.ok)}
+    bad = {r: getattr(m, "error", type(m).__name__) for r, m in replies.items() if not isinstance(m, DrillReport)}
     if bad:
         raise CommError(f"drill failed on workers: {bad}")
     exp = expected_sum(seed, hub.world_size, reps - 1, list(shape), dtype_from_name(dtype))

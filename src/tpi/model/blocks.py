@@ -32,6 +32,11 @@ class BlockSource(ABC):
     def close(self) -> None:
         pass
 
+    @abstractmethod
+    def describe(self) -> dict:
+        """What this source holds now: held_bytes, budget_bytes (None: no budget),
+        resident_blocks, streamed_blocks, and its own counters."""
+
 
 class ResidentBlocks(BlockSource):
     def __init__(self, blocks: dict[tuple, Block]):
@@ -46,3 +51,8 @@ class ResidentBlocks(BlockSource):
 
     def pieces(self, kind: str) -> int:
         return self._pieces.get(kind, 0)
+
+    def describe(self) -> dict:
+        held = sum(v.nbytes for blk in self.blocks.values() for v in blk.values())  # tensors or stored weights
+        return {"scheduler": "off (all resident)", "held_bytes": held, "budget_bytes": None,
+                "resident_blocks": len(self.blocks), "streamed_blocks": 0}

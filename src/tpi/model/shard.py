@@ -50,6 +50,17 @@ class ShardRunner:
         self.kv_index = torch.tensor([h // g - shard.kv_heads[0] for h in range(q0, q1)])
         self.last = Breakdown()
 
+    def memory_status(self) -> dict:
+        """Bytes this shard holds now (layer weights + KV cache) against its budget."""
+        kv = self.cache.nbytes
+        blocks = self.blocks.describe()
+        weights, budget = blocks.get("held_bytes"), blocks.get("budget_bytes")
+        return {"used_bytes": None if weights is None else weights + kv,
+                "budget_bytes": None if budget is None else budget + kv,
+                "weights_bytes": weights, "weights_high_water_bytes": blocks.get("high_water_bytes"),
+                "kv_cache_bytes": kv, "resident_blocks": blocks.get("resident_blocks"),
+                "streamed_blocks": blocks.get("streamed_blocks")}
+
     def step(self, x: torch.Tensor, comm: Communicator, slots: list[int], starts: list[int],
              every_position: bool = False) -> Candidates:
         """All layers, then the output head: the merged top-K candidates (identical on every

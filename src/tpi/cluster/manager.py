@@ -16,35 +16,19 @@ from __future__ import annotations
 import logging
 import shutil
 import threading
-import time
-from dataclasses import asdict
 from pathlib import Path
 
-from tpi.cluster import Cluster
+from tpi.cluster.base import Cluster
 from tpi.comm.base import CommError
 from tpi.comm.hub import StarHub
-from tpi.cli import max_block_bytes
-from tpi.engine import Engine, RuntimeOptions, build_runner, open_embedding, prepare_store
-from tpi.memory import release_freed_memory
+from tpi.engine import Engine, build_runner, prepare_store
+from tpi.host import release_freed_memory
 from tpi.weights.sources import cache_dir
+from tpi.settings import MasterSettings, split_hostport
 from tpi.weights.store import ShardStore
-from tpi_master.remote_cluster import RemoteCluster
+from tpi.cluster.remote import RemoteCluster
 
 log = logging.getLogger("tpi.master.cluster")
-
-
-def device_panel(d: dict) -> dict:
-    """What /api/cluster's per-device entry learns from the live cluster: the worker's real
-    name, where it connected from, whether it is up, its last reported memory and link RTT."""
-    if d["rank"] == 0:
-        return {"rank": 0, "name": "master"}
-    rtt = d.get("rtt_s")
-    return {"rank": d["rank"], "name": d["name"] or f"device-{d['rank']}", "address": d["address"],
-            "state": "up" if d["connected"] else "down",
-            "memory": {"rss_bytes": d["rss_bytes"], "peak_rss_bytes": d["peak_rss_bytes"]},
-            "link": {"rtt_ms": None if rtt is None else rtt * 1e3,
-                     "note": "Ping/Pong every 5 s through both ends' links" if rtt is not None
-                     else "no round trip measured yet (every 5 s)"}}
 
 
 class NoCluster(Cluster):
@@ -59,9 +43,11 @@ class NoCluster(Cluster):
 
 
 class ClusterManager:
-    def __init__(self, args, opts: RuntimeOptions, host: str, port: int, membership=None,
-                 master_capability=None, rejoin_timeout: float = 20.0):
-        self.args, self.opts, self.host, self.port = args, opts, host, port
+    def __init__(self, settings: MasterSettings, membership=None, master_capability=None,
+                 rejoin_timeout: float = 20.0):
+        assert settings.hub is not None, "a cluster with workers needs hub settings"
+        self.settings, self.hub_settings, self.opts = settings, settings.hub, settings.runtime
+        self.host, self.port = split_hostport(settings.hub.listen, 29500)
         self.membership, self.master_capability = membership, master_capability
         self.rejoin_timeout = rejoin_timeout
         self.http_url: str | None = None       # where workers without the shared volume download shards
@@ -74,10 +60,10 @@ class ClusterManager:
         self._lock = threading.Lock()
         self._split_here: list[Path] = []       # stores this master split, oldest first
         self.ssl_context = None                 # wss:// when the master has a certificate
-        if getattr(args, "tls_cert", None):
+        if settings.hub.tls_cert:
             from tpi.comm.tls import server_context
 
-            self.ssl_context = server_context(args.tls_cert, args.tls_key)
+            self.ssl_context = server_context(settings.hub.tls_cert, settings.hub.tls_key)
 
     # ---- building ---------------------------------------------------------------------
 
@@ -86,10 +72,10 @@ class ClusterManager:
         names: admit only these workers (the devices re-planned for); None: any worker."""
         if self.hub is not None:
             self.hub.close()
-        a = self.args
-        self.hub = StarHub(workers + 1, a.join_token, self.host, self.port, allreduce=a.allreduce,
-                           wire_dtype=a.wire_dtype or self.opts.torch_compute_dtype(),
-                           timeout=a.timeout, link=a.link, ssl_context=self.ssl_context, expected_names=names)
+        h = self.hub_settings
+        self.hub = StarHub(workers + 1, h.join_token, self.host, self.port, allreduce=h.allreduce,
+                           wire_dtype=h.wire_dtype or self.opts.torch_compute_dtype(),
+                           timeout=h.timeout_s, link=h.link, ssl_context=self.ssl_context, expected_names=names)
         self.port = self.hub.port
         log.info("hub on ws://%s:%d waiting for %d worker(s)", self.host, self.port, workers)
         self.hub.wait_for_workers(workers, timeout=wait_timeout)
@@ -98,15 +84,11 @@ class ClusterManager:
         self._drop_cluster()  # the old slice and KV cache go before the new ones load
         store = self._prepare_store()
         runner = build_runner(store, 0, self.opts)
-        cluster = RemoteCluster(self.hub, store, runner, asdict(self.opts), http_url=self.http_url)
+        cluster = RemoteCluster(self.hub, store, runner, self.opts, http_url=self.http_url)
         cluster.ensure_assigned()
         self.cluster = cluster
-        if self.engine is not None:
-            self.engine.store = store
-            self.engine.cluster = self.engine.generator.cluster = cluster
-            # the embedding rows come from the new store (an earlier store may be deleted below)
-            self.engine.embedder = self.engine.generator.embedder = open_embedding(
-                store, self.opts.torch_compute_dtype())
+        if self.engine is not None:  # the embedding rows come from the new store (an old one may go below)
+            self.engine.swap_cluster(cluster, store, self.opts.torch_compute_dtype())
         release_freed_memory()  # what splitting a new store and loading the slice left behind
         log.info("cluster of %d device(s) ready: %s", workers + 1, ["master", *self.device_names])
         return cluster
@@ -116,10 +98,11 @@ class ClusterManager:
         re-plan never rewrites blocks a worker may still read); of the stores this master
         split itself, all but the current and the previous one are deleted, so measured
         (hence ever-different) plans cannot fill the volume."""
-        root = Path(self.args.store or cache_dir() / "stores")
+        model = self.settings.model
+        root = Path(self.settings.store_root or cache_dir() / "stores")
         before = set(root.iterdir()) if root.is_dir() else set()
-        store = prepare_store(self.args.model, self._weights(), self.args.dtype, root=root,
-                              max_block_bytes=max_block_bytes(self.args))
+        store = prepare_store(model.source, self._weights(), self.opts.dtype, root=root,
+                              max_block_bytes=model.max_block_bytes)
         if store.root not in before and store.root.parent == root:  # (not a store given as --model)
             self._split_here.append(store.root)
         for old in self._split_here[:-2]:
@@ -138,16 +121,18 @@ class ClusterManager:
         self.cluster.close()
         self.cluster = None
         if self.engine is not None:
-            self.engine.cluster = self.engine.generator.cluster = NoCluster(world)
+            self.engine.swap_cluster(NoCluster(world))
         release_freed_memory()
 
     def _weights(self) -> list[float]:
         if self.membership is None or self.master_capability is None:
-            if self.args.weights and len(self.args.weights.split(",")) == len(self.device_names) + 1:
-                return [float(w) for w in self.args.weights.split(",")]
+            weights = self.settings.model.weights
+            if len(weights) == len(self.device_names) + 1:
+                return list(weights)
             return [1.0] * (len(self.device_names) + 1)
         from tpi.config import load_model_config
-        from tpi.planner import PlannerSettings, plan_cluster
+        from tpi.cluster.estimate import PlannerSettings
+        from tpi.cluster.planner import plan_cluster
         from tpi.weights.sources import resolve_model
 
         records = self.membership.members()
@@ -156,8 +141,8 @@ class ClusterManager:
         o = self.opts
         settings = PlannerSettings(storage_dtype=o.dtype, compute_dtype=str(o.torch_compute_dtype()).removeprefix("torch."),
                                    max_seq=o.max_seq, num_slots=o.num_slots, window_blocks=o.window,
-                                   max_block_bytes=max_block_bytes(self.args))
-        planned = plan_cluster(load_model_config(resolve_model(self.args.model)), caps, None, settings)
+                                   max_block_bytes=self.settings.model.max_block_bytes)
+        planned = plan_cluster(load_model_config(resolve_model(self.settings.model.source)), caps, None, settings)
         self.estimate = planned.estimate.to_json()
         return list(planned.weights)
 
@@ -198,10 +183,8 @@ class ClusterManager:
                 self.build(len(self.hub.workers()) if self.hub else 0, wait_timeout=5)
 
     def status(self) -> dict:
-        device_status = self.cluster.device_status() if self.cluster else []
         return {"devices_in_plan": ["master", *self.device_names], "rebuilds": self.rebuilds,
-                "estimate": self.estimate, "device_status": device_status,
-                "devices": [device_panel(d) for d in device_status]}
+                "estimate": self.estimate}
 
     def close(self) -> None:
         if self.cluster is not None:

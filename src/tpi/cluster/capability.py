@@ -1,7 +1,7 @@
 """What one device can do, measured: compute throughput, disk read speed, memory, cores.
 
 A device publishes a `DeviceCapability` in the registry when it joins; the planner
-(`tpi.planner`) turns the capabilities of all devices into a shard plan. Each probe takes
+(`tpi.cluster.planner`) turns the capabilities of all devices into a shard plan. Each probe takes
 well under a second, so a device can measure itself every time it starts.
 
   * compute: GFLOP/s of `x @ W` in the compute dtype with the shape of one decode step:
@@ -17,7 +17,6 @@ torch is imported only inside the compute probe: the dataclass is pure and cheap
 """
 from __future__ import annotations
 
-import math
 import os
 import platform
 import tempfile
@@ -25,15 +24,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from tpi.memory import cgroup_limit_bytes
+from tpi.host import drop_file_cache, physical_memory_bytes, planned_budget, usable_cores
 
 MB = 1_000_000
-# Share of the device's memory offered to the weights and KV cache by default, and what the
-# Python runtime, torch and the activations need besides.
-DEFAULT_BUDGET_FRACTION = 0.75
-RUNTIME_RESERVE_BYTES = 384 << 20
-
-
 @dataclass(frozen=True)
 class DeviceCapability:
     arch: str                 # platform.machine(), e.g. "x86_64", "aarch64"
@@ -60,50 +53,13 @@ class DeviceCapability:
         )
 
 
-def usable_cores() -> int:
-    """CPUs this process may run on, reduced by a cgroup v2 CPU quota (docker `cpus:`)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
-        if quota != "max":
-            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass
-    return cores
-
-
-def physical_memory_bytes() -> int:
-    """MemTotal, or the container's memory limit when that is lower."""
-    total = 0
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                total = int(line.split()[1]) * 1024
-                break
-    except OSError:
-        pass
-    if not total:
-        try:
-            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        except (ValueError, OSError):
-            total = 0
-    limit = cgroup_limit_bytes()
-    return min(total, limit) if limit and total else (limit or total)
-
-
-def default_budget(mem_total_bytes: int) -> int:
-    """75 % of the device's memory less a runtime reserve (never negative)."""
-    return max(0, int(mem_total_bytes * DEFAULT_BUDGET_FRACTION) - RUNTIME_RESERVE_BYTES)
-
-
 def probe_compute(dtype: str = "float32", seconds: float = 0.2, k: int = 2048, n: int = 4096) -> float:
     """GFLOP/s of (1, k) @ (k, n) in `dtype`, timed for about `seconds` after one warm-up."""
     import torch
 
-    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    from tpi.dtypes import float_dtype
+
+    dt = float_dtype(dtype)
     # Values do not change a matmul's speed; filling is ten times cheaper than random numbers.
     w = torch.full((k, n), 0.01, dtype=dt)  # (k, n): 32 MiB in float32, beyond the caches
     x = torch.full((1, k), 0.5, dtype=dt)   # (1, k): one token's activations
@@ -131,11 +87,11 @@ def probe_disk(directory: str | Path | None = None, size_mb: int = 16, chunk: in
                 f.write(block)
             f.flush()
             os.fsync(f.fileno())
-            _drop_cache(f.fileno())
+            drop_file_cache(f.fileno())
         total = 0
         start = time.perf_counter()
         with open(name, "rb", buffering=0) as f:
-            _drop_cache(f.fileno())
+            drop_file_cache(f.fileno())
             while True:
                 data = f.read(chunk)
                 if not data:
@@ -147,23 +103,16 @@ def probe_disk(directory: str | Path | None = None, size_mb: int = 16, chunk: in
     return total / elapsed / MB
 
 
-def _drop_cache(fd: int) -> None:
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    except (AttributeError, OSError):
-        pass
-
-
 def measure(dtype: str = "float32", disk_dir: str | Path | None = None,
             mem_budget_bytes: int | None = None) -> DeviceCapability:
     """Run both probes and read the device's facts. `mem_budget_bytes` defaults to
-    `default_budget` of the device's memory."""
+    `tpi.host.planned_budget` of the device's memory."""
     total = physical_memory_bytes()
     return DeviceCapability(
         arch=platform.machine() or "unknown",
         cores=usable_cores(),
         mem_total_bytes=total,
-        mem_budget_bytes=default_budget(total) if mem_budget_bytes is None else int(mem_budget_bytes),
+        mem_budget_bytes=planned_budget(total) if mem_budget_bytes is None else int(mem_budget_bytes),
         gflops=round(probe_compute(dtype), 3),
         disk_mbps=round(probe_disk(disk_dir), 1),
         dtype=dtype,

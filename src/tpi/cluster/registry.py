@@ -13,7 +13,7 @@ again every HEARTBEAT_S with a TTL of TTL_S (so a killed process vanishes within
 with its `beat` counter advanced; a clean stop deletes it. Each write is a whole record, so
 after a Redis restart (which forgets everything) the next heartbeat registers again.
 
-Membership (`tpi.membership`, the master's view of the workers) is read by polling the
+Membership (`tpi.cluster.membership`, the master's view of the workers) is read by polling the
 worker keys every POLL_S; the events channel only wakes the poller early, so a join or a
 clean leave shows at once and a crash within TTL_S + POLL_S. Events carry no authority:
 they are hints, the signed records are the truth.
@@ -48,9 +48,9 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from tpi.comm import auth
-from tpi.capability import DeviceCapability
+from tpi.cluster.capability import DeviceCapability
 
-log = logging.getLogger("tpi.registry")
+log = logging.getLogger("tpi.cluster.registry")
 
 TTL_S = 3.0            # a record lives this long without a heartbeat
 HEARTBEAT_S = 1.0      # how often a live process rewrites its record
@@ -104,7 +104,7 @@ class DeviceRecord:
     capability: DeviceCapability
     version: str                     # tpi package version
     session: str                     # random per process start
-    http_url: str | None = None      # master: base URL of the shard server (tpi.shard_delivery)
+    http_url: str | None = None      # master: base URL of the shard server (tpi.cluster.delivery)
     beat: int = 0                    # heartbeat counter, advances on every write
     ts: float = 0.0                  # sender's wall clock at the write (display only)
 

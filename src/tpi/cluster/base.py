@@ -3,7 +3,7 @@ shard of the transformer layers and of the output head on a batch of hidden stat
 returns the merged output-head candidates (tpi.model.head.Candidates) to sample from.
 
 `InProcCluster` runs N shards as threads of this process (tests, `--transport inproc`).
-The WebSocket cluster (services/master) implements the same interface over the network.
+The remote cluster (tpi.cluster.remote) implements the same interface over the network.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from tpi.timing import Breakdown
 
 class Cluster(ABC):
     world_size: int
+    transport: str = "none"     # how its devices meet: "inproc" (threads), "ws" (processes over WebSockets)
 
     @abstractmethod
     def forward(self, x: torch.Tensor, slots: list[int], starts: list[int],
@@ -37,11 +38,17 @@ class Cluster(ABC):
         """Per device, peak resident memory in bytes where known."""
         return [None] * self.world_size
 
+    def device_status(self) -> list[dict]:
+        """Per device, what the cluster knows of it now: {"rank", "memory": {...}, ...}."""
+        return [{"rank": r} for r in range(self.world_size)]
+
     def close(self) -> None:
         pass
 
 
 class InProcCluster(Cluster):
+    transport = "inproc"
+
     def __init__(self, runners: list[ShardRunner], timeout_s: float = 120.0):
         self.runners = runners
         self.world_size = len(runners)
@@ -92,8 +99,13 @@ class InProcCluster(Cluster):
     def breakdowns(self):
         return [r.last for r in self.runners]
 
+    def device_status(self):
+        return [{"rank": r, "memory": runner.memory_status(), "blocks": runner.blocks.describe(),
+                 "link": {"rtt_ms": None, "note": "in-process: no network link" if r else "local"}}
+                for r, runner in enumerate(self.runners)]
+
     def peak_rss(self):
-        from tpi.memory import peak_rss_bytes
+        from tpi.host import peak_rss_bytes
 
         return [peak_rss_bytes()] * self.world_size  # one process holds every shard
 

@@ -1,18 +1,31 @@
-"""The `tpi` command line. Each subcommand parses its flags here and calls the library or
-a service; heavy modules are imported only by the subcommand that needs them."""
+"""The `tpi` command line: the one place where flags (and their environment variables) become
+settings (tpi.settings, frozen dataclasses). Each subcommand then calls the engine or a
+service with those settings; heavy modules are imported only by the subcommand that needs
+them."""
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from tpi.plan import PlanError, parse_weights
 
 
 def device_weights(args) -> list[float]:
-    if getattr(args, "weights", None):
+    if args.weights:
         return parse_weights(args.weights)
     return [1.0] * (args.devices or 1)
+
+
+def model_settings(args):
+    from tpi.settings import ModelSettings
+    from tpi.weights.scheduler import parse_size
+    from tpi.weights.slicing import DEFAULT_MAX_BLOCK_BYTES
+
+    return ModelSettings(source=args.model, weights=tuple(device_weights(args)),
+                         max_block_bytes=parse_size(args.max_block_size) if args.max_block_size
+                         else DEFAULT_MAX_BLOCK_BYTES)
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -42,24 +55,94 @@ def add_memory_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-dtype", default=None, help="KV cache dtype: float32, bfloat16, float16 (default: compute dtype)")
 
 
-def runtime_options(args):
-    from tpi.engine import RuntimeOptions
+def runtime_options(args, num_slots: int = 1):
+    from tpi.settings import RuntimeOptions
     from tpi.weights.scheduler import parse_size
 
     return RuntimeOptions(
-        dtype=args.dtype, compute_dtype=args.compute_dtype, max_seq=args.max_seq,
-        scheduler=not getattr(args, "no_scheduler", False), window=getattr(args, "window", 2),
-        memory_budget=parse_size(args.memory_budget) if getattr(args, "memory_budget", None) else None,
-        kv_dtype=getattr(args, "kv_dtype", None), head_topk=getattr(args, "head_topk", 128),
+        dtype=args.dtype, compute_dtype=args.compute_dtype, max_seq=args.max_seq, num_slots=num_slots,
+        scheduler=not args.no_scheduler, window=args.window,
+        memory_budget=parse_size(args.memory_budget) if args.memory_budget else None,
+        kv_dtype=args.kv_dtype, head_topk=args.head_topk,
     )
 
 
-def max_block_bytes(args) -> int:
-    from tpi.weights.scheduler import parse_size
-    from tpi.weights.slicing import DEFAULT_MAX_BLOCK_BYTES
+def add_hub_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allreduce", choices=["star", "ring", "gloo"], default="star",
+                   help="all-reduce over the hub (star, default), a ring of workers, or gloo (a benchmark baseline)")
+    p.add_argument("--link", default=None, help='emulate a link on what this process sends, e.g. "latency=5ms"')
+    p.add_argument("--wire-dtype", default=None, help="dtype of partial sums on the wire (default: compute dtype)")
 
-    size = getattr(args, "max_block_size", None)
-    return parse_size(size) if size else DEFAULT_MAX_BLOCK_BYTES
+
+def add_master_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--http", default="127.0.0.1:8000", help="HOST:PORT of the HTTP API (default port 8000)")
+    p.add_argument("--api-key", default=os.environ.get("TPI_API_KEY"), help="require 'Authorization: Bearer KEY'")
+    p.add_argument("--slots", type=int, default=4, help="sequences that can decode together (batching)")
+    p.add_argument("--listen", default=None, help="HOST:PORT where workers connect (WebSocket hub)")
+    p.add_argument("--advertise", default=None, help="HOST workers should use to reach this master (registry)")
+    p.add_argument("--join-token", default=os.environ.get("TPI_JOIN_TOKEN"), help="shared secret workers must prove")
+    p.add_argument("--expect-workers", type=int, default=None, help="workers to wait for (default: devices-1)")
+    p.add_argument("--registry", default=os.environ.get("TPI_REGISTRY"), help="redis://[:PASSWORD@]HOST:PORT/DB")
+    p.add_argument("--min-workers", type=int, default=0, help="with --registry: workers to wait for at start")
+    p.add_argument("--start-timeout", type=float, default=120.0, help="seconds to wait for --min-workers")
+    add_hub_args(p)
+    p.add_argument("--store", default=None, help="shard store directory (shared with workers); default: cache")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds an all-reduce may wait for a worker")
+    p.add_argument("--tls-cert", default=os.environ.get("TPI_TLS_CERT"),
+                   help="PEM certificate (chain): workers connect over wss:// (TLS)")
+    p.add_argument("--tls-key", default=os.environ.get("TPI_TLS_KEY"),
+                   help="PEM private key of --tls-cert (if not in the same file)")
+
+
+def master_settings(args):
+    """`tpi master` flags -> MasterSettings. Workers join when a hub is asked for (--listen,
+    --expect-workers, or a registry); else every device runs in this process."""
+    from tpi.settings import HubSettings, MasterSettings
+
+    workers = args.expect_workers
+    if workers is None:
+        workers = (args.devices - 1 if args.devices else 0) if args.listen else 0
+    hub = None
+    if workers > 0 or args.registry:
+        if not args.join_token:
+            raise SystemExit("tpi master: --join-token (or TPI_JOIN_TOKEN) is required when workers join")
+        hub = HubSettings(join_token=args.join_token, listen=args.listen or "0.0.0.0:29500",
+                          allreduce=args.allreduce, link=args.link, wire_dtype=args.wire_dtype,
+                          timeout_s=args.timeout, start_timeout_s=args.start_timeout,
+                          tls_cert=args.tls_cert, tls_key=args.tls_key)
+    return MasterSettings(model=model_settings(args), runtime=runtime_options(args, num_slots=args.slots),
+                          hub=hub, http=args.http, api_key=args.api_key, expect_workers=workers,
+                          registry=args.registry, advertise=args.advertise, min_workers=args.min_workers,
+                          store_root=args.store)
+
+
+def add_worker_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--master", required=False, help="ws://HOST:PORT of the master's hub")
+    p.add_argument("--registry", default=os.environ.get("TPI_REGISTRY"),
+                   help="redis://[:PASSWORD@]HOST:PORT/DB: find the master there and register this device")
+    p.add_argument("--join-token", default=os.environ.get("TPI_JOIN_TOKEN"), help="the cluster's shared join token")
+    p.add_argument("--link", default=None, help='emulate a link, e.g. "latency=5ms,bandwidth=300mbit"')
+    p.add_argument("--name", default="", help="a name for logs and the cluster panel")
+    p.add_argument("--rank", type=int, default=None, help="ask for this rank")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds a collective may wait")
+    p.add_argument("--tls-ca", default=os.environ.get("TPI_TLS_CA"),
+                   help="PEM file to trust for the master's certificate (a private CA or the master's "
+                        "self-signed one); implies wss://. Without it, wss:// URLs use the system's CAs")
+    p.add_argument("--once", action="store_true", help="exit when the master goes away")
+    p.add_argument("--download", action="store_true",
+                   help="always fetch shards from the master over HTTP, even if the store path is visible")
+
+
+def worker_settings(args):
+    from tpi.settings import WorkerSettings
+
+    if not args.join_token:
+        raise SystemExit("tpi worker: --join-token (or TPI_JOIN_TOKEN) is required")
+    if not args.master and not args.registry:
+        raise SystemExit("tpi worker: give --master ws://HOST:PORT or --registry redis://...")
+    return WorkerSettings(join_token=args.join_token, master=args.master, registry=args.registry, link=args.link,
+                          name=args.name, rank=args.rank, timeout_s=args.timeout, tls_ca=args.tls_ca,
+                          once=args.once, download=args.download)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,28 +162,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--transport", choices=["inproc", "ws"], default="inproc",
                    help="inproc: shards as threads; ws: a master and N-1 worker processes on loopback")
-    g.add_argument("--allreduce", choices=["star", "ring", "gloo"], default="star", help="with --transport ws")
-    g.add_argument("--link", default=None, help='with --transport ws: emulate a link, e.g. "latency=5ms"')
-    g.add_argument("--wire-dtype", default=None, help="with --transport ws: dtype of partial sums on the wire")
+    add_hub_args(g)  # with --transport ws
     g.add_argument("--json", action="store_true", help="print one JSON object")
     add_memory_args(g)
 
     m = sub.add_parser("master", help="run the master: device 0, all-reduce hub, HTTP API")
     add_model_args(m)
-    from tpi_master.main import add_args as add_master_args
-
     add_master_args(m)
     add_memory_args(m)
 
     k = sub.add_parser("worker", help="run a worker: join a master, compute its shard")
-    from tpi_worker.main import add_args as add_worker_args
-
     add_worker_args(k)
 
     w = sub.add_parser("webui", help="run the chat web UI, relaying to a master's HTTP API")
-    from tpi_webui.main import add_args as add_webui_args
-
-    add_webui_args(w)
+    w.add_argument("--master", default=os.environ.get("TPI_MASTER_URL", "http://127.0.0.1:8000"),
+                   help="URL of the master's HTTP API (default $TPI_MASTER_URL or http://127.0.0.1:8000)")
+    w.add_argument("--listen", default="127.0.0.1:8080",
+                   help="HOST:PORT to serve the page on (default 127.0.0.1:8080; 0.0.0.0:8080 in a container)")
+    w.add_argument("--api-key", default=os.environ.get("TPI_API_KEY"),
+                   help="the master's API key, if it requires one (default $TPI_API_KEY)")
 
     b = sub.add_parser("bench", help="benchmarks: emulated testbed, baselines, report (docs/benchmarks.md)")
     from tpi.bench.cli import add_args as add_bench_args
@@ -116,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_prepare(args) -> int:
     from tpi.engine import prepare_store
 
-    store = prepare_store(args.model, device_weights(args), args.dtype, args.out, max_block_bytes=max_block_bytes(args))
+    m = model_settings(args)
+    store = prepare_store(m.source, list(m.weights), args.dtype, args.out, max_block_bytes=m.max_block_bytes)
     total = sum(f.bytes for f in store.files.values())
     print(f"shard store at {store.root}: {store.plan.world_size} devices, {len(store.files)} files, "
           f"{total / 1e6:.1f} MB, dtype {store.dtype}")
@@ -129,14 +210,13 @@ def cmd_generate(args) -> int:
     from tpi.engine import build_inproc_engine
     from tpi.model.sampling import SamplingParams
 
-    opts = runtime_options(args)
+    model, opts = model_settings(args), runtime_options(args)
     if args.transport == "ws":
-        from tpi_master.local_launch import LocalCluster
+        from tpi.cluster.launch import LocalCluster
 
-        context = LocalCluster(args, len(device_weights(args)))
+        context = LocalCluster(model, opts, allreduce=args.allreduce, link=args.link, wire_dtype=args.wire_dtype)
     else:
-        context = nullcontext(build_inproc_engine(args.model, device_weights(args), opts,
-                                                  max_block_bytes=max_block_bytes(args)))
+        context = nullcontext(build_inproc_engine(model, opts))
     with context as engine:
         try:
             tok = engine.tokenizer
@@ -188,19 +268,20 @@ def generation_report(engine, result, transport: str) -> dict:
 def cmd_master(args) -> int:
     from tpi_master.main import run
 
-    return run(args)
+    return run(master_settings(args))
 
 
 def cmd_worker(args) -> int:
     from tpi_worker.main import run
 
-    return run(args)
+    return run(worker_settings(args))
 
 
 def cmd_webui(args) -> int:
+    from tpi.settings import WebUISettings
     from tpi_webui.main import run
 
-    return run(args)
+    return run(WebUISettings(master_url=args.master, listen=args.listen, api_key=args.api_key))
 
 
 def cmd_bench(args) -> int:
@@ -218,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = build_parser().parse_args(argv)
-    from tpi.threads import prefer_passive_wait
+    from tpi.host import prefer_passive_wait
 
     prefer_passive_wait()  # before torch loads: shards (threads or processes) share the cores
     try:

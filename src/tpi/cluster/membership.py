@@ -1,4 +1,4 @@
-"""The master's live view of the workers in the registry (`tpi.registry` defines the keys,
+"""The master's live view of the workers in the registry (`tpi.cluster.registry` defines the keys,
 TTLs, channel and records this reads).
 
 The worker records are polled every POLL_S (SCAN + MGET); a message on the events channel
@@ -17,13 +17,13 @@ from typing import Callable
 
 import redis
 
-from tpi.registry import (
+from tpi.cluster.registry import (
     BACKOFF_MAX_S, HEARTBEAT_S, POLL_S, REDIS_ERRORS, REJECT_TTL_S, SOCKET_TIMEOUT_S, TTL_S, Backoff,
     DeviceRecord, Keys, ProofError, RecordError, connect, decode_record, describe_error, publish_event, redact,
     require_token, unverified_fields,
 )
 
-log = logging.getLogger("tpi.registry")
+log = logging.getLogger("tpi.cluster.registry")
 
 
 @dataclass(frozen=True)

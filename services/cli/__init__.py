@@ -1,0 +1,1 @@
+"""The `tpi` command line: the one place where flags become settings."""

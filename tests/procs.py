@@ -37,7 +37,7 @@ class Server:
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = log_dir / f"{name}-{port}.log"
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "tpi.cli", *args], stdout=self._log,
+        self.proc = subprocess.Popen([sys.executable, "-m", "tpi_cli", *args], stdout=self._log,
                                      stderr=subprocess.STDOUT, env=dict(os.environ))
 
     def log_tail(self, n: int = 40) -> str:

@@ -20,7 +20,7 @@ from tpi.bench.testbed import configs_from_args
 
 
 def tpi(*args: str, cwd: Path) -> str:
-    p = subprocess.run([sys.executable, "-m", "tpi.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=900)
+    p = subprocess.run([sys.executable, "-m", "tpi_cli", *args], capture_output=True, text=True, cwd=cwd, timeout=900)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     return p.stdout
 

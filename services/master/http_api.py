@@ -1,5 +1,5 @@
 """The master's HTTP API: OpenAI-compatible completions (streaming as server-sent events),
-the cluster status, health and Prometheus metrics.
+the Ollama-compatible endpoints (ollama_api.py), the cluster status, health and Prometheus metrics.
 
 Server choice: Flask on Werkzeug's `ThreadedWSGIServer`, both already dependencies.
  * Streaming: each yielded SSE event is written to the socket at once (unbuffered
@@ -25,6 +25,7 @@ from typing import Callable
 
 from tpi.comm import auth
 from tpi_master.errors import APIError, bad_request
+from tpi_master.ollama_api import ollama_blueprint
 from tpi_master.responses import Completion
 from tpi_master.scheduler import QueueFull, Scheduler
 from tpi_master.status import ClusterStatus
@@ -108,19 +109,25 @@ def create_app(engine, scheduler: Scheduler, *, model_name: str, api_key: str | 
         metrics.http_requests.inc(1, rule, str(resp.status_code))
         return resp
 
+    def start(kind: str, spec) -> Completion:
+        """Queue a checked request; its response reads the scheduler's events for this client."""
+        try:
+            seq = scheduler.submit(spec.prompt_ids, spec.params, spec.ignore_eos)
+        except QueueFull as e:
+            raise APIError(429, f"the server is busy: {e}; retry later", type="server_error",
+                           code="queue_full") from None
+        return Completion(kind, spec, seq, scheduler, tokenizer, model_name, client_closed(request.environ))
+
+    app.register_blueprint(ollama_blueprint(engine, start, model_name))
+
     def generate(kind: str, parse):
         body = request.get_json(force=True, silent=True)
         if body is None:
             raise bad_request("the request body is not valid JSON" if request.get_data() else
                               "the request body is empty; send a JSON object", code="invalid_json")
         spec = parse(body, tokenizer, engine.generator.max_seq, model_name)
-        try:
-            seq = scheduler.submit(spec.prompt_ids, spec.params, spec.ignore_eos)
-        except QueueFull as e:
-            raise APIError(429, f"the server is busy: {e}; retry later", type="server_error",
-                           code="queue_full") from None
-        headers = {"X-Request-Id": seq.id, "X-Queue-Position": str(scheduler.position(seq))}
-        done = Completion(kind, spec, seq, scheduler, tokenizer, model_name, client_closed(request.environ))
+        done = start(kind, spec)
+        headers = {"X-Request-Id": done.seq.id, "X-Queue-Position": str(scheduler.position(done.seq))}
         if spec.stream:
             headers.update({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
             return Response(done.sse(), mimetype="text/event-stream", headers=headers)

@@ -51,3 +51,15 @@ def test_health_and_metrics_need_no_key(keyed_master):
     assert requests.get(keyed_master.url + "/healthz", timeout=10).status_code == 200
     r = requests.get(keyed_master.url + "/metrics", timeout=10)
     assert r.status_code == 200 and 'code="401"' in r.text
+
+
+def test_ollama_endpoints_take_the_same_key(keyed_master):
+    import ollama
+
+    with pytest.raises(ollama.ResponseError) as refused:
+        ollama.Client(host=keyed_master.url).list()
+    assert refused.value.status_code == 401
+    keyed = ollama.Client(host=keyed_master.url, headers={"Authorization": f"Bearer {KEY}"})
+    assert [m.model for m in keyed.list().models] == ["smollm2:latest"]
+    r = keyed.chat(model="smollm2", messages=MSG, options={"num_predict": 2, "temperature": 0})
+    assert r.done and r.eval_count == 2

@@ -11,22 +11,19 @@ log = logging.getLogger("tpi.webui")
 
 
 def run(settings: WebUISettings) -> int:
-    from werkzeug.serving import make_server
-
+    from tpi.wsgi import make_server
     from tpi_webui.app import create_app
     from tpi_webui.relay import Master
 
     host, port = split_hostport(settings.listen, 8080)
     master = Master(settings.master_url, settings.api_key)
-    # Threaded: each open chat stream holds a thread while the page polls the cluster status.
-    httpd = make_server(host, port, create_app(master), threaded=True)
+    # Each open chat stream holds a request thread while the page polls the cluster status.
+    httpd = make_server(create_app(master), host, port)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=httpd.shutdown, daemon=True).start())
-    log.info("web UI on http://%s:%d, relaying to %s", host, httpd.server_port, master.url)
+    log.info("web UI on http://%s:%d, relaying to %s", host, httpd.port, master.url)
     try:
         httpd.serve_forever()
     except KeyboardInterrupt:
         pass
-    finally:
-        httpd.server_close()
     return 0

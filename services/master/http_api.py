@@ -1,59 +1,38 @@
 """The master's HTTP API: OpenAI-compatible completions (streaming as server-sent events),
 the Ollama-compatible endpoints (ollama_api.py), the cluster status, health and Prometheus metrics.
 
-Server choice: Flask on Werkzeug's `ThreadedWSGIServer`, both already dependencies.
- * Streaming: each yielded SSE event is written to the socket at once (unbuffered
-   `wfile`, chunked HTTP/1.1), so tokens reach the client as they are produced.
- * Concurrency: one thread per connection. Request threads only validate, tokenize and
+Server: waitress through `tpi.wsgi` (request limits, timeouts, connection cap; why there).
+ * Streaming: each yielded SSE event is written to the socket at once, so tokens reach the
+   client as they are produced.
+ * Concurrency: a pool of request threads. Request threads only validate, tokenize and
    wait on a queue; the model runs in the single scheduler thread, whose lock is never held
    across a forward, so /healthz, /metrics and /api/cluster answer during any generation.
- * Disconnects: the WSGI environ carries the client socket (`werkzeug.socket`), which lets a
-   waiting request notice a closed connection even before it has anything to write;
-   a failed write also closes the response generator. Either way the generation is cancelled.
+ * Disconnects: `tpi.wsgi.client_closed` lets a waiting request notice a closed connection
+   even before it has anything to write; a failed write also closes the response
+   generator. Either way the generation is cancelled.
 An asyncio server would add a dependency and buy nothing here: the concurrency is bounded
 by the KV-cache slots, a handful of requests, not thousands of idle connections.
 """
 from __future__ import annotations
 
 import logging
-import select
 import signal
-import socket
 import threading
 import time
 from typing import Callable
 
 from tpi.comm import auth
-from tpi_master.errors import APIError, bad_request
+from tpi.wsgi import client_closed, make_server
+from tpi_master.errors import APIError
 from tpi_master.ollama_api import ollama_blueprint
 from tpi_master.responses import Completion
 from tpi_master.scheduler import QueueFull, Scheduler
 from tpi_master.status import ClusterStatus
-from tpi_master.validation import parse_chat, parse_completion
+from tpi_master.validation import parse_body, parse_chat, parse_completion
 
 log = logging.getLogger("tpi.master.http")
 
 PROTECTED = ("/v1/", "/api/")   # paths that need the API key when one is configured
-
-
-def client_closed(environ) -> Callable[[], bool]:
-    """A check that the client has closed its connection (EOF or error on its socket)."""
-    sock = environ.get("werkzeug.socket")
-
-    def closed() -> bool:
-        if sock is None:
-            return False
-        try:
-            readable, _, _ = select.select([sock], [], [], 0)
-            if not readable:
-                return False
-            return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-        except BlockingIOError:
-            return False
-        except (OSError, ValueError):
-            return True
-
-    return closed
 
 
 def create_app(engine, scheduler: Scheduler, *, model_name: str, api_key: str | None = None,
@@ -121,11 +100,7 @@ def create_app(engine, scheduler: Scheduler, *, model_name: str, api_key: str | 
     app.register_blueprint(ollama_blueprint(engine, start, model_name))
 
     def generate(kind: str, parse):
-        body = request.get_json(force=True, silent=True)
-        if body is None:
-            raise bad_request("the request body is not valid JSON" if request.get_data() else
-                              "the request body is empty; send a JSON object", code="invalid_json")
-        spec = parse(body, tokenizer, engine.generator.max_seq, model_name)
+        spec = parse(parse_body(request.get_data()), tokenizer, engine.generator.max_seq, model_name)
         done = start(kind, spec)
         headers = {"X-Request-Id": done.seq.id, "X-Queue-Position": str(scheduler.position(done.seq))}
         if spec.stream:
@@ -189,8 +164,6 @@ class ApiServer:
                  on_cluster_failure: Callable[[], bool] | None = None, num_slots: int | None = None,
                  max_queue: int = 256, between_requests: Callable[[], None] | None = None,
                  blueprints: list | None = None):
-        from werkzeug.serving import make_server
-
         slots = num_slots or engine.num_slots
         self.scheduler = Scheduler(engine, slots, on_cluster_failure=on_cluster_failure, max_queue=max_queue,
                                    between_requests=between_requests)
@@ -198,15 +171,14 @@ class ApiServer:
         self.app = create_app(engine, self.scheduler, model_name=model_name, api_key=api_key, status=status)
         for blueprint in blueprints or []:  # e.g. the shard server (shard_server.py)
             self.app.register_blueprint(blueprint)
-        self.httpd = make_server(host, port, self.app, threaded=True)
-        self.host, self.port = host, self.httpd.server_port
+        self.httpd = make_server(self.app, host, port)
+        self.host, self.port = host, self.httpd.port
 
     def serve_forever(self) -> None:
         self.scheduler.start()
         try:
             self.httpd.serve_forever()
         finally:
-            self.httpd.server_close()
             self.scheduler.close()
 
     def shutdown(self) -> None:

@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 
 from tpi_master.errors import APIError, bad_request, wrong_type
 from tpi_master.ollama_responses import OllamaReply, now_iso, model_details, parameter_count
-from tpi_master.validation import parse_chat, parse_completion
+from tpi_master.validation import parse_body, parse_chat, parse_completion
 
 VERSION = "0.6.0"     # the Ollama API version whose shapes these endpoints follow
 # Ollama's defaults when a request names no option (its Modelfile defaults)
@@ -106,12 +106,8 @@ def ollama_blueprint(engine, start, model_name: str):
         resp.status_code = e.status
         return resp
 
-    def json_body() -> dict:
-        body = request.get_json(force=True, silent=True)
-        if body is None:
-            raise bad_request("the request body is not valid JSON" if request.get_data() else
-                              "the request body is empty; send a JSON object", code="invalid_json")
-        return body
+    def json_body():
+        return parse_body(request.get_data())
 
     def reply(kind: str, spec, openai_kind: str, stream: bool):
         completion = start(openai_kind, spec)

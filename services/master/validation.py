@@ -3,14 +3,18 @@ sampling parameters, stop strings and streaming options. Every problem is an `AP
 (400, or 404 for an unknown model) that names the offending parameter."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from tpi.model.sampling import SamplingParams
 from tpi.tokenizer import TokenizerError
+from tpi.wsgi import parse_json
 from tpi_master.errors import APIError, bad_request, unsupported, wrong_type
 
 ROLES = {"system", "user", "assistant", "developer"}
 MAX_STOP = 4
+SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)   # what torch.Generator.manual_seed takes
+TOP_K_MAX = 2 ** 31 - 1
 
 
 @dataclass(frozen=True)
@@ -22,6 +26,17 @@ class GenerationSpec:
     include_usage: bool = False
     ignore_eos: bool = False
     echo: str = ""                  # /v1/completions with echo: the prompt text, sent first
+
+
+def parse_body(data: bytes):
+    """The request body as JSON. Refused with a 400: not JSON, NaN/Infinity (not JSON either),
+    nesting too deep for the parser. (Its size is capped by the server, tpi.wsgi.)"""
+    if not data:
+        raise bad_request("the request body is empty; send a JSON object", code="invalid_json")
+    try:
+        return parse_json(data)
+    except ValueError as e:
+        raise bad_request(f"the request body is not valid JSON: {e}", code="invalid_json") from None
 
 
 def _is_int(v) -> bool:
@@ -47,13 +62,14 @@ class _Body:
         v = self.body.get(name)
         if v is None:
             return default
-        if not _is_number(v):
-            raise wrong_type(name, "a number")
+        if not _is_number(v) or not math.isfinite(v):
+            raise wrong_type(name, "a finite number")
         if v < lo or v > hi or (lo_open and v == lo):
             raise bad_request(f"'{name}' must be in {'(' if lo_open else '['}{lo}, {hi}]; got {v}", name)
         return float(v)
 
-    def integer(self, name: str, default: int | None, lo: int | None = None) -> int | None:
+    def integer(self, name: str, default: int | None, lo: int | None = None,
+                hi: int | None = None) -> int | None:
         v = self.body.get(name)
         if v is None:
             return default
@@ -61,6 +77,8 @@ class _Body:
             raise wrong_type(name, "an integer")
         if lo is not None and v < lo:
             raise bad_request(f"'{name}' must be at least {lo}; got {v}", name)
+        if hi is not None and v > hi:
+            raise bad_request(f"'{name}' must be at most {hi}; got {v}", name)
         return v
 
     def boolean(self, name: str, default: bool = False) -> bool:
@@ -135,8 +153,8 @@ def _sampling(b: _Body, prompt_len: int, max_seq: int, prompt_param: str) -> tup
     params = SamplingParams(
         temperature=b.number("temperature", 1.0, 0.0, 2.0),
         top_p=b.number("top_p", 1.0, 0.0, 1.0, lo_open=True),
-        top_k=b.integer("top_k", 0, lo=0),
-        seed=b.integer("seed", None),
+        top_k=b.integer("top_k", 0, lo=0, hi=TOP_K_MAX),
+        seed=b.integer("seed", None, *SEED_RANGE),
         max_new_tokens=max_tokens,
     )
     return params, b.boolean("ignore_eos")

@@ -79,7 +79,10 @@ def add_master_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", default=os.environ.get("TPI_API_KEY"), help="require 'Authorization: Bearer KEY'")
     p.add_argument("--slots", type=int, default=4, help="sequences that can decode together (batching)")
     p.add_argument("--listen", default=None, help="HOST:PORT where workers connect (WebSocket hub)")
-    p.add_argument("--advertise", default=None, help="HOST workers should use to reach this master (registry)")
+    p.add_argument("--advertise", default=None,
+                   help="HOST workers should use to reach this master (in the registry and on the LAN)")
+    p.add_argument("--no-mdns", action="store_true",
+                   help="do not advertise the hub on the LAN (DNS-SD over mDNS; only without --registry)")
     p.add_argument("--join-token", default=os.environ.get("TPI_JOIN_TOKEN"), help="shared secret workers must prove")
     p.add_argument("--expect-workers", type=int, default=None, help="workers to wait for (default: devices-1)")
     p.add_argument("--registry", default=os.environ.get("TPI_REGISTRY"), help="redis://[:PASSWORD@]HOST:PORT/DB")
@@ -113,11 +116,13 @@ def master_settings(args):
     return MasterSettings(model=model_settings(args), runtime=runtime_options(args, num_slots=args.slots),
                           hub=hub, http=args.http, api_key=args.api_key, expect_workers=workers,
                           registry=args.registry, advertise=args.advertise, min_workers=args.min_workers,
-                          store_root=args.store)
+                          store_root=args.store, mdns=not args.no_mdns)
 
 
 def add_worker_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--master", required=False, help="ws://HOST:PORT of the master's hub")
+    p.add_argument("--master", required=False,
+                   help="ws://HOST:PORT of the master's hub (without it and --registry: find the master on "
+                        "the LAN by mDNS, verified by the join handshake)")
     p.add_argument("--registry", default=os.environ.get("TPI_REGISTRY"),
                    help="redis://[:PASSWORD@]HOST:PORT/DB: find the master there and register this device")
     p.add_argument("--join-token", default=os.environ.get("TPI_JOIN_TOKEN"), help="the cluster's shared join token")
@@ -138,8 +143,6 @@ def worker_settings(args):
 
     if not args.join_token:
         raise SystemExit("tpi worker: --join-token (or TPI_JOIN_TOKEN) is required")
-    if not args.master and not args.registry:
-        raise SystemExit("tpi worker: give --master ws://HOST:PORT or --registry redis://...")
     return WorkerSettings(join_token=args.join_token, master=args.master, registry=args.registry, link=args.link,
                           name=args.name, rank=args.rank, timeout_s=args.timeout, tls_ca=args.tls_ca,
                           once=args.once, download=args.download)

@@ -3,7 +3,8 @@ for its workers, pushes each its assignment, then serves the HTTP API.
 
 Three ways to run:
   * alone: `--devices N` shards in this process (the in-process transport);
-  * with workers that know its address: `--listen HOST:PORT --devices N` (N-1 workers);
+  * with workers that know its address, or find it on the LAN (it advertises its hub by
+    mDNS unless --no-mdns): `--listen HOST:PORT --devices N` (N-1 workers);
   * with a registry: `--registry redis://...`: it registers itself so workers find it,
     plans over the workers present by their measured capability, re-plans over the
     survivors when one dies mid-generation, and admits newcomers between requests.
@@ -25,6 +26,7 @@ def run(settings: MasterSettings) -> int:
     log.info("computing with %d thread(s)", configure_threads())
     host, port = split_hostport(settings.http, 8000)
     manager = registration = membership = None
+    lan = []  # the hub's mDNS advertisement, once the hub has a port
     if settings.registry:
         from tpi.cluster.launch import start_with_registry
 
@@ -32,7 +34,14 @@ def run(settings: MasterSettings) -> int:
     elif settings.hub is not None:
         from tpi.cluster.launch import start_distributed
 
-        engine, manager = start_distributed(settings, settings.expect_workers + 1, http_url=f"http://{host}:{port}")
+        try:
+            engine, manager = start_distributed(settings, settings.expect_workers + 1, http_url=f"http://{host}:{port}",
+                                                on_listening=(lambda p: lan.append(advertise(settings, p)))
+                                                if settings.mdns else None)
+        except BaseException:
+            for a in filter(None, lan):
+                a.close()
+            raise
     else:
         engine = build_inproc_engine(settings.model, settings.runtime)
     log.info("serving %s on http://%s:%d", engine.store.config.architecture, host, port)
@@ -57,4 +66,21 @@ def run(settings: MasterSettings) -> int:
             membership.stop()
         if registration is not None:
             registration.stop()
+        for a in filter(None, lan):
+            a.close()
     return 0
+
+
+def advertise(settings: MasterSettings, hub_port: int):
+    """Announce the hub on the LAN (tpi.cluster.discovery) at --advertise, else at the --listen
+    host, else at every address of this machine. None if it cannot: workers given the
+    address still join, so that is a warning, not a failure."""
+    from tpi.cluster.discovery import Advertisement
+
+    listen_host, _ = split_hostport(settings.hub.listen, 29500)
+    host = settings.advertise or (None if listen_host in ("", "0.0.0.0", "::") else listen_host)
+    try:
+        return Advertisement(hub_port, tls=bool(settings.hub.tls_cert), host=host)
+    except (OSError, ValueError) as e:
+        log.warning("cannot advertise the hub on the LAN (%s); workers need --master", e)
+        return None

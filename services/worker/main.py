@@ -1,7 +1,9 @@
 """`tpi worker`: join a master, load the shard it assigns, run forward steps until told to stop.
 
-A worker needs only the master's address (or the registry's) and the join token; the
-master pushes the plan, the store location and the runtime options. It sees hidden states,
+A worker needs only the join token and the master's address, the registry's, or neither:
+then it finds the master on the LAN (mDNS, tpi.cluster.discovery) and trusts it only once it
+has proved the token in the join handshake. The master pushes the plan, the store location
+and the runtime options. It sees hidden states,
 never prompts or token ids. It survives a lost master by reconnecting with backoff.
 """
 from __future__ import annotations
@@ -36,8 +38,10 @@ def run(settings: WorkerSettings) -> int:
             log.error("the registry refused this worker: %s", registration.rejected)
             return 3
     backoff = 0.5
+    discover = not args.master and registration is None  # find the master on the LAN
+    tried: set[str] = set()  # masters found there that refused us or could not be reached
     while True:
-        url = args.master or master_url(args, registration)
+        url = lan_master(tried) if discover else (args.master or master_url(args, registration))
         if registration is not None and registration.rejected:
             log.error("the master refused this worker: %s", registration.rejected)
             return 3
@@ -45,6 +49,10 @@ def run(settings: WorkerSettings) -> int:
             client = StarClient.connect(url, args.join_token, name=args.name, want_rank=args.rank,
                                         timeout=args.timeout_s, link=args.link, ssl_context=tls_context(args, url))
         except JoinRefused as e:
+            if e.code in ("auth", "version") and discover:
+                log.error("the master found on the LAN at %s refused this worker: %s; looking for another", url, e)
+                tried.add(url)
+                continue
             if e.code in ("auth", "version"):
                 log.error("the master refused this worker: %s", e)
                 return 3
@@ -55,13 +63,16 @@ def run(settings: WorkerSettings) -> int:
             continue
         except (CommError, OSError) as e:
             log.warning("cannot reach the master at %s (%s); retrying in %.1fs", url, e, backoff)
+            if discover:
+                tried.add(url)  # another master on the LAN may be ours
             time.sleep(backoff)
             backoff = min(backoff * 2, 10.0)
             continue
         backoff = 0.5
+        tried.clear()
         log.info("joined %s as rank %d of %d", url, client.rank, client.world_size)
         try:
-            serve_assignments(client, lambda a: open_store(a, args.join_token, args.download))
+            serve_assignments(client, lambda a: open_store(a, args.join_token, args.download, url))
         except CommError as e:
             log.warning("lost the master: %s", e)
         finally:
@@ -114,7 +125,31 @@ def master_url(args, registration) -> str | None:
     return None
 
 
-def open_store(assignment, token: str, download: bool = False):
+def lan_master(tried: set[str]) -> str:
+    """Browse the LAN until a master not in `tried` answers; its hub's URL. When every master
+    found was tried, try them all again after a pause (one may have been restarted with our
+    token, or come back)."""
+    from tpi.cluster.discovery import find_masters
+
+    timeout = 2.0
+    while True:
+        found = find_masters(timeout)
+        fresh = [m for m in found if m.url not in tried]
+        if fresh:
+            log.info("found %r on the LAN at %s (mDNS: not trusted until it proves the join token)",
+                     fresh[0].name, fresh[0].url)
+            return fresh[0].url
+        if found:
+            log.warning("no master on the LAN accepted this worker (%s); looking again",
+                        ", ".join(m.url for m in found))
+            tried.clear()
+            time.sleep(5.0)
+        else:
+            log.info("no master advertised on the LAN yet (mDNS service _tpi._tcp); still looking")
+        timeout = min(timeout * 2, 10.0)
+
+
+def open_store(assignment, token: str, download: bool = False, hub_url: str | None = None):
     """The assigned store: on the shared volume when this device sees it, else downloaded
     from the master's shard server (verified, resumable, cached by content)."""
     from tpi.weights.sources import cache_dir
@@ -128,9 +163,21 @@ def open_store(assignment, token: str, download: bool = False):
                 raise
     from tpi.cluster.delivery import ShardClient
 
-    rank = assignment.rank
-    log.info("store not on a shared volume here; downloading shard %d from %s", rank, assignment.shards_url)
-    result = ShardClient(assignment.shards_url, token, cache_dir() / "shards").fetch(assignment.store_id, rank)
+    rank, shards_url = assignment.rank, reachable(assignment.shards_url, hub_url)
+    log.info("store not on a shared volume here; downloading shard %d from %s", rank, shards_url)
+    result = ShardClient(shards_url, token, cache_dir() / "shards").fetch(assignment.store_id, rank)
     log.info("shard %d: %d files downloaded (%d bytes), %d reused", rank, result.files_downloaded,
              result.bytes_downloaded, result.files_reused)
     return result.store
+
+
+def reachable(shards_url: str, hub_url: str | None) -> str:
+    """The shard server's URL with a wildcard host (a master serving on 0.0.0.0 knows no better)
+    replaced by the host this worker reached the hub at."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(shards_url)
+    if hub_url is None or parts.hostname not in ("0.0.0.0", "::"):
+        return shards_url
+    port = f":{parts.port}" if parts.port else ""
+    return parts._replace(netloc=f"{urlsplit(hub_url).netloc.rsplit(':', 1)[0]}{port}").geturl()

@@ -7,7 +7,7 @@ Namespace or patches a setting.
                    its workers, so they travel as a dict: `to_json` / `from_json`)
   HubSettings      the all-reduce hub the master runs and how workers reach it
   MasterSettings   `tpi master`: the model, the runtime, the hub, the HTTP API, the registry
-  WorkerSettings   `tpi worker`: where the master is and the join token; nothing else
+  WorkerSettings   `tpi worker`: where the master is (or nothing: the LAN) and the join token
   WebUISettings    `tpi webui`: where the master's API is and where to serve the page
 """
 from __future__ import annotations
@@ -100,6 +100,7 @@ class MasterSettings:
     advertise: str | None = None        # host workers use to reach this master (registry)
     min_workers: int = 0                # with a registry: workers to wait for at start
     store_root: str | None = None       # where shard stores are split (default: the cache)
+    mdns: bool = True                   # without a registry: advertise the hub on the LAN (DNS-SD)
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,7 @@ class WorkerSettings:
     join_token: str
     master: str | None = None           # ws://HOST:PORT of the master's hub
     registry: str | None = None         # or find the master in this registry
+                                        # (neither: find it on the LAN, tpi.cluster.discovery)
     link: str | None = None             # emulated link on what this worker sends
     name: str = ""                      # for logs and the cluster panel
     rank: int | None = None             # ask for this rank

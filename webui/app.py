@@ -72,7 +72,9 @@ def create_app(master: Master):
 
     @app.get("/")
     def index():
-        return render_template("index.html", master=master.url)
+        defaults = master.generation_defaults()
+        return render_template("index.html", master=master.url, temperature=defaults.get("temperature", 0),
+                               defaults_source="the model's default: " + defaults.get("source", "unknown"))
 
     @app.post("/api/chat")
     def chat():

@@ -56,6 +56,16 @@ class Master:
         finally:
             conn.close()
 
+    def generation_defaults(self) -> dict:
+        """The served model's sampling defaults (its card in /v1/models), or {} if unknown."""
+        try:
+            status, data = self.get("/v1/models")
+            card = json.loads(data)["data"][0] if status == 200 else {}
+            defaults = card.get("generation_defaults")
+            return defaults if isinstance(defaults, dict) else {}
+        except (MasterError, ValueError, KeyError, IndexError, TypeError, AttributeError):
+            return {}
+
     def stream(self, path: str, payload: dict, browser_closed: Callable[[], bool]
                ) -> tuple[int, str, Iterator[bytes]]:
         """POST and relay the response: (status, content type, body chunks as they come)."""

@@ -100,7 +100,7 @@ def create_app(engine, scheduler: Scheduler, *, model_name: str, api_key: str | 
     app.register_blueprint(ollama_blueprint(engine, start, model_name))
 
     def generate(kind: str, parse):
-        spec = parse(parse_body(request.get_data()), tokenizer, engine.generator.max_seq, model_name)
+        spec = parse(parse_body(request.get_data()), engine, model_name)
         done = start(kind, spec)
         headers = {"X-Request-Id": done.seq.id, "X-Queue-Position": str(scheduler.position(done.seq))}
         if spec.stream:
@@ -122,7 +122,8 @@ def create_app(engine, scheduler: Scheduler, *, model_name: str, api_key: str | 
 
     def model_card() -> dict:
         return {"id": model_name, "object": "model", "created": created, "owned_by": "tpi",
-                "context_length": engine.generator.max_seq}
+                "context_length": engine.generator.max_seq,
+                "generation_defaults": engine.generation.sampling_json()}
 
     @app.get("/v1/models")
     def models():

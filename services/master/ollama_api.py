@@ -125,7 +125,7 @@ def ollama_blueprint(engine, start, model_name: str):
         body = json_body()
         openai_body = to_openai(body, model_name)
         openai_body["messages"] = chat_messages(body.get("messages"))
-        spec = parse_chat(openai_body, tokenizer, engine.generator.max_seq, model_name)
+        spec = parse_chat(openai_body, engine, model_name)
         return reply("chat", spec, "chat", bool(openai_body["stream"]))
 
     @bp.post("/api/generate")
@@ -140,11 +140,10 @@ def ollama_blueprint(engine, start, model_name: str):
             raise wrong_type("prompt", "a string")
         stream = bool(openai_body["stream"])
         if body.get("raw") or not tokenizer.chat_template:  # the prompt as it is
-            spec = parse_completion({**openai_body, "prompt": prompt}, tokenizer, engine.generator.max_seq,
-                                    model_name)
+            spec = parse_completion({**openai_body, "prompt": prompt}, engine, model_name)
             return reply("generate", spec, "text", stream)
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        spec = parse_chat({**openai_body, "messages": messages}, tokenizer, engine.generator.max_seq, model_name)
+        spec = parse_chat({**openai_body, "messages": messages}, engine, model_name)
         return reply("generate", spec, "chat", stream)
 
     def entry() -> dict:

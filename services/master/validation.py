@@ -132,7 +132,9 @@ class _Body:
             raise unsupported("suffix", "a suffix")
 
 
-def _sampling(b: _Body, prompt_len: int, max_seq: int, prompt_param: str) -> tuple[SamplingParams, bool]:
+def _sampling(b: _Body, prompt_len: int, engine, prompt_param: str) -> tuple[SamplingParams, bool]:
+    """The sampling parameters; those the request leaves out are the model's (engine.generation)."""
+    max_seq, defaults = engine.generator.max_seq, engine.generation
     b.refuse_unsupported()
     if prompt_len == 0:
         raise bad_request("the prompt is empty", prompt_param, "empty_prompt")
@@ -151,9 +153,9 @@ def _sampling(b: _Body, prompt_len: int, max_seq: int, prompt_param: str) -> tup
                           f"{prompt_len + max_tokens} ({prompt_len} in the prompt, {max_tokens} to "
                           f"generate)", name, "context_length_exceeded")
     params = SamplingParams(
-        temperature=b.number("temperature", 1.0, 0.0, 2.0),
-        top_p=b.number("top_p", 1.0, 0.0, 1.0, lo_open=True),
-        top_k=b.integer("top_k", 0, lo=0, hi=TOP_K_MAX),
+        temperature=b.number("temperature", defaults.temperature, 0.0, 2.0),
+        top_p=b.number("top_p", defaults.top_p, 0.0, 1.0, lo_open=True),
+        top_k=b.integer("top_k", defaults.top_k, lo=0, hi=TOP_K_MAX),
         seed=b.integer("seed", None, *SEED_RANGE),
         max_new_tokens=max_tokens,
     )
@@ -198,7 +200,8 @@ def _message_text(msg, i: int) -> dict:
     return {"role": "system" if role == "developer" else role, "content": content}
 
 
-def parse_chat(body, tokenizer, max_seq: int, model_name: str) -> GenerationSpec:
+def parse_chat(body, engine, model_name: str) -> GenerationSpec:
+    tokenizer = engine.tokenizer
     b = _Body(body)
     b.check_model(model_name)
     messages = b.body.get("messages")
@@ -216,11 +219,12 @@ def parse_chat(body, tokenizer, max_seq: int, model_name: str) -> GenerationSpec
         ids = tokenizer.encode_chat(chat)
     except TokenizerError as e:
         raise bad_request(str(e), "messages") from None
-    params, ignore_eos = _sampling(b, len(ids), max_seq, "messages")
+    params, ignore_eos = _sampling(b, len(ids), engine, "messages")
     return GenerationSpec(ids, params, stop, stream, include_usage, ignore_eos)
 
 
-def parse_completion(body, tokenizer, max_seq: int, model_name: str) -> GenerationSpec:
+def parse_completion(body, engine, model_name: str) -> GenerationSpec:
+    tokenizer = engine.tokenizer
     b = _Body(body)
     b.check_model(model_name)
     prompt = b.body.get("prompt")
@@ -243,5 +247,5 @@ def parse_completion(body, tokenizer, max_seq: int, model_name: str) -> Generati
     include_usage = _stream_options(b, stream)
     stop = b.stop()
     echo = b.boolean("echo")
-    params, ignore_eos = _sampling(b, len(ids), max_seq, "prompt")
+    params, ignore_eos = _sampling(b, len(ids), engine, "prompt")
     return GenerationSpec(ids, params, stop, stream, include_usage, ignore_eos, text if echo else "")

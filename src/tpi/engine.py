@@ -13,6 +13,7 @@ import torch
 from tpi.cluster.base import Cluster, InProcCluster
 from tpi.config import load_model_config
 from tpi.generate import Generator
+from tpi.generation_config import GenerationConfig, load_generation_config
 from tpi.model.blocks import ResidentBlocks
 from tpi.model.head import head_topk
 from tpi.model.shard import ShardRunner
@@ -131,6 +132,7 @@ class Engine:
     cluster: Cluster
     generator: Generator
     num_slots: int = 1              # sequences its KV caches hold (the batch limit)
+    generation: GenerationConfig = GenerationConfig()   # the model's sampling defaults
 
     def swap_cluster(self, cluster: Cluster, store: ShardStore | None = None, compute_dtype=None) -> None:
         """Serve from `cluster` from now on (called between steps, e.g. after a re-plan); with
@@ -147,13 +149,10 @@ class Engine:
 def build_engine(store: ShardStore, cluster: Cluster, opts: RuntimeOptions) -> Engine:
     tokenizer = ChatTokenizer(store.model_dir)
     embedder = open_embedding(store, opts.torch_compute_dtype())
-    stops = set(store.config.eos_token_ids) | tokenizer.stop_ids()
-    gen_cfg = store.model_dir / "generation_config.json"
-    if gen_cfg.is_file():
-        eos = json.loads(gen_cfg.read_text()).get("eos_token_id")
-        stops |= set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    generation = load_generation_config(store.model_dir)
+    stops = set(store.config.eos_token_ids) | tokenizer.stop_ids() | set(generation.eos_token_ids)
     generator = Generator(store.config, embedder, cluster, tokenizer, max_context(store, opts), stops)
-    return Engine(store, tokenizer, embedder, cluster, generator, opts.num_slots)
+    return Engine(store, tokenizer, embedder, cluster, generator, opts.num_slots, generation)
 
 
 def build_inproc_engine(model: ModelSettings, opts: RuntimeOptions) -> Engine:

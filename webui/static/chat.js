@@ -10,7 +10,9 @@
   const history = [];          // [{role, content}] of finished turns
   let controller = null;       // AbortController of the reply in flight
 
-  tempEl.addEventListener("input", () => { tempOut.textContent = tempEl.value; });
+  // The slider starts at the model's default (rendered by the server); until it is moved,
+  // requests leave temperature out and the master applies the model's own settings.
+  tempEl.addEventListener("input", () => { tempOut.textContent = tempEl.value; tempEl.dataset.touched = "1"; });
 
   function bubble(role, text) {
     $("empty")?.remove();
@@ -73,7 +75,8 @@
       const resp = await fetch("/api/chat", {
         method: "POST",
         headers: { "Content-Type": "application/json" },
-        body: JSON.stringify({ messages, temperature: Number(tempEl.value), max_tokens: Number(maxEl.value) }),
+        body: JSON.stringify({ messages, max_tokens: Number(maxEl.value),
+                               ...(tempEl.dataset.touched ? { temperature: Number(tempEl.value) } : {}) }),
         signal: controller.signal,
       });
       if (!resp.ok || !(resp.headers.get("Content-Type") || "").startsWith("text/event-stream")) {

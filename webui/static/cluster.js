@@ -26,7 +26,9 @@
                 el("span", "role", `rank ${d.rank} · ${d.role || ""} · ${d.state || ""}`));
     li.append(head);
     const mem = d.memory || {};
-    const used = mem.used_bytes, budget = mem.budget_bytes;
+    // What the device holds (weights + KV cache), else its process's resident memory.
+    const known = (v) => v !== null && v !== undefined;
+    const used = known(mem.used_bytes) ? mem.used_bytes : mem.rss_bytes, budget = mem.budget_bytes;
     const bar = el("div", "bar"), fill = el("span");
     if (budget) {
       const frac = Math.min(1, (used || 0) / budget);
@@ -37,9 +39,12 @@
       fill.style.width = "100%";
     }
     bar.append(fill);
-    li.append(el("div", "small memory",
-      `memory ${mib(used)} of ${budget ? mib(budget) : "no budget set"}` +
-      (mem.kv_cache_bytes ? ` (KV cache ${mib(mem.kv_cache_bytes)})` : "")), bar);
+    let memText = "memory not reported yet";
+    if (known(used)) {
+      memText = `memory ${mib(used)}` + (budget ? ` of ${mib(budget)}` : " (no budget set)") +
+        (mem.kv_cache_bytes ? ` (KV cache ${mib(mem.kv_cache_bytes)})` : "");
+    }
+    li.append(el("div", "small memory", memText), bar);
     const link = d.link || {};
     const rtt = link.rtt_ms === null || link.rtt_ms === undefined ? (link.note || "—") : `${link.rtt_ms.toFixed(2)} ms`;
     const shard = d.shard || {};

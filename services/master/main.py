@@ -27,33 +27,35 @@ def run(settings: MasterSettings) -> int:
     host, port = split_hostport(settings.http, 8000)
     manager = registration = membership = None
     lan = []  # the hub's mDNS advertisement, once the hub has a port
-    if settings.registry:
-        from tpi.cluster.launch import start_with_registry
-
-        engine, manager, registration, membership = start_with_registry(settings, port)
-    elif settings.hub is not None:
-        from tpi.cluster.launch import start_distributed
-
-        try:
-            engine, manager = start_distributed(settings, settings.expect_workers + 1, http_url=f"http://{host}:{port}",
-                                                on_listening=(lambda p: lan.append(advertise(settings, p)))
-                                                if settings.mdns else None)
-        except BaseException:
-            for a in filter(None, lan):
-                a.close()
-            raise
-    else:
-        engine = build_inproc_engine(settings.model, settings.runtime)
-    log.info("serving %s on http://%s:%d", engine.store.config.architecture, host, port)
-    blueprints = []
-    if manager is not None:  # workers that cannot see the store's volume download from here
+    shards = None  # workers that cannot see the store's volume download from here
+    if settings.hub is not None:
         from tpi.weights.sources import cache_dir
-        from tpi_master.shard_server import shard_blueprint, stores_under
+        from tpi_master.shard_server import serving_while_starting, shard_blueprint, stores_under
 
-        blueprints.append(shard_blueprint(stores_under(settings.store_root or cache_dir() / "stores"),
-                                          settings.hub.join_token))
+        shards = shard_blueprint(stores_under(settings.store_root or cache_dir() / "stores"), settings.hub.join_token)
     try:
-        serve(engine, host, port, blueprints=blueprints, api_key=settings.api_key, model_name=settings.model.name,
+        if settings.registry:
+            from tpi.cluster.launch import start_with_registry
+
+            with serving_while_starting(shards, host, port):
+                engine, manager, registration, membership = start_with_registry(settings, port)
+        elif settings.hub is not None:
+            from tpi.cluster.launch import start_distributed
+
+            with serving_while_starting(shards, host, port):
+                engine, manager = start_distributed(
+                    settings, settings.expect_workers + 1, http_url=f"http://{host}:{port}",
+                    on_listening=(lambda p: lan.append(advertise(settings, p))) if settings.mdns else None)
+        else:
+            engine = build_inproc_engine(settings.model, settings.runtime)
+    except BaseException:
+        for a in filter(None, lan):
+            a.close()
+        raise
+    log.info("serving %s on http://%s:%d", engine.store.config.architecture, host, port)
+    try:
+        serve(engine, host, port, blueprints=[shards] if shards else [], api_key=settings.api_key,
+              model_name=settings.model.name,
               num_slots=settings.runtime.num_slots,
               status_provider=manager.status if manager else None,
               on_cluster_failure=manager.recover if (manager and settings.registry) else None,

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -87,3 +89,26 @@ def shard_blueprint(stores: Mapping[str, str | Path] | Callable[[str], Path | No
                          conditional=True, max_age=0)
 
     return bp
+
+
+@contextmanager
+def serving_while_starting(blueprint, host: str, port: int):
+    """The shard server alone on the API's address while the cluster starts. The API needs the
+    engine, which needs every worker's shard loaded, and a worker that does not see the store's
+    volume (a device on the LAN) downloads its shard first: without this it never could.
+    Meanwhile /healthz answers 503 "starting"."""
+    from flask import Flask
+
+    from tpi.wsgi import make_server
+
+    app = Flask("tpi-shards")
+    app.register_blueprint(blueprint)
+    app.get("/healthz")(lambda: ({"status": "starting"}, 503))
+    server = make_server(app, host, port)
+    thread = threading.Thread(target=server.serve_forever, name="tpi-shards-early", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        server.shutdown()
+        thread.join(10)

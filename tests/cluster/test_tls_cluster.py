@@ -67,9 +67,9 @@ def test_workers_join_over_tls_only_when_they_trust_the_master(tmp_path):
 
 
 def _up(master: Server) -> bool:
+    """Serving the API (while it starts, the master answers /healthz with 503: its shard server)."""
     try:
-        requests.get(master.url + "/healthz", timeout=2)
-        return True
+        return requests.get(master.url + "/healthz", timeout=2).status_code == 200
     except requests.RequestException:
         return False
 

@@ -8,7 +8,6 @@ worker is told through its `rejected:<id>` key.
 """
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -19,8 +18,8 @@ import redis
 
 from tpi.cluster.registry import (
     BACKOFF_MAX_S, HEARTBEAT_S, POLL_S, REDIS_ERRORS, REJECT_TTL_S, SOCKET_TIMEOUT_S, TTL_S, Backoff,
-    DeviceRecord, Keys, ProofError, RecordError, connect, decode_record, describe_error, publish_event, redact,
-    require_token, unverified_fields,
+    ID_RE, DeviceRecord, Keys, ProofError, RecordError, connect, decode_record, describe_error, encode_rejection,
+    publish_event, redact, require_token, unverified_fields,
 )
 
 log = logging.getLogger("tpi.cluster.registry")
@@ -153,6 +152,9 @@ class Membership:
             except RecordError as e:
                 self._refuse(client, key_id, raw, e, now)
                 continue
+            except Exception as e:  # noqa: BLE001 - one junk record must not stop the others' admission
+                self._refuse(client, key_id, raw, RecordError(f"unreadable record ({type(e).__name__})"), now)
+                continue
             session, beat, since = self._beats.get(key_id, (None, None, now))
             if (session, beat) != (rec.session, rec.beat):
                 self._beats[key_id] = (rec.session, rec.beat, now)
@@ -196,7 +198,9 @@ class Membership:
         if not told or told[0] != session:
             log.warning("registry: refused worker %s (address %s, claims version %s): %s",
                         key_id, info.get("address"), info.get("version"), reason)
-        client.set(self.keys.rejected(key_id), json.dumps({"session": session, "reason": reason}),
+        if not ID_RE.match(key_id):
+            return  # not a name a worker can have: nobody to tell
+        client.set(self.keys.rejected(key_id), encode_rejection(self.token, key_id, session, reason),
                    px=int(REJECT_TTL_S * 1000))
         publish_event(client, self.keys, "rejected", "worker", key_id)
         with self._lock:

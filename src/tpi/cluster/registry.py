@@ -21,8 +21,11 @@ they are hints, the signed records are the truth.
 Trust: the Redis password (from the URL, `redis://:PASSWORD@host:6379/0`) keeps strangers
 out of Redis; the join token proves membership. The master ignores a worker record whose
 MAC fails, logs it once, and tells that worker through `rejected:<id>` (naming the record's
-`session`, so a restarted worker is not confused by an old refusal). The worker reads that
-key on every heartbeat, stops and reports it. A record whose `beat` stops advancing is
+`session`, so a restarted worker is not confused by an old refusal), signed with the join
+token (tpi.cluster.records). The worker reads that key on every heartbeat; a verified refusal
+stops it, an unverified one (anyone with Redis access could write it; so does a master with
+another join token) is logged and ignored. One junk record costs only itself: decoding
+raises nothing but RecordError, and the master refuses that record and reads the rest. A record whose `beat` stops advancing is
 treated as gone after TTL_S, so a copied record cannot keep a dead device alive.
 
 Every client retries with exponential backoff when Redis is unreachable and never raises
@@ -35,11 +38,10 @@ import atexit
 import json
 import logging
 import random
-import re
 import secrets
 import threading
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 from typing import Callable
 from urllib.parse import urlsplit, urlunsplit
 
@@ -47,8 +49,11 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from tpi.comm import auth
 from tpi.cluster.capability import DeviceCapability
+from tpi.cluster.records import (  # noqa: F401  (the record codec, re-exported with the keys)
+    ID_RE, ROLES, DeviceRecord, ProofError, RecordError, decode_record, decode_rejection, encode_record,
+    encode_rejection, require_token, unverified_fields,
+)
 
 log = logging.getLogger("tpi.cluster.registry")
 
@@ -58,10 +63,6 @@ POLL_S = 0.25          # how often the master re-reads the worker records
 REJECT_TTL_S = 30.0    # how long a refusal stays readable by the refused worker
 SOCKET_TIMEOUT_S = 1.0
 BACKOFF_MIN_S, BACKOFF_MAX_S = 0.1, 2.0
-RECORD_FORMAT = 1
-RECORD_LABEL = b"tpi-registry-record-v1\x00"  # distinct from every other use of the join token
-ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
-ROLES = ("master", "worker")
 
 
 class Keys:
@@ -83,92 +84,6 @@ class Keys:
 
     def record(self, role: str, device_id: str) -> str:
         return self.master if role == "master" else self.worker(device_id)
-
-
-# ---------------------------------------------------------------------------------------
-# Records
-
-class RecordError(ValueError):
-    """A registry value that is not a well-formed record."""
-
-
-class ProofError(RecordError):
-    """A record whose MAC does not verify under this join token."""
-
-
-@dataclass(frozen=True)
-class DeviceRecord:
-    role: str                        # "master" | "worker"
-    id: str                          # unique in the cluster; part of the key name
-    address: str | None              # host:port of its WebSocket endpoint (master: the hub)
-    capability: DeviceCapability
-    version: str                     # tpi package version
-    session: str                     # random per process start
-    http_url: str | None = None      # master: base URL of the shard server (tpi.cluster.delivery)
-    beat: int = 0                    # heartbeat counter, advances on every write
-    ts: float = 0.0                  # sender's wall clock at the write (display only)
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, d: dict) -> "DeviceRecord":
-        try:
-            rec = cls(role=str(d["role"]), id=str(d["id"]),
-                      address=None if d.get("address") is None else str(d["address"]),
-                      capability=DeviceCapability.from_json(d["capability"]),
-                      version=str(d["version"]), session=str(d["session"]),
-                      http_url=None if d.get("http_url") is None else str(d["http_url"]),
-                      beat=int(d.get("beat", 0)), ts=float(d.get("ts", 0.0)))
-        except (KeyError, TypeError, ValueError) as e:
-            raise RecordError(f"record lacks or mistypes a field: {e}") from None
-        if rec.role not in ROLES or not ID_RE.match(rec.id):
-            raise RecordError(f"record has role {rec.role!r} / id {rec.id!r}")
-        return rec
-
-
-def require_token(token: str) -> None:
-    if not token:
-        raise ValueError("the join token must not be empty")
-
-
-def _mac(token: str, body: bytes) -> str:
-    require_token(token)
-    return auth.mac(token, RECORD_LABEL, body)
-
-
-def encode_record(rec: DeviceRecord, token: str) -> bytes:
-    body = json.dumps({"format": RECORD_FORMAT, **rec.to_json()}, sort_keys=True, separators=(",", ":")).encode()
-    return _mac(token, body).encode() + b"." + body
-
-
-def decode_record(raw: bytes, token: str) -> DeviceRecord:
-    """The record in `raw`; ProofError if its MAC fails, RecordError if it is malformed."""
-    mac, sep, body = raw.partition(b".")
-    if not sep:
-        raise RecordError("not a signed record")
-    if not auth.verify(_mac(token, body), mac):
-        raise ProofError("join-token proof does not verify")
-    return _parse_body(body)
-
-
-def _parse_body(body: bytes) -> DeviceRecord:
-    try:
-        d = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RecordError(f"record is not JSON: {e}") from None
-    if not isinstance(d, dict) or d.get("format") != RECORD_FORMAT:
-        raise RecordError(f"unknown record format {d.get('format') if isinstance(d, dict) else d!r}")
-    return DeviceRecord.from_json(d)
-
-
-def unverified_fields(raw: bytes) -> dict:
-    """Fields of a record that failed its proof, for log lines only (never trusted)."""
-    try:
-        d = json.loads(raw.partition(b".")[2])
-        return d if isinstance(d, dict) else {}
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return {}
 
 
 def package_version() -> str:
@@ -280,6 +195,7 @@ class Registration:
         self.ttl_s, self.heartbeat_s = ttl_s, heartbeat_s
         self.on_rejected = on_rejected
         self.rejected: str | None = None
+        self._unverified_refusal: bytes | None = None
         self.registered = threading.Event()   # set while the last write succeeded
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -370,15 +286,26 @@ class Registration:
             self._stop.wait(delay)
 
     def _check_rejected(self, raw: bytes | None) -> bool:
+        """Stop if `raw` is the master's signed refusal of this session. A refusal that does
+        not verify under our token (written by anyone with Redis access, or by a master
+        with another join token) is reported once and changes nothing."""
         if raw is None:
             return False
         try:
-            info = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            info, verified = decode_rejection(raw, self.token, self.record.id)
+        except RecordError:
             return False
-        if not isinstance(info, dict) or info.get("session") != self.record.session:
+        if info.get("session") != self.record.session:
             return False  # a refusal of an earlier run of this id
-        self.rejected = str(info.get("reason", "refused"))
+        reason = str(info.get("reason", "refused"))[:500]
+        if not verified:
+            if self._unverified_refusal != raw:
+                self._unverified_refusal = raw
+                log.error("registry: a refusal of worker %s that this worker's join token does not verify "
+                          "says %r; ignored, not admitted meanwhile (the master has another --join-token, "
+                          "or the entry is forged)", self.record.id, reason)
+            return False
+        self.rejected = reason
         log.error("registry: the master refused worker %s: %s", self.record.id, self.rejected)
         try:
             self._client.eval(_RELEASE, 1, self.key, _session_marker(self.record.session))

@@ -19,13 +19,19 @@ Paths cannot escape the store: a file is served only if its path is a key of the
 
 Client: files are kept in a content-addressed cache (`<cache>/sha256/<hex>`, surviving
 restarts), downloaded into `<cache>/partial/<hex>.part`, resumed with Range after an
-interruption, checked against the manifest's sha256 and renamed into place. A cached file
-that fails its check is deleted and fetched again. The rank's files are then linked into a
-ShardStore-compatible directory, so `ShardStore(dir).load_block(rank, ...)` works, and after
-a re-plan every block whose sha256 is already cached is reused without a download.
+interruption, checked against the manifest's sha256 and renamed into place. A download
+never takes more than the manifest's size of a file (a server that sends more is cut off,
+and its bytes fail the check). A cached file that fails its check is deleted and fetched
+again. The rank's files are then linked into a ShardStore-compatible directory, so
+`ShardStore(dir).load_block(rank, ...)` works, and after a re-plan every block whose sha256
+is already cached is reused without a download. After each fetch the cache is pruned to the
+KEEP_STORES most recent stores: other store directories, the files only they used, and
+partial downloads of files no kept store uses are deleted (skipped while another process
+fetches into the same cache).
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import http.client
 import json
@@ -56,6 +62,8 @@ STORE_ID_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$")
 NONCE_RE = re.compile(r"^[0-9a-f]{32,128}$")
 CHUNK = 1 << 20
 SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+KEEP_STORES = 2   # a worker's cache keeps the stores of its current and its previous plan
 
 
 class DeliveryError(RuntimeError):
@@ -101,14 +109,56 @@ class ShardCache:
         path.unlink(missing_ok=True)
         return False
 
-    def prune(self, keep: set[str]) -> int:
-        """Delete cached files whose sha256 is not in `keep`; returns bytes freed."""
-        freed = 0
-        for p in self.blobs.iterdir():
-            if p.name not in keep:
-                freed += p.stat().st_size
-                p.unlink()
-        return freed
+    def prune(self, keep_stores: int = KEEP_STORES) -> int:
+        """Keep the `keep_stores` most recently made store directories and the files they use;
+        delete the other stores, every other cached file and partial download. Returns the
+        bytes freed. Skipped (0) while another process fetches into this cache."""
+        with self.lock(exclusive=True) as held:
+            if not held:
+                return 0
+            stores = sorted(self.root.glob("stores/*/rank-*"), key=lambda p: p.stat().st_mtime, reverse=True)
+            keep: set[str] = set()
+            for store in stores[:keep_stores]:
+                keep |= _store_shas(store)
+            freed = 0
+            for store in stores[keep_stores:]:
+                shutil.rmtree(store, ignore_errors=True)
+                if not any(store.parent.iterdir()):
+                    store.parent.rmdir()
+            for p in [*self.blobs.iterdir(), *self.partial.iterdir()]:
+                if p.name.removesuffix(".part") not in keep:
+                    freed += p.stat().st_size
+                    p.unlink(missing_ok=True)
+            return freed
+
+    def lock(self, exclusive: bool):
+        """Shared while fetching, exclusive (without waiting) to prune: `with cache.lock(...) as held`."""
+        return _CacheLock(self.root / ".lock", exclusive)
+
+
+class _CacheLock:
+    def __init__(self, path: Path, exclusive: bool):
+        self.path, self.exclusive, self.fd = path, exclusive, None
+
+    def __enter__(self) -> bool:
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB if self.exclusive else fcntl.LOCK_SH)
+            return True
+        except BlockingIOError:
+            return False
+
+    def __exit__(self, *exc) -> None:
+        os.close(self.fd)  # releases the lock
+
+
+def _store_shas(store: Path) -> set[str]:
+    """sha256 of the files a materialised store directory holds (from its manifest)."""
+    try:
+        files = json.loads((store / MANIFEST).read_bytes())["files"]
+        return {files[rel]["sha256"] for rel in files if (store / rel).exists()}
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
 
 
 def _sha256_file(path: Path) -> str:
@@ -172,17 +222,22 @@ class ShardClient:
         if missing:
             raise DeliveryError(f"store {store_id}: manifest lacks {', '.join(missing[:3])}")
         stats = FetchResult()
-        for rel in wanted:
-            sha, size = files[rel]["sha256"], int(files[rel]["bytes"])
-            if self.cache.has(sha, size, verify=self.verify_cache):
-                stats.files_reused += 1
-                stats.bytes_reused += size
-                continue
-            self._download(store_id, rel, sha, size, stats)
-            stats.files_downloaded += 1
+        in_cache = dest is None  # a store of the cache's own (pruned with it)
         dest = Path(dest) if dest is not None else self.cache.root / "stores" / store_id / f"rank-{rank}"
-        _materialise(dest, body, {rel: self.cache.path(files[rel]["sha256"]) for rel in wanted})
+        with self.cache.lock(exclusive=False):
+            for rel in wanted:
+                sha, size = files[rel]["sha256"], int(files[rel]["bytes"])
+                if self.cache.has(sha, size, verify=self.verify_cache):
+                    stats.files_reused += 1
+                    stats.bytes_reused += size
+                    continue
+                self._download(store_id, rel, sha, size, stats)
+                stats.files_downloaded += 1
+            _materialise(dest, body, {rel: self.cache.path(files[rel]["sha256"]) for rel in wanted})
         stats.store = ShardStore(dest)
+        freed = self.cache.prune() if in_cache else 0
+        if freed:
+            log.info("shards: pruned %.1f MB of earlier plans' files from %s", freed / 1e6, self.cache.root)
         log.info("shards: store %s rank %d ready at %s: %d files downloaded (%.1f MB), %d reused (%.1f MB)",
                  store_id, rank, dest, stats.files_downloaded, stats.bytes_downloaded / 1e6,
                  stats.files_reused, stats.bytes_reused / 1e6)
@@ -240,7 +295,7 @@ class ShardClient:
                 offset = 0
             try:
                 if offset < size:
-                    self._get_range(url, store_id, sha, part, offset, stats)
+                    self._get_range(url, store_id, sha, part, offset, size, stats)
                 have = part.stat().st_size if part.exists() else 0
                 if have < size:  # the body ended early: a cut connection
                     raise http.client.IncompleteRead(b"", size - have)
@@ -269,28 +324,40 @@ class ShardClient:
                     f"says {sha}: the file on the master is altered or corrupt (download deleted, not used)")
             log.warning("shards: %s failed its sha256 check; deleted, fetching again from the start", rel)
 
-    def _get_range(self, url: str, store_id: str, sha: str, part: Path, offset: int, stats: FetchResult) -> None:
-        """Append the bytes from `offset` on to `part` (or rewrite it if the server sends all)."""
+    def _get_range(self, url: str, store_id: str, sha: str, part: Path, offset: int, size: int,
+                   stats: FetchResult) -> None:
+        """Append the bytes from `offset` up to `size` to `part` (or rewrite it if the server
+        sends all); bytes past `size` are never read (the connection is dropped)."""
         headers = {}
         if offset:
             headers = {"Range": f"bytes={offset}-", "If-Range": f'"{sha}"'}
         with self._opener.open(self._request(url, store_id, headers), timeout=self.timeout) as resp:
             if offset and resp.status == 206:
-                start = int(resp.headers.get("Content-Range", "bytes -1").split()[1].split("-")[0])
+                start = _range_start(resp.headers.get("Content-Range", ""), url)
                 if start != offset:
                     raise DeliveryError(f"{url}: asked for bytes from {offset}, got from {start}")
                 stats.resumed += 1
                 mode = "ab"
             else:  # 200: the server sends it all (no range support, or the file changed)
-                mode = "wb"
+                mode, offset = "wb", 0
             with open(part, mode) as f:
                 try:
-                    while chunk := resp.read(CHUNK):
+                    left = size - offset
+                    while left > 0 and (chunk := resp.read(min(CHUNK, left))):
                         f.write(chunk)
+                        left -= len(chunk)
                         stats.bytes_downloaded += len(chunk)
                 finally:
                     f.flush()
                     os.fsync(f.fileno())
+
+
+def _range_start(content_range: str, url: str) -> int:
+    """The first byte of a 206 reply's `Content-Range: bytes START-END/TOTAL`."""
+    m = CONTENT_RANGE_RE.match(content_range.strip())
+    if m is None or int(m.group(2)) < int(m.group(1)):
+        raise DeliveryError(f"{url}: a partial reply with a malformed Content-Range {content_range[:80]!r}")
+    return int(m.group(1))
 
 
 def _materialise(dest: Path, manifest: bytes, links: dict[str, Path]) -> None:

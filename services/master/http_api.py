@@ -191,7 +191,8 @@ def serve(engine, host: str, port: int, *, api_key: str | None = None, model_nam
           status_provider: Callable[[], dict] | None = None,
           on_cluster_failure: Callable[[], bool] | None = None,
           num_slots: int | None = None, max_queue: int = 256,
-          between_requests: Callable[[], None] | None = None, blueprints: list | None = None) -> None:
+          between_requests: Callable[[], None] | None = None, blueprints: list | None = None,
+          poke_on: Callable[[Callable[[], None]], None] | None = None) -> None:
     """Serve the API until interrupted (Ctrl-C or SIGTERM).
 
     status_provider: returns extra cluster status merged into GET /api/cluster (see status.py).
@@ -201,11 +202,15 @@ def serve(engine, host: str, port: int, *, api_key: str | None = None, model_nam
     max_queue: requests allowed to wait for a slot; more are refused with 429.
     between_requests: called by the scheduler whenever no request is active (re-planning).
     blueprints: more Flask blueprints to mount (the master's shard server).
+    poke_on: hands it the scheduler's `poke`, to call when between_requests has work even
+      though no request comes (the registry's membership changed).
     """
     server = ApiServer(engine, host, port, api_key=api_key, model_name=model_name,
                        status_provider=status_provider, on_cluster_failure=on_cluster_failure,
                        num_slots=num_slots, max_queue=max_queue, between_requests=between_requests,
                        blueprints=blueprints)
+    if poke_on is not None:
+        poke_on(server.scheduler.poke)
     if threading.current_thread() is threading.main_thread():
         # Docker stops containers with SIGTERM; shut down cleanly instead of being killed.
         signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())

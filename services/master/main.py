@@ -7,7 +7,8 @@ Three ways to run:
     mDNS unless --no-mdns): `--listen HOST:PORT --devices N` (N-1 workers);
   * with a registry: `--registry redis://...`: it registers itself so workers find it,
     plans over the workers present by their measured capability, re-plans over the
-    survivors when one dies mid-generation, and admits newcomers between requests.
+    survivors when one dies mid-generation, and admits newcomers between requests (at once
+    when it is idle: a membership change pokes the scheduler).
 """
 from __future__ import annotations
 
@@ -59,7 +60,8 @@ def run(settings: MasterSettings) -> int:
               num_slots=settings.runtime.num_slots,
               status_provider=manager.status if manager else None,
               on_cluster_failure=manager.recover if (manager and settings.registry) else None,
-              between_requests=manager.between_requests if manager else None)
+              between_requests=manager.between_requests if manager else None,
+              poke_on=(lambda poke: membership.add_listener(lambda change: poke())) if membership else None)
     finally:
         engine.close()
         if manager is not None:

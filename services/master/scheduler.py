@@ -128,6 +128,7 @@ class Scheduler:
         self.recent: deque[dict] = deque(maxlen=history)
         self.last: Sequence | None = None       # the last finished sequence (its per-token timings)
         self._closing = False
+        self._hook_due = False                  # run between_requests even with no request (see poke)
         self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
 
     # ---- called from request threads ----
@@ -172,6 +173,13 @@ class Scheduler:
         with self.cond:
             self.cond.notify_all()
 
+    def poke(self) -> None:
+        """Run `between_requests` as soon as no request is active, even if none arrives (a
+        worker registered while the master is idle is admitted at once). Any thread."""
+        with self.cond:
+            self._hook_due = True
+            self.cond.notify_all()
+
     def snapshot(self) -> dict:
         now = time.monotonic()
         with self.cond:
@@ -191,7 +199,7 @@ class Scheduler:
         while True:
             with self.cond:
                 self._drop_cancelled()
-                while not self._closing and not self.active and not self.waiting:
+                while not self._closing and not self.active and not self.waiting and not self._hook_due:
                     self.cond.wait()
                     self._drop_cancelled()
                 if self._closing:
@@ -199,6 +207,8 @@ class Scheduler:
                                             code="shutting_down"), include_waiting=True)
                     return
                 idle = not self.active
+                if idle:
+                    self._hook_due = False
             if idle and self.between_requests is not None:
                 try:  # outside the lock: a re-plan may take seconds; requests keep queueing
                     self.between_requests()

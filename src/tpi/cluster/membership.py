@@ -52,7 +52,7 @@ class Membership:
         require_token(token)
         self.url, self.token, self.password = url, token, password
         self.keys = Keys(cluster)
-        self.on_change = on_change
+        self._listeners = [on_change] if on_change is not None else []
         self.poll_s, self.ttl_s = poll_s, ttl_s
         self.healthy = threading.Event()
         self._members: dict[str, DeviceRecord] = {}
@@ -78,6 +78,10 @@ class Membership:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=self.poll_s + 2 * SOCKET_TIMEOUT_S + 1)
+
+    def add_listener(self, listener: Callable[[MembershipChange], None]) -> None:
+        """Call `listener(change)` from the watcher thread on every change from now on."""
+        self._listeners.append(listener)
 
     def members(self) -> dict[str, DeviceRecord]:
         with self._lock:
@@ -181,11 +185,13 @@ class Membership:
             log.info("registry: worker %s joined (address %s, %.1f GFLOP/s, disk %.0f MB/s, budget %.0f MiB)",
                      r.id, r.address, r.capability.gflops, r.capability.disk_mbps,
                      r.capability.mem_budget_bytes / 2**20)
-        if (joined or left) and self.on_change is not None:
-            try:
-                self.on_change(MembershipChange(joined, left, dict(new)))
-            except Exception:
-                log.exception("registry: on_change callback failed")
+        if joined or left:
+            change = MembershipChange(joined, left, dict(new))
+            for listener in list(self._listeners):
+                try:
+                    listener(change)
+                except Exception:
+                    log.exception("registry: membership listener failed")
 
     def _refuse(self, client: redis.Redis, key_id: str, raw: bytes, err: RecordError, now: float) -> None:
         info = unverified_fields(raw)

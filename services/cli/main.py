@@ -8,6 +8,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 from tpi.plan import PlanError, parse_weights
 
@@ -190,6 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_args(b)
 
+    c = sub.add_parser("cache", help="list or prune the shard-store cache ($TPI_CACHE/stores)")
+    c.add_argument("action", choices=["list", "prune"])
+    c.add_argument("--max-size", default=None,
+                   help="prune: keep the most recently used stores within this size (e.g. 8G; "
+                        "default $TPI_STORE_CACHE_MAX or 16G); 0 deletes every store not in use")
+    c.add_argument("--json", action="store_true", help="list: one JSON array")
+
     p = sub.add_parser("prepare", help="split a model into a shard store")
     add_model_args(p)
     p.add_argument("--out", required=True, help="directory of the shard store")
@@ -204,6 +212,30 @@ def cmd_prepare(args) -> int:
     total = sum(f.bytes for f in store.files.values())
     print(f"shard store at {store.root}: {store.plan.world_size} devices, {len(store.files)} files, "
           f"{total / 1e6:.1f} MB, dtype {store.dtype}")
+    return 0
+
+
+def cmd_cache(args) -> int:
+    from tpi.weights import store_cache
+    from tpi.weights.sources import cache_dir
+
+    root = cache_dir() / "stores"
+    if args.action == "prune":
+        limit = store_cache.parse_size(args.max_size) if args.max_size is not None else store_cache.max_bytes()
+        gone = store_cache.evict(root, limit)
+        for s in gone:
+            print(f"deleted {s.path} ({s.bytes / 1e6:.1f} MB)")
+        print(f"{len(gone)} store(s) deleted, {sum(s.bytes for s in gone) / 1e6:.1f} MB freed")
+    stores = store_cache.list_stores(root)
+    if args.json:
+        print(json.dumps([s.to_json() for s in stores]))
+        return 0
+    if args.action == "list":
+        for s in stores:
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(s.last_used))
+            print(f"{s.path.name}  {s.bytes / 1e6:9.1f} MB  used {when}{'  IN USE' if s.in_use else ''}  {s.summary}")
+    print(f"{len(stores)} store(s), {sum(s.bytes for s in stores) / 1e9:.2f} GB in {root} "
+          f"(cap {store_cache.max_bytes() / 2**30:.1f} GiB)")
     return 0
 
 
@@ -293,7 +325,7 @@ def cmd_bench(args) -> int:
     return run(args)
 
 
-COMMANDS = {"generate": cmd_generate, "prepare": cmd_prepare, "master": cmd_master, "worker": cmd_worker,
+COMMANDS = {"generate": cmd_generate, "prepare": cmd_prepare, "cache": cmd_cache, "master": cmd_master, "worker": cmd_worker,
             "webui": cmd_webui, "bench": cmd_bench}
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -24,15 +25,20 @@ from tpi.weights.sources import cache_dir, resolve_model
 from tpi.weights.quant import pack_block
 from tpi.weights.embedding import EmbeddingRows
 from tpi.weights.slicing import DEFAULT_MAX_BLOCK_BYTES
-from tpi.weights.splitter import split_checkpoint
+from tpi.weights import store_cache
+from tpi.weights.splitter import source_fingerprint, split_checkpoint
 from tpi.weights.store import FORMAT_VERSION, ShardStore
+
+log = logging.getLogger("tpi.engine")
 
 def prepare_store(model_src: str | None, weights: list[float], dtype: str, out: str | Path | None = None,
                   root: str | Path | None = None, max_block_bytes: int = DEFAULT_MAX_BLOCK_BYTES) -> ShardStore:
     """Resolve the model, plan over `weights`, and split into a store (reused when identical):
     at `out`, or else in a directory named by a hash of (model, plan, dtype, format, piece
-    cap) under `root` (default: the cache), so every plan a master re-plans to keeps its own
-    store (and stores of another format never share a directory).
+    cap, every source file it copies) under `root` (default: the cache), so every plan a
+    master re-plans to keeps its own store, stores of another format never share a
+    directory, and an edited tokenizer makes a new store. The cache is bounded
+    (tpi.weights.store_cache: least recently used stores go past its size cap).
 
     `model_src` may also be a store made by `tpi prepare` (a directory with a manifest): it is
     used as it is if it was prepared for this plan and dtype."""
@@ -47,11 +53,18 @@ def prepare_store(model_src: str | None, weights: list[float], dtype: str, out: 
     model_dir = resolve_model(model_src)
     cfg = load_model_config(model_dir)
     plan = make_plan(cfg, weights)
-    if out is None:
-        key = json.dumps([str(model_dir.resolve()), plan.to_json(), dtype, FORMAT_VERSION, max_block_bytes],
-                         sort_keys=True)
-        out = Path(root or cache_dir() / "stores") / hashlib.sha256(key.encode()).hexdigest()[:16]
-    return ShardStore(split_checkpoint(model_dir, plan, out, dtype, max_block_bytes))
+    if out is not None:
+        return ShardStore(split_checkpoint(model_dir, plan, out, dtype, max_block_bytes))
+    key = json.dumps([str(model_dir.resolve()), plan.to_json(), dtype, FORMAT_VERSION, max_block_bytes,
+                      source_fingerprint(model_dir)], sort_keys=True)
+    cache = Path(root or cache_dir() / "stores")
+    store = ShardStore(split_checkpoint(model_dir, plan, cache / hashlib.sha256(key.encode()).hexdigest()[:16],
+                                        dtype, max_block_bytes))
+    store_cache.mark_used(store.root)
+    for gone in store_cache.evict(cache, store_cache.max_bytes(), keep=store.root):
+        log.info("store cache over its %.1f GiB cap: deleted the least recently used store %s (%.1f MB)",
+                 store_cache.max_bytes() / 2**30, gone.path, gone.bytes / 1e6)
+    return store
 
 
 def prepared_store(model_src: str | None) -> ShardStore | None:

@@ -10,6 +10,7 @@ biases and the head stay bfloat16.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -42,7 +43,7 @@ def split_checkpoint(model_dir: str | Path, plan: ShardPlan, out: str | Path, dt
         raise ValueError(f"unknown storage dtype {dtype!r}; choose from {', '.join(STORAGE_DTYPES)}")
     pieces = {shard.rank: block_pieces(cfg, shard, dtype, max_block_bytes) for shard in plan.shards}
     wanted = {"format": FORMAT_VERSION, "model_config": cfg.to_json(), "plan": plan.to_json(),
-              "dtype": dtype, "source": _fingerprint(model_dir), "max_block_bytes": max_block_bytes,
+              "dtype": dtype, "source": source_fingerprint(model_dir), "max_block_bytes": max_block_bytes,
               "pieces": {str(r): p for r, p in pieces.items()}}
     if dtype in QUANT_DTYPES:
         wanted["quantization"] = quant_format(dtype)
@@ -164,7 +165,13 @@ class _SourceReader:
         self.ckpt.close()
 
 
-def _fingerprint(model_dir: Path) -> dict:
-    """Cheap identity of the source checkpoint: names, sizes and mtimes of its files."""
-    return {p.name: [p.stat().st_size, int(p.stat().st_mtime)]
-            for p in sorted(model_dir.glob("*.safetensors"))}
+def source_fingerprint(model_dir: str | Path) -> dict:
+    """Identity of every source file a store is made from or copies: the weights by name,
+    size and mtime (cheap: they are gigabytes), the small files of MODEL_FILES (config,
+    tokenizer, chat template, ...) by sha256, so an edited tokenizer makes another store."""
+    model_dir = Path(model_dir)
+    out: dict = {p.name: [p.stat().st_size, int(p.stat().st_mtime)] for p in sorted(model_dir.glob("*.safetensors"))}
+    for name in MODEL_FILES:
+        if (model_dir / name).is_file():
+            out[name] = hashlib.sha256((model_dir / name).read_bytes()).hexdigest()
+    return out

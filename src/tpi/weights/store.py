@@ -28,6 +28,7 @@ import hashlib
 import json
 import mmap
 import os
+import weakref
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,12 +92,30 @@ def atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+class _Held:
+    """A shared lock on a file, released (descriptor closed) when this object goes."""
+    __slots__ = ("__weakref__",)
+
+
+def _hold(path: Path) -> _Held | None:
+    """Hold a shared lock on `path` for the life of the returned object (tpi.weights.store_cache)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    held = _Held()
+    weakref.finalize(held, os.close, fd)
+    return held
+
+
 class ShardStore:
     def __init__(self, root: str | Path):
         self.root = Path(root)
         mpath = self.root / MANIFEST
         if not mpath.is_file():
             raise StoreError(f"{self.root} is not a complete shard store (no {MANIFEST})")
+        self._in_use = _hold(mpath)  # the store cache never deletes a store a process has open
         try:
             m = json.loads(mpath.read_text())
         except json.JSONDecodeError as e:

@@ -3,8 +3,8 @@
 A worker needs only the join token and the master's address, the registry's, or neither:
 then it finds the master on the LAN (mDNS, tpi.cluster.discovery) and trusts it only once it
 has proved the token in the join handshake. The master pushes the plan, the store location
-and the runtime options. It sees hidden states,
-never prompts or token ids. It survives a lost master by reconnecting with backoff.
+and the runtime options. It sees hidden states (from which the prompt's tokens can be
+recovered: README.md, workers must be trusted) and the output head's top-K candidates. It survives a lost master by reconnecting with backoff.
 """
 from __future__ import annotations
 

@@ -181,7 +181,8 @@ class Sidecar:
     # --- tc through a helper container in the target's network namespace ----------------------
     def tc(self, network_mode: str, script: str) -> tuple[int, str]:
         helper = self.client.containers.create(
-            self.image, entrypoint=["/bin/sh", "-c"], command=[script], user="0", cap_add=["NET_ADMIN"],
+            self.image, entrypoint=["/bin/sh", "-c"], command=[script], user="0", cap_drop=["ALL"],
+            cap_add=["NET_ADMIN"], security_opt=["no-new-privileges:true"], pids_limit=16, read_only=True,
             network_mode=network_mode, labels={HELPER_LABEL: self.project}, detach=True)
         try:
             helper.start()

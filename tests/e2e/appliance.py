@@ -54,7 +54,8 @@ class Appliance:
                     "TPI_WEBUI_ADDRESS": "127.0.0.1", "TPI_WEBUI_PORT": str(self.ports["webui"]),
                     "TPI_API_PORT": str(self.ports["api"]), "TPI_REDIS_PORT": str(self.ports["redis"]),
                     "TPI_HUB_PORT": str(self.ports["hub"]), "TPI_WORKERS": str(WORKERS),
-                    "TPI_MIN_WORKERS": str(WORKERS), "EDGE_LINK": EDGE_LINK}
+                    "TPI_MIN_WORKERS": str(WORKERS), "EDGE_LINK": EDGE_LINK,
+                    "COMPOSE_PROFILES": "netem"}  # the link-emulation sidecar (off by default)
         for k in ("TPI_TRANSPORT_LINK", "DOCKER_DEFAULT_PLATFORM"):
             self.env.pop(k, None)
         files = ["compose.yaml"] + [f for f in os.environ.get("TPI_E2E_COMPOSE_FILES", "").split(":") if f]

@@ -11,7 +11,9 @@ then, through the web UI's backend (POST /api/chat relays to the master):
     link RTT, when it reports one);
   * a worker killed in the middle of a streamed reply does not break the reply;
   * a fifth worker started with --scale joins the plan at the next request;
-  * every container runs under its memory and CPU limit; the peak memory of each is recorded;
+  * every container runs under its memory and CPU limit, without capabilities, with
+    no-new-privileges and a pids cap (read-only root where compose.yaml says); the peak memory
+    of each is recorded;
 then `down -v`. Figures go to artifacts/e2e-appliance.json, every container's log to
 artifacts/e2e-logs/<project>.log.
 
@@ -283,6 +285,15 @@ def test_every_container_runs_under_its_limits(app):
         assert host["Memory"] == int(limits["memory"]), (c.name, host["Memory"], limits)
         assert host["NanoCpus"] == round(float(limits["cpus"]) * 1e9), (c.name, host["NanoCpus"], limits)
         assert host["MemorySwap"] == host["Memory"], f"{c.name} may swap"
+        # Privileges (compose.yaml's x-hardening): no capability, no setuid gain, a pids cap,
+        # and a read-only root for the services that write only to /tmp.
+        assert [x.upper() for x in host.get("CapDrop") or []] == ["ALL"] and not host.get("CapAdd"), \
+            (c.name, host.get("CapDrop"), host.get("CapAdd"))
+        assert "no-new-privileges:true" in (host.get("SecurityOpt") or []), (c.name, host.get("SecurityOpt"))
+        assert host["PidsLimit"] == int(limits["pids"]), (c.name, host["PidsLimit"], limits)
+        assert host["ReadonlyRootfs"] == (service in ("redis", "webui", "netem")), (c.name, host["ReadonlyRootfs"])
+        entry["privileges"] = {"cap_drop": host.get("CapDrop"), "pids_limit": host["PidsLimit"],
+                               "read_only_root": host["ReadonlyRootfs"]}
         if c.status == "running":
             entry.update(
                 cgroup_limit=cgroup(c, "memory/memory.limit_in_bytes"),

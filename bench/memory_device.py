@@ -47,7 +47,7 @@ def device_main(args) -> None:
 
     if rank == 0:
         from tpi.cluster.base import Cluster
-        from tpi.generate import Generator
+        from tpi.generation import Generator
         from tpi.model.sampling import SamplingParams
 
         class Bench(Cluster):

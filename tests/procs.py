@@ -74,6 +74,41 @@ def start_master(log_dir: Path, *extra: str) -> Server:
                   port, log_dir).wait_ready()
 
 
+def start_worker(port: int, token: str, log_dir: Path, name: str, *extra: str) -> subprocess.Popen:
+    """A real `tpi worker` joining the master's hub on loopback `port`."""
+    log = open(log_dir / f"{name}.log", "wb")
+    return subprocess.Popen([sys.executable, "-m", "tpi_cli", "worker", "--master", f"ws://127.0.0.1:{port}",
+                             "--join-token", token, "--name", name, "--timeout", "3", *extra],
+                            stdout=log, stderr=subprocess.STDOUT)
+
+
+class ServedCluster:
+    """`tpi master --listen` and one real `tpi worker` process per further device, all on
+    loopback; the HTTP API at `.master.url`. A context manager: everything stops on exit."""
+
+    def __init__(self, log_dir: Path, weights: list[float], *master_args: str, token: str = "test-join-token"):
+        self.hub_port, http_port = free_port(), free_port()
+        self.workers = [start_worker(self.hub_port, token, log_dir, f"w{r}") for r in range(1, len(weights))]
+        self.master = Server("master", [
+            "master", "--http", f"127.0.0.1:{http_port}", "--listen", f"127.0.0.1:{self.hub_port}",
+            "--weights", ",".join(str(w) for w in weights), "--expect-workers", str(len(weights) - 1),
+            "--join-token", token, "--timeout", "10", *master_args], http_port, log_dir)
+
+    def __enter__(self) -> "ServedCluster":
+        try:
+            self.master.wait_ready()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.master.stop()
+        for w in self.workers:
+            w.kill()
+            w.wait()
+
+
 def start_webui(log_dir: Path, master_url: str, *extra: str) -> Server:
     port = free_port()
     return Server("webui", ["webui", "--master", master_url, "--listen", f"127.0.0.1:{port}", *extra],

@@ -25,7 +25,7 @@ def imported_modules(path: Path) -> set[str]:
 
 def test_engine_imports_no_network_web_or_registry_package():
     probe = ("import sys, tpi.model, tpi.model.shard, tpi.weights.splitter, tpi.weights.scheduler, "
-             "tpi.weights.store, tpi.generate, tpi.engine; "
+             "tpi.weights.store, tpi.generation, tpi.engine; "
              "print(sorted(m for m in ('websockets', 'flask', 'redis', 'docker', 'werkzeug') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120)
     assert out.stdout.strip() == "[]", out.stdout

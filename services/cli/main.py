@@ -276,7 +276,7 @@ def cmd_generate(args) -> int:
 
 def generation_report(engine, result, transport: str) -> dict:
     """The `--json` object: tokens, text, timings, and per device memory and time split."""
-    steps = max(1, len(result.tokens) - 1)  # decode steps the breakdowns sum over
+    steps = max(1, result.decode_steps)  # decode steps the breakdowns sum over
     peaks = engine.cluster.peak_rss()
     devices = []
     for r, b in enumerate(result.breakdowns):

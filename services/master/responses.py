@@ -13,7 +13,7 @@ import time
 from typing import Callable, Iterator
 
 from tpi_master.errors import APIError
-from tpi_master.scheduler import Failed, Finished, Scheduler, Sequence, Token
+from tpi_master.scheduler import Failed, Finished, Request, Scheduler, Token
 from tpi_master.textstream import TextStream
 from tpi_master.validation import GenerationSpec
 
@@ -28,7 +28,7 @@ class ClientGone(Exception):
 class Completion:
     """One request's response. `kind` is "chat" (/v1/chat/completions) or "text" (/v1/completions)."""
 
-    def __init__(self, kind: str, spec: GenerationSpec, seq: Sequence, scheduler: Scheduler,
+    def __init__(self, kind: str, spec: GenerationSpec, seq: Request, scheduler: Scheduler,
                  tokenizer, model_name: str, client_closed: Callable[[], bool]):
         self.kind, self.spec, self.seq, self.scheduler = kind, spec, seq, scheduler
         self.tokenizer, self.model_name, self.client_closed = tokenizer, model_name, client_closed

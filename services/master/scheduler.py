@@ -1,21 +1,21 @@
-"""The request scheduler: one thread owns the cluster and decodes every active request together.
+"""The request scheduler: one thread owns the cluster and drives the engine's generator
+(tpi.generation) over every active request together.
 
 Requests wait in arrival order until a KV-cache slot is free. A new request is prefilled
 alone (B=1, its whole prompt), then joins the batch: each decode step is ONE
-`cluster.forward` over all active sequences (B rows, T=1, each row in its own slot at its
-own position), so every weight block read from disk serves all of them. Rows never mix:
-each has its own cache slot, positions, sampling parameters and random generator, so a
-greedy request yields the same tokens alone or batched (up to floating-point rounding of
-the batched kernels; see docs/api.md).
+`Generator.decode` over all active sequences (one cluster forward, B rows, each in its own
+slot at its own position), so every weight block read from disk serves all of them. Token
+choice, stop rules and the token budget are the generator's; this module keeps the
+threads, the queue, cancellation, recovery and metrics.
 
-Consumers (HTTP threads) read a sequence's `events` queue: `Token`, then one `Finished` or
-`Failed`. `Sequence.cancel()` may be called from any thread; the sequence leaves the batch
+Consumers (HTTP threads) read a request's `events` queue: `Token`, then one `Finished` or
+`Failed`. `Request.cancel()` may be called from any thread; the request leaves the batch
 before the next step.
 
-When `cluster.forward` raises `CommError`, the scheduler calls `on_cluster_failure()`. If it
+When a forward raises `CommError`, the scheduler calls `on_cluster_failure()`. If it
 returns True (the cluster was rebuilt), every active sequence is prefilled again with its
 prompt plus the tokens it already produced, and decoding resumes: clients only see a
-pause. Otherwise the active sequences fail with a 503 error and the scheduler serves the
+pause. Otherwise the active requests fail with a 503 error and the scheduler serves the
 queue as usual.
 """
 from __future__ import annotations
@@ -29,10 +29,9 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
-import torch
-
 from tpi.comm.base import CommError
-from tpi.model.sampling import SamplingParams, choose_token
+from tpi.generation import Sequence, Step
+from tpi.model.sampling import SamplingParams
 from tpi_master.errors import APIError, cluster_unavailable, internal_error
 from tpi_master.metrics import MasterMetrics
 
@@ -58,25 +57,21 @@ class QueueFull(Exception):
     pass
 
 
-class Sequence:
-    """One request as the scheduler sees it."""
+class Request:
+    """One request as the scheduler sees it: the generator's sequence, plus its events,
+    timings and cancellation."""
 
-    def __init__(self, prompt: list[int], params: SamplingParams, stop_ids: set[int], max_seq: int):
+    def __init__(self, seq: Sequence):
         self.id = secrets.token_hex(8)
-        self.prompt, self.params, self.stop_ids = list(prompt), params, stop_ids
-        self.budget = min(params.max_new_tokens, max_seq - len(prompt))
-        self.rng = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
-        self.tokens: list[int] = []
+        self.seq = seq
         self.events: queue.Queue = queue.Queue()
-        self.slot: int | None = None
-        self.pos = 0                        # tokens held in this sequence's cache slot
         self.arrived = time.monotonic()
         self.started: float | None = None   # prefill began
         self.first_token: float | None = None
         self.ended: float | None = None
         self.finish_reason: str | None = None
         self.cancel_reason: str | None = None
-        # one entry per forward this sequence took part in: (wall_s, batch, prefill, per device [c, m, d])
+        # one entry per forward this request took part in: (wall_s, batch, prefill, per device [c, m, d])
         self.steps: list[tuple[float, int, bool, list[list[float]]]] = []
 
     @property
@@ -84,7 +79,7 @@ class Sequence:
         return self.finish_reason is not None
 
     def cancel(self, reason: str = "cancelled") -> None:
-        """Ask the scheduler to end this sequence (client gone: "cancelled"; stop string: "stop")."""
+        """Ask the scheduler to end this request (client gone: "cancelled"; stop string: "stop")."""
         if self.cancel_reason is None:
             self.cancel_reason = reason
 
@@ -94,15 +89,15 @@ class Sequence:
         out = {
             "id": self.id,
             "finish_reason": self.finish_reason,
-            "prompt_tokens": len(self.prompt),
-            "completion_tokens": len(self.tokens),
+            "prompt_tokens": len(self.seq.prompt),
+            "completion_tokens": len(self.seq.tokens),
             "queue_wait_s": (self.started or end) - self.arrived,
             "ttft_s": None if self.first_token is None else self.first_token - self.arrived,
             "duration_s": end - self.arrived,
             "decode_tokens_per_s": len(decode) / sum(decode) if decode and sum(decode) > 0 else None,
         }
         if per_token:
-            # per forward of this sequence: its wall time, the batch size it shared, and per
+            # per forward of this request: its wall time, the batch size it shared, and per
             # device [compute_s, comm_s, disk_wait_s]; entry 0 is the prefill
             out["per_token"] = [{"wall_s": w, "batch": b, "prefill": p, "devices": d}
                                 for w, b, p, d in self.steps]
@@ -122,11 +117,11 @@ class Scheduler:
         self.between_requests = between_requests  # membership changes, applied while idle
         self.max_queue, self.max_recoveries = max_queue, max_recoveries
         self.cond = threading.Condition()
-        self.waiting: deque[Sequence] = deque()
-        self.active: list[Sequence] = []
+        self.waiting: deque[Request] = deque()
+        self.active: list[Request] = []
         self.free_slots = list(range(num_slots))
         self.recent: deque[dict] = deque(maxlen=history)
-        self.last: Sequence | None = None       # the last finished sequence (its per-token timings)
+        self.last: Request | None = None        # the last finished request (its per-token timings)
         self._closing = False
         self._hook_due = False                  # run between_requests even with no request (see poke)
         self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
@@ -147,24 +142,21 @@ class Scheduler:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
-    def submit(self, prompt: list[int], params: SamplingParams, ignore_eos: bool = False) -> Sequence:
-        gen = self.engine.generator
-        gen.check_fits(len(prompt), params.max_new_tokens)
-        stops = set() if ignore_eos else gen.stop_ids | set(params.stop_token_ids)
-        seq = Sequence(prompt, params, stops, gen.max_seq)
+    def submit(self, prompt: list[int], params: SamplingParams, ignore_eos: bool = False) -> Request:
+        req = Request(self.engine.generator.sequence(prompt, params, ignore_eos=ignore_eos))
         with self.cond:
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are already waiting")
-            self.waiting.append(seq)
+            self.waiting.append(req)
             self.cond.notify_all()
-        return seq
+        return req
 
-    def position(self, seq: Sequence) -> int:
+    def position(self, req: Request) -> int:
         """0 when the sequence runs (or will as soon as the scheduler looks), else its place in
         the line of requests waiting for a slot (1 = next)."""
         with self.cond:
             try:
-                idx = self.waiting.index(seq)
+                idx = self.waiting.index(req)
             except ValueError:
                 return 0
             return max(0, idx + 1 - len(self.free_slots))
@@ -184,10 +176,10 @@ class Scheduler:
         now = time.monotonic()
         with self.cond:
             free = len(self.free_slots)
-            waiting = [{"id": s.id, "position": max(0, i + 1 - free), "waited_s": now - s.arrived,
-                        "prompt_tokens": len(s.prompt)} for i, s in enumerate(self.waiting)]
-            active = [{"id": s.id, "slot": s.slot, "position": s.pos, "prompt_tokens": len(s.prompt),
-                       "completion_tokens": len(s.tokens), "max_tokens": s.budget} for s in self.active]
+            waiting = [{"id": r.id, "position": max(0, i + 1 - free), "waited_s": now - r.arrived,
+                        "prompt_tokens": len(r.seq.prompt)} for i, r in enumerate(self.waiting)]
+            active = [{"id": r.id, "slot": r.seq.slot, "position": r.seq.pos, "prompt_tokens": len(r.seq.prompt),
+                       "completion_tokens": len(r.seq.tokens), "max_tokens": r.seq.budget} for r in self.active]
             last = self.last.summary(per_token=True) if self.last else None
             recent = list(self.recent)
         return {"slots": self.num_slots, "queue_depth": len(waiting), "waiting": waiting,
@@ -216,17 +208,17 @@ class Scheduler:
                     log.exception("between-requests hook failed")
             with self.cond:
                 while self.waiting and self.free_slots:
-                    seq = self.waiting.popleft()
-                    seq.slot, seq.started = self.free_slots.pop(0), time.monotonic()
-                    self.active.append(seq)
-                    self.metrics.queue_wait.observe(seq.started - seq.arrived)
+                    req = self.waiting.popleft()
+                    req.seq.slot, req.started = self.free_slots.pop(0), time.monotonic()
+                    self.active.append(req)
+                    self.metrics.queue_wait.observe(req.started - req.arrived)
             try:
-                for seq in [s for s in self.active if s.pos == 0]:
-                    self._prefill(seq)
-                    self.metrics.prompt_tokens.inc(len(seq.prompt))
-                decoding = [s for s in self.active if s.pos > 0 and s.cancel_reason is None]
+                for req in [r for r in self.active if r.seq.pos == 0]:
+                    self._publish(self.engine.generator.prefill(req.seq), [req])
+                    self.metrics.prompt_tokens.inc(len(req.seq.prompt))
+                decoding = [r for r in self.active if r.cancel_reason is None]
                 if decoding:
-                    self._decode(decoding)
+                    self._publish(self.engine.generator.decode([r.seq for r in decoding]), decoding)
             except CommError as e:
                 self._recover(e)
             except Exception as e:  # a bug or a broken device: fail these requests, keep serving
@@ -234,56 +226,25 @@ class Scheduler:
                 with self.cond:
                     self._fail_all(internal_error(f"{type(e).__name__}: {e}"))
 
-    def _forward(self, seqs: list[Sequence], ids: torch.Tensor, starts: list[int], prefill: bool) -> torch.Tensor:
-        """ids (B, T) -> float32 logits (B, vocab) of each row's last position."""
-        t0 = time.perf_counter()
-        engine = self.engine
-        candidates = engine.cluster.forward(engine.embedder.embed(ids), [s.slot for s in seqs], starts)
-        logits = candidates.logits()                                                           # (B, vocab)
-        wall = time.perf_counter() - t0
-        devices = [[b.compute_s, b.comm_s, b.disk_wait_s] for b in engine.cluster.breakdowns()]
-        for s in seqs:
-            s.steps.append((wall, len(seqs), prefill, devices))
-        if not prefill:
+    def _publish(self, step: Step, reqs: list[Request]) -> None:
+        """Hand one step's tokens to the requests' consumers; end those the step finished."""
+        devices = [[b.compute_s, b.comm_s, b.disk_wait_s] for b in step.breakdowns]
+        if not step.prefill:
             self.metrics.decode_steps.inc()
-            self.metrics.decode_rows.inc(len(seqs))
-            self.metrics.step_latency.observe(wall)
-        return logits
-
-    def _prefill(self, seq: Sequence) -> None:
-        """Run the prompt (and any tokens already produced, after a recovery) through an empty slot."""
-        ids = seq.prompt + seq.tokens
-        logits = self._forward([seq], torch.tensor([ids]), [0], prefill=True)    # (1, vocab)
-        seq.pos = len(ids)
-        self._accept(seq, logits[0])
-
-    def _decode(self, seqs: list[Sequence]) -> None:
-        ids = torch.tensor([[s.tokens[-1]] for s in seqs])                      # (B, 1)
-        logits = self._forward(seqs, ids, [s.pos for s in seqs], prefill=False)  # (B, vocab)
-        for b, seq in enumerate(seqs):
-            seq.pos += 1
-            self._accept(seq, logits[b])
-
-    def _accept(self, seq: Sequence, logits: torch.Tensor) -> None:
-        try:
-            token = choose_token(logits, seq.params, seq.rng)
-        except Exception as e:  # e.g. probabilities that are not finite: only this request fails
-            with self.cond:
-                self._finish(seq, None, internal_error(f"sampling failed: {e}"))
-            return
-        if token in seq.stop_ids:
-            with self.cond:
-                self._finish(seq, "stop")
-            return
-        seq.tokens.append(token)
-        if seq.first_token is None:
-            seq.first_token = time.monotonic()
-            self.metrics.ttft.observe(seq.first_token - seq.arrived)
-        self.metrics.generated_tokens.inc()
-        seq.events.put(Token(token))
-        if len(seq.tokens) >= seq.budget:
-            with self.cond:
-                self._finish(seq, "length")
+            self.metrics.decode_rows.inc(len(reqs))
+            self.metrics.step_latency.observe(step.wall_s)
+        for req, adv in zip(reqs, step.advances, strict=True):
+            req.steps.append((step.wall_s, len(reqs), step.prefill, devices))
+            if adv.tokens and req.first_token is None:
+                req.first_token = time.monotonic()
+                self.metrics.ttft.observe(req.first_token - req.arrived)
+            for token in adv.tokens:
+                req.events.put(Token(token))
+            self.metrics.generated_tokens.inc(len(adv.tokens))
+            if adv.finished:
+                with self.cond:
+                    error = internal_error(adv.error) if adv.error else None
+                    self._finish(req, None if error else adv.finished, error)
 
     def _recover(self, error: CommError) -> None:
         """The cluster lost a device mid-step. Rebuild (if the master can) and re-prefill."""
@@ -300,9 +261,9 @@ class Scheduler:
             self.metrics.cluster_recoveries.inc()
             log.info("cluster rebuilt; prefilling %d active sequences again", len(self.active))
             try:
-                for seq in list(self.active):
-                    if not seq.done:
-                        self._prefill(seq)
+                for req in list(self.active):
+                    if not req.done:
+                        self._publish(self.engine.generator.prefill(req.seq), [req])
                 return
             except CommError as e:
                 error = e
@@ -314,33 +275,32 @@ class Scheduler:
     # ---- bookkeeping (caller holds self.cond) ----
 
     def _drop_cancelled(self) -> None:
-        for seq in [s for s in self.waiting if s.cancel_reason]:
-            self.waiting.remove(seq)
-            self._finish(seq, seq.cancel_reason)
-        for seq in [s for s in self.active if s.cancel_reason]:
-            self._finish(seq, seq.cancel_reason)
+        for req in [r for r in self.waiting if r.cancel_reason]:
+            self.waiting.remove(req)
+            self._finish(req, req.cancel_reason)
+        for req in [r for r in self.active if r.cancel_reason]:
+            self._finish(req, req.cancel_reason)
 
     def _fail_all(self, error: APIError, include_waiting: bool = False) -> None:
-        for seq in list(self.active):
-            self._finish(seq, None, error)
+        for req in list(self.active):
+            self._finish(req, None, error)
         if include_waiting:
             while self.waiting:
                 self._finish(self.waiting.popleft(), None, error)
 
-    def _finish(self, seq: Sequence, reason: str | None, error: APIError | None = None) -> None:
-        if seq.done:
+    def _finish(self, req: Request, reason: str | None, error: APIError | None = None) -> None:
+        if req.done:
             return
-        seq.ended = time.monotonic()
-        seq.finish_reason = reason or "error"
-        if seq in self.active:
-            self.active.remove(seq)
-        if seq.slot is not None:
-            self.free_slots.append(seq.slot)
+        req.ended = time.monotonic()
+        req.finish_reason = reason or "error"
+        if req in self.active:
+            self.active.remove(req)
+            self.free_slots.append(req.seq.slot)
             self.free_slots.sort()
-        self.metrics.finished.inc(1, seq.finish_reason)
-        self.metrics.request_latency.observe(seq.ended - seq.arrived)
-        self.recent.appendleft(seq.summary())
-        if seq.started is not None:
-            self.last = seq
-        seq.events.put(Failed(error) if error else Finished(seq.finish_reason))
+        self.metrics.finished.inc(1, req.finish_reason)
+        self.metrics.request_latency.observe(req.ended - req.arrived)
+        self.recent.appendleft(req.summary())
+        if req.started is not None:
+            self.last = req
+        req.events.put(Failed(error) if error else Finished(req.finish_reason))
         self.cond.notify_all()

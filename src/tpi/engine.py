@@ -13,7 +13,7 @@ import torch
 
 from tpi.cluster.base import Cluster, InProcCluster
 from tpi.config import load_model_config
-from tpi.generate import Generator
+from tpi.generation import Generator
 from tpi.generation_config import GenerationConfig, load_generation_config
 from tpi.model.blocks import ResidentBlocks
 from tpi.model.head import head_topk

@@ -49,7 +49,7 @@ class FailingCluster(Cluster):
 @pytest.fixture(scope="module")
 def engine():
     eng = build_inproc_engine(ModelSettings("smollm2", [1, 1]), RuntimeOptions(dtype="float32", num_slots=len(QUESTIONS)))
-    eng.cluster = FailingCluster(eng.cluster)
+    eng.swap_cluster(FailingCluster(eng.cluster))
     yield eng
     eng.cluster.inner.close()
 

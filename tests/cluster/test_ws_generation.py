@@ -9,7 +9,7 @@ import time
 import pytest
 import requests
 
-from procs import Server, free_port
+from procs import Server, free_port, start_worker
 
 PROMPT = ["--prompt", "The history of the Roman Empire", "--max-new-tokens", "24", "--greedy",
           "--dtype", "float32", "--json"]
@@ -30,13 +30,6 @@ def test_ws_tokens_equal_inproc(devices):
     assert ws["transport"] == "ws" and ws["world_size"] == devices
     # every device reports its own peak memory: these are separate processes
     assert all(d["peak_rss_bytes"] for d in ws["devices"])
-
-
-def start_worker(port: int, token: str, log_dir, name: str) -> subprocess.Popen:
-    log = open(log_dir / f"{name}.log", "wb")
-    return subprocess.Popen([sys.executable, "-m", "tpi_cli", "worker", "--master", f"ws://127.0.0.1:{port}",
-                             "--join-token", token, "--name", name, "--timeout", "3"],
-                            stdout=log, stderr=subprocess.STDOUT)
 
 
 def test_worker_killed_mid_generation_fails_fast_then_recovers(tmp_path):

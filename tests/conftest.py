@@ -33,3 +33,47 @@ def tiny_model(tmp_path_factory, smollm2_dir):
     return get
 
 
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    from tpi.weights.sources import smollm2_gguf
+
+    return smollm2_gguf()
+
+
+@pytest.fixture(scope="session")
+def gguf_model(tmp_path_factory, smollm2_gguf):
+    """gguf_model(family, qtype) -> a GGUF file of a random-weight model (tests/gguf_models.py)."""
+    from gguf_models import make_hf_model, write_gguf
+
+    hf: dict[str, Path] = {}
+    made: dict[tuple[str, str], Path] = {}
+
+    def get(family: str, qtype: str) -> Path:
+        if family not in hf:
+            hf[family] = make_hf_model(family, tmp_path_factory.mktemp(f"hf-{family}"))
+        if (family, qtype) not in made:
+            out = tmp_path_factory.mktemp(f"gguf-{family}-{qtype}") / f"{family}-{qtype}.gguf"
+            made[family, qtype] = write_gguf(hf[family], out, qtype, smollm2_gguf)
+        return made[family, qtype]
+
+    get.hf_dir = lambda family: hf[family]
+    return get
+
+
+@pytest.fixture(scope="session")
+def gguf_greedy_reference(gguf_model):
+    """gguf_greedy_reference(family, qtype, prompt, n): transformers' greedy tokens for the
+    gguf_model file (dequantized, float32), computed once per session."""
+    from gguf_models import hf_greedy_gguf
+
+    cache: dict = {}
+
+    def get(family: str, qtype: str, prompt: list[int], new_tokens: int) -> list[int]:
+        key = (family, qtype, tuple(prompt), new_tokens)
+        if key not in cache:
+            cache[key] = hf_greedy_gguf(gguf_model(family, qtype), prompt, new_tokens)
+        return cache[key]
+
+    return get

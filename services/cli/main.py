@@ -30,13 +30,15 @@ def model_settings(args):
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="local HF directory, 'smollm2' (default) or a hub id")
+    p.add_argument("--model", default=None, help="FILE.gguf (or NAME-00001-of-0000N.gguf), local HF directory, "
+                                                     "'smollm2' (default, its GGUF file) or a hub id")
     split = p.add_mutually_exclusive_group()
     split.add_argument("--devices", type=int, default=None, help="number of devices (even split)")
     split.add_argument("--weights", default=None, help="relative work per device, e.g. 1,1,2")
     p.add_argument("--dtype", default="bfloat16",
                    help="storage dtype: bfloat16 (default), float16, float32, or quantized int8 "
-                        "(per output channel) / int4 (groups of 32)")
+                        "(per output channel) / int4 (groups of 32), or gguf (a GGUF file's own quantization, "
+                        "held at its size: docs/quantization.md)")
     p.add_argument("--compute-dtype", default=None, help="compute dtype (default: float32; bfloat16 halves weight memory)")
     p.add_argument("--max-seq", type=int, default=2048, help="context length (KV cache size)")
     p.add_argument("--max-block-size", default=None, metavar="SIZE",

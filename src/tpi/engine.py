@@ -12,7 +12,6 @@ from pathlib import Path
 import torch
 
 from tpi.cluster.base import Cluster, InProcCluster
-from tpi.config import load_model_config
 from tpi.generation import Generator
 from tpi.generation_config import GenerationConfig, load_generation_config
 from tpi.model.blocks import ResidentBlocks
@@ -21,12 +20,13 @@ from tpi.model.shard import ShardRunner
 from tpi.plan import PlanError, make_plan
 from tpi.settings import ModelSettings, RuntimeOptions
 from tpi.tokenizer import ChatTokenizer
-from tpi.weights.sources import cache_dir, resolve_model
+from tpi.weights.checkpoint import source_config, source_fingerprint
+from tpi.weights.sources import cache_dir, resolve_source
 from tpi.weights.quant import pack_block
 from tpi.weights.embedding import EmbeddingRows
 from tpi.weights.slicing import DEFAULT_MAX_BLOCK_BYTES
 from tpi.weights import store_cache
-from tpi.weights.splitter import source_fingerprint, split_checkpoint
+from tpi.weights.splitter import split_checkpoint
 from tpi.weights.store import FORMAT_VERSION, ShardStore
 
 log = logging.getLogger("tpi.engine")
@@ -50,8 +50,8 @@ def prepare_store(model_src: str | None, weights: list[float], dtype: str, out: 
                             f"weights {list(store.plan.weights)}, dtype {store.dtype}; asked for {len(weights)} "
                             f"with {list(weights)}, dtype {dtype}: prepare a store for these")
         return store
-    model_dir = resolve_model(model_src)
-    cfg = load_model_config(model_dir)
+    model_dir = resolve_source(model_src)
+    cfg = source_config(model_dir)
     plan = make_plan(cfg, weights)
     if out is not None:
         return ShardStore(split_checkpoint(model_dir, plan, out, dtype, max_block_bytes))

@@ -24,7 +24,7 @@ from tpi.weights.slicing import DEFAULT_MAX_BLOCK_BYTES
 @dataclass(frozen=True)
 class ModelSettings:
     """Which model, split over which devices. (Its storage dtype is RuntimeOptions.dtype.)"""
-    source: str | None = None                   # HF directory, shard store, 'smollm2' (None) or hub id
+    source: str | None = None                   # GGUF file, HF directory, shard store, 'smollm2' (None) or hub id
     weights: tuple[float, ...] = (1.0,)         # relative work per device (its length: the device count)
     max_block_bytes: int = DEFAULT_MAX_BLOCK_BYTES  # blocks bigger than this are stored in pieces
 
@@ -42,7 +42,7 @@ class ModelSettings:
 
 @dataclass(frozen=True)
 class RuntimeOptions:
-    dtype: str = "bfloat16"             # storage dtype of the shard store (or int8 / int4)
+    dtype: str = "bfloat16"             # storage dtype of the shard store (or int8 / int4 / gguf)
     compute_dtype: str | None = None    # default: float32 (weights upcast as they load)
     max_seq: int = 2048                 # context length (KV cache size)
     num_slots: int = 1                  # sequences that can decode together

@@ -113,7 +113,8 @@ def test_altered_embedding_file_is_refused(smollm2_dir, tmp_path):
     emb.embed(torch.tensor([[3, 4]]))
     path = store.root / EMBED_PATH
     with open(path, "r+b") as f:                                              # one byte of row 4, in place
-        f.seek(emb.offset + 4 * emb.row_bytes + 10)
+        offset, row_bytes, _, _ = emb.parts["embed"]
+        f.seek(offset + 4 * row_bytes + 10)
         byte = f.read(1)
         f.seek(-1, 1)
         f.write(bytes([byte[0] ^ 0xFF]))

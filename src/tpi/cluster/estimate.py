@@ -17,7 +17,9 @@ from tpi.weights.store import aligned_bytes, execution_order
 
 # Bytes per parameter in a shard file (int4: 4 bits + a float16 scale and min per 32; int8:
 # 1 byte, but q, k, v and down stay bfloat16, 41-47% of a Llama's projections: ~1.5).
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1.5, "int4": 0.625}
+# gguf (a GGUF file's own types, tpi.weights.gguf_quant): 0.56 (Q4_K) to 1.1 (5/6-bit types
+# held in a byte); the estimate takes Q8_0's 1.0625.
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1.5, "int4": 0.625, "gguf": 1.0625}
 # What a loaded quantized parameter adds in a 16-bit compute dtype (int4: repacked for the
 # kernel, 0.5, plus scale and zero in the compute dtype per 32, 0.125); in float32 compute
 # every weight is dequantized to float32 at load (tpi.weights.quant.kernel_form).
@@ -64,6 +66,8 @@ class PlannerSettings:
         bytes plus a converted copy when a float storage dtype differs from the compute dtype,
         or a quantized one is dequantized (float32 compute) or repacked (int4)."""
         sb = DTYPE_BYTES[self.storage_dtype]
+        if self.storage_dtype == "gguf":
+            return sb  # computed as stored, in any compute dtype (chunks dequantized per call)
         if self.storage_dtype not in FLOAT_DTYPES:
             if self.compute_dtype == "float32":
                 return sb + 4
@@ -73,8 +77,8 @@ class PlannerSettings:
 
     @property
     def head_storage_dtype(self) -> str:
-        """The output head stays bfloat16 in quantized stores."""
-        return self.storage_dtype if self.storage_dtype in FLOAT_DTYPES else "bfloat16"
+        """The output head stays bfloat16 in int8 / int4 stores (a gguf store keeps its type)."""
+        return self.storage_dtype if self.storage_dtype in (*FLOAT_DTYPES, "gguf") else "bfloat16"
 
     @property
     def head_held_bytes(self) -> float:

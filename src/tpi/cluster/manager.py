@@ -130,10 +130,9 @@ class ClusterManager:
             if len(weights) == len(self.device_names) + 1:
                 return list(weights)
             return [1.0] * (len(self.device_names) + 1)
-        from tpi.config import load_model_config
         from tpi.cluster.estimate import PlannerSettings
         from tpi.cluster.planner import plan_cluster
-        from tpi.weights.sources import resolve_model
+        from tpi.weights.sources import model_config
 
         records = self.membership.members()
         caps = [self.master_capability] + [
@@ -142,7 +141,7 @@ class ClusterManager:
         settings = PlannerSettings(storage_dtype=o.dtype, compute_dtype=str(o.torch_compute_dtype()).removeprefix("torch."),
                                    max_seq=o.max_seq, num_slots=o.num_slots, window_blocks=o.window,
                                    max_block_bytes=self.settings.model.max_block_bytes)
-        planned = plan_cluster(load_model_config(resolve_model(self.settings.model.source)), caps, None, settings)
+        planned = plan_cluster(model_config(self.settings.model.source), caps, None, settings)
         self.estimate = planned.estimate.to_json()
         return list(planned.weights)
 

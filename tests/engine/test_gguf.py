@@ -1,0 +1,111 @@
+"""GGUF files as a model source: greedy tokens equal transformers loading the same file,
+the tokenizer equals transformers' conversion of it, and SmolLM2 served from its GGUF file."""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+
+from gguf_models import quantize_q4_k
+from tpi.engine import build_inproc_engine
+from tpi.settings import ModelSettings, RuntimeOptions
+from tpi.model.sampling import SamplingParams
+
+NEW_TOKENS = 16
+PROMPT = [1, 504, 3458, 282, 4649, 314, 9889, 30, 57, 1000, 20000]
+SPLITS = [[1.0], [1.0, 2.0], [1.0, 1.0, 3.0], [2.0, 1.0, 1.0, 3.0]]
+CASES = [("llama", "F16"), ("llama", "Q8_0"), ("llama", "Q4_K"), ("qwen2", "Q4_K"), ("llama-tied", "Q8_0")]
+
+
+def tpi_greedy(source, weights, prompt, opts, new_tokens=NEW_TOKENS):
+    engine = build_inproc_engine(ModelSettings(str(source), weights), opts)
+    try:
+        engine.generator.stop_ids = set()  # exactly new_tokens tokens, as the reference
+        return engine.generator.generate(prompt, SamplingParams(max_new_tokens=new_tokens)).tokens
+    finally:
+        engine.close()
+
+
+@pytest.fixture
+def reference(gguf_greedy_reference):
+    return lambda family, qtype: gguf_greedy_reference(family, qtype, PROMPT, NEW_TOKENS)
+
+
+@pytest.mark.parametrize("family,qtype", CASES, ids=lambda c: str(c))
+@pytest.mark.parametrize("weights", SPLITS, ids=lambda w: f"N{len(w)}")
+def test_gguf_greedy_matches_transformers(gguf_model, reference, family, qtype, weights):
+    """Dequantized exactly (float32 store and compute): token for token transformers' answer."""
+    expected = reference(family, qtype)
+    assert len(set(expected)) > 3, "the reference output is degenerate; the test would prove little"
+    got = tpi_greedy(gguf_model(family, qtype), weights, PROMPT, RuntimeOptions(dtype="float32", max_seq=128))
+    assert got == expected
+
+
+def test_split_gguf_reads_as_the_single_file(gguf_model, reference, smollm2_gguf, tmp_path):
+    from gguf_models import write_gguf
+
+    gguf_model("llama", "Q8_0")
+    first = write_gguf(gguf_model.hf_dir("llama"), tmp_path / "llama.gguf", "Q8_0", smollm2_gguf, split_max_tensors=8)
+    assert first.name == "llama-00001-of-00003.gguf"
+    got = tpi_greedy(first, [1.0, 2.0], PROMPT, RuntimeOptions(dtype="float32", max_seq=128))
+    assert got == reference("llama", "Q8_0")
+
+
+def test_q4_k_writer_round_trips_through_gguf_dequantizer():
+    """The tests' own Q4_K blocks decode, with the gguf package, to within half a step."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    w = np.random.default_rng(0).normal(size=(8, 512)).astype(np.float32)
+    back = dequantize(quantize_q4_k(w), GGMLQuantizationType.Q4_K)
+    step = (w.reshape(-1, 32).max(1) - np.minimum(w.reshape(-1, 32).min(1), 0)) / 15
+    assert back.shape == w.shape
+    assert (np.abs(back - w).reshape(-1, 32).max(1) <= 0.5 * step + 0.02).all()
+
+
+def test_tokenizer_equals_transformers_conversion(smollm2_gguf):
+    from transformers import AutoTokenizer
+
+    from tpi.tokenizer import ChatTokenizer
+    from tpi.weights.gguf_source import GGUFCheckpoint
+
+    files = GGUFCheckpoint(smollm2_gguf).model_files()
+    ours = _tokenizer_from(files)
+    hf = AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
+    texts = ["What is the capital of France?", "  two spaces\n\nand 12345 digits, émigré café 😀",
+             "<|im_start|>user\nhi<|im_end|>", "def f(x):\n\treturn x**2  # ok", "I'm they'll WE'VE"]
+    for text in texts:
+        assert ours.encode(text) == hf.encode(text), text
+        assert ours.decode(ours.encode(text)) == hf.decode(hf.encode(text), skip_special_tokens=True)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    assert ours.encode_chat(messages) == hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"]
+    assert isinstance(ours, ChatTokenizer) and ours.eos_token == "<|im_end|>"
+
+
+def _tokenizer_from(files):
+    import tempfile
+    from pathlib import Path
+
+    from tpi.tokenizer import ChatTokenizer
+
+    d = Path(tempfile.mkdtemp())
+    for name, data in files.items():
+        (d / name).write_bytes(data)
+    return ChatTokenizer(d)
+
+
+def test_smollm2_from_its_gguf_answers_paris(tmp_path):
+    """The embedded default, read from its GGUF file (no conversion), on 3 devices."""
+    from tpi.weights.sources import resolve_source
+
+    assert resolve_source(None).suffix == ".gguf"
+    engine = build_inproc_engine(ModelSettings(None, [1.0, 1.0, 1.0]), RuntimeOptions(max_seq=256))
+    try:
+        prompt = engine.tokenizer.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
+        out = engine.generator.generate(prompt, SamplingParams(max_new_tokens=24))
+        assert "Paris" in engine.tokenizer.decode(out.tokens)
+        source = resolve_source(None)
+        assert engine.store.manifest["source_sha256"] == {source.name: hashlib.sha256(source.read_bytes()).hexdigest()}
+    finally:
+        engine.close()

@@ -1,0 +1,61 @@
+"""A bad GGUF file is refused with an error naming the cause, before any store is written."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from gguf_models import write_gguf
+from tpi.config import UnsupportedModelError
+from tpi.engine import prepare_store
+from tpi.weights.gguf_file import GGUFError
+from tpi.weights.store import MANIFEST, ShardStore, StoreError
+
+
+def refused(path, tmp_path, error, match):
+    out = tmp_path / "store"
+    with pytest.raises(error, match=match):
+        prepare_store(str(path), [1.0, 2.0], "bfloat16", out)
+    assert not (out / MANIFEST).exists()
+    with pytest.raises(StoreError, match="not a complete shard store"):
+        ShardStore(out)
+
+
+@pytest.fixture(scope="module")
+def variant(gguf_model, smollm2_gguf, tmp_path_factory):
+    gguf_model("llama", "Q8_0")  # makes the Hugging Face model too
+
+    def make(name, **kw):
+        out = tmp_path_factory.mktemp("bad") / f"{name}.gguf"
+        return write_gguf(gguf_model.hf_dir("llama"), out, "Q8_0", smollm2_gguf, **kw)
+
+    return make
+
+
+def test_truncated_file(gguf_model, tmp_path):
+    good = gguf_model("llama", "Q8_0")
+    bad = tmp_path / "cut.gguf"
+    data = good.read_bytes()
+    bad.write_bytes(data[: int(len(data) * 0.7)])
+    refused(bad, tmp_path, GGUFError, r"cut\.gguf is truncated: tensor \S+ needs bytes up to \d+, the file has \d+")
+
+
+def test_unsupported_tensor_type(variant, tmp_path):
+    bad = variant("q2k", types={"blk.1.ffn_up.weight": "Q2_K"})
+    refused(bad, tmp_path, GGUFError, r"blk\.1\.ffn_up\.weight has GGML type Q2_K, which TPI does not read")
+
+
+def test_unsupported_architecture(variant, tmp_path):
+    bad = variant("phi2", metadata={"general.architecture": "phi2"})
+    refused(bad, tmp_path, UnsupportedModelError, r"GGUF architecture 'phi2' is not supported")
+
+
+def test_metadata_disagreeing_with_tensors(variant, tmp_path):
+    bad = variant("ffn", metadata={"llama.feed_forward_length": 640})
+    refused(bad, tmp_path, GGUFError, r"metadata disagrees with the tensors: blk\.0\.ffn_\w+\.weight has shape")
+
+
+def test_missing_split_part(gguf_model, tmp_path):
+    part = tmp_path / "model-00001-of-00002.gguf"
+    shutil.copyfile(gguf_model("llama", "Q8_0"), part)
+    refused(part, tmp_path, GGUFError, r"model-00002-of-00002\.gguf missing")

@@ -34,6 +34,7 @@ smollm2_round() {
     $TPI bench testbed $common --devices 2 --budget 60MB,100MB --window 2,4 --max-seq 256
     $TPI bench testbed $common --devices 2 --scheduler off
     $TPI bench testbed $common --devices 2 --dtype int8
+    $TPI bench testbed $common --devices 2 --dtype gguf,bfloat16               # SmolLM2's own Q4_1 kept 4-bit
     $TPI bench baselines --dtype bfloat16,float32 --systems whole,offload --max-memory 150MB --limit 1GiB \
         --tokens 8 --rounds 3
 }

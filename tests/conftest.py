@@ -44,8 +44,11 @@ def smollm2_gguf() -> Path:
 
 @pytest.fixture(scope="session")
 def gguf_model(tmp_path_factory, smollm2_gguf):
-    """gguf_model(family, qtype) -> a GGUF file of a random-weight model (tests/gguf_models.py)."""
+    """gguf_model(family, qtype) -> a GGUF file of a random-weight model (tests/gguf_models.py).
+    Written anew each session at a fixed path under the test cache, so the stores cut from it
+    (named by the source's path) are rebuilt in place instead of piling up."""
     from gguf_models import make_hf_model, write_gguf
+    from tpi.weights.sources import cache_dir
 
     hf: dict[str, Path] = {}
     made: dict[tuple[str, str], Path] = {}
@@ -54,7 +57,8 @@ def gguf_model(tmp_path_factory, smollm2_gguf):
         if family not in hf:
             hf[family] = make_hf_model(family, tmp_path_factory.mktemp(f"hf-{family}"))
         if (family, qtype) not in made:
-            out = tmp_path_factory.mktemp(f"gguf-{family}-{qtype}") / f"{family}-{qtype}.gguf"
+            out = cache_dir() / "gguf-models" / f"{family}-{qtype}.gguf"
+            out.parent.mkdir(parents=True, exist_ok=True)
             made[family, qtype] = write_gguf(hf[family], out, qtype, smollm2_gguf)
         return made[family, qtype]
 

@@ -42,11 +42,14 @@ def test_gguf_greedy_matches_transformers(gguf_model, reference, family, qtype, 
     assert got == expected
 
 
-def test_split_gguf_reads_as_the_single_file(gguf_model, reference, smollm2_gguf, tmp_path):
+def test_split_gguf_reads_as_the_single_file(gguf_model, reference, smollm2_gguf):
     from gguf_models import write_gguf
+    from tpi.weights.sources import cache_dir
 
     gguf_model("llama", "Q8_0")
-    first = write_gguf(gguf_model.hf_dir("llama"), tmp_path / "llama.gguf", "Q8_0", smollm2_gguf, split_max_tensors=8)
+    out = cache_dir() / "gguf-models" / "split" / "llama.gguf"  # a fixed path: its store is rebuilt in place
+    out.parent.mkdir(parents=True, exist_ok=True)
+    first = write_gguf(gguf_model.hf_dir("llama"), out, "Q8_0", smollm2_gguf, split_max_tensors=8)
     assert first.name == "llama-00001-of-00003.gguf"
     got = tpi_greedy(first, [1.0, 2.0], PROMPT, RuntimeOptions(dtype="float32", max_seq=128))
     assert got == reference("llama", "Q8_0")

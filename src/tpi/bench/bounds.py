@@ -150,7 +150,7 @@ def bounds(cfg, run: dict, machine_cap: dict) -> dict:
     cdt = run.get("compute_dtype") or "float32"
     compute_ms = facts["flops_per_token"] / (gflops(machine_cap) * 1e9) * 1e3
     sdt = run.get("dtype") or "bfloat16"
-    wdt = sdt if sdt in ("int8", "int4") else cdt
+    wdt = sdt if sdt in ("int8", "int4", "gguf") else cdt  # quantized stores are computed from their own bytes
     touched = facts["layer_params"] * DTYPE_BYTES[wdt] + facts["head_params"] * DTYPE_BYTES[cdt]
     memory_ms = touched / (machine_cap["mem_bandwidth_gbs"] * 1e9) * 1e3
 

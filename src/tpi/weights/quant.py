@@ -418,9 +418,9 @@ def packed_copy_bytes(tensors: dict, compute_dtype: torch.dtype) -> int:
     """Bytes `pack_block` will copy, from a manifest's {name: {"shape", "dtype"}}."""
     size = torch.empty((), dtype=compute_dtype).element_size()
     total = 0
-    groups = {name[: -len(".gq")] for name in tensors if name.endswith(".gq")}
+    gguf_forms = {name[: -len(".gq")] for name in tensors if name.endswith(".gq")}
     for name, info in tensors.items():
-        if name.rpartition(".")[0] in groups:
+        if name.rpartition(".")[0] in gguf_forms:
             continue  # a GGUF group form: computed as stored
         if name.endswith(QWEIGHT):
             base = name[: -len(QWEIGHT)]

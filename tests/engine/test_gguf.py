@@ -100,6 +100,7 @@ def _tokenizer_from(files):
 
 def test_smollm2_from_its_gguf_answers_paris(tmp_path):
     """The embedded default, read from its GGUF file (no conversion), on 3 devices."""
+    from tpi.generation_config import load_generation_config
     from tpi.weights.sources import resolve_source
 
     assert resolve_source(None).suffix == ".gguf"
@@ -108,6 +109,8 @@ def test_smollm2_from_its_gguf_answers_paris(tmp_path):
         prompt = engine.tokenizer.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
         out = engine.generator.generate(prompt, SamplingParams(max_new_tokens=24))
         assert "Paris" in engine.tokenizer.decode(out.tokens)
+        # no generation settings in a GGUF file: greedy, as transformers derives them from a config
+        assert load_generation_config(engine.store.model_dir).temperature == 0.0
         source = resolve_source(None)
         assert engine.store.manifest["source_sha256"] == {source.name: hashlib.sha256(source.read_bytes()).hexdigest()}
     finally:

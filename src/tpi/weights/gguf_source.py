@@ -131,10 +131,18 @@ class GGUFCheckpoint:
     # --- what the store keeps besides tensors --------------------------------------------
 
     def model_files(self) -> dict[str, bytes]:
-        """config.json and the tokenizer files, for the store's model/ directory."""
+        """config.json, generation_config.json and the tokenizer files, for the store's model/
+        directory. A GGUF file holds no generation settings: the generation config is the one
+        transformers derives from a model config (special token ids, no do_sample: greedy)."""
         from tpi.weights.gguf_tokenizer import tokenizer_files
 
-        files = {"config.json": json.dumps(self.hf_config, indent=1).encode()}
+        meta = self.file.metadata
+        generation = {k: v for k, v in (("bos_token_id", meta.get("tokenizer.ggml.bos_token_id")),
+                                        ("eos_token_id", meta.get("tokenizer.ggml.eos_token_id")),
+                                        ("pad_token_id", meta.get("tokenizer.ggml.padding_token_id")))
+                      if v is not None}
+        files = {"config.json": json.dumps(self.hf_config, indent=1).encode(),
+                 "generation_config.json": json.dumps(generation, indent=1).encode()}
         files.update(tokenizer_files(self.file.metadata, self.path.name))
         return files
 

@@ -1,5 +1,6 @@
-// The chat: multi-turn history kept in the page, replies streamed from /api/chat
-// (server-sent events relayed from the master), a stop button that aborts the stream.
+// The chat: multi-turn conversations kept in the browser (conversations.js), replies streamed
+// from /api/chat (server-sent events relayed from the master) and rendered as markdown
+// (markdown.js, no HTML from the model), a stop button that aborts the stream.
 "use strict";
 
 (function () {
@@ -7,7 +8,8 @@
   const messagesEl = $("messages"), promptEl = $("prompt"), sendBtn = $("send"), stopBtn = $("stop");
   const tempEl = $("temperature"), tempOut = $("temperature-value"), maxEl = $("max-tokens"), systemEl = $("system");
 
-  const history = [];          // [{role, content}] of finished turns
+  const listEl = $("conversations");
+  let conv = Conversations.current() || Conversations.create();   // {messages: [{role, content}] of finished turns}
   let controller = null;       // AbortController of the reply in flight
 
   // The slider starts at the model's default (rendered by the server); until it is moved,
@@ -18,9 +20,10 @@
     $("empty")?.remove();
     const el = document.createElement("div");
     el.className = "msg " + role;
-    const body = document.createElement("span");
+    const body = document.createElement(role === "assistant" ? "div" : "span");
     body.className = "text";
-    body.textContent = text;
+    if (role === "assistant") renderMarkdown(text, body);
+    else body.textContent = text;
     el.appendChild(body);
     messagesEl.appendChild(el);
     messagesEl.scrollTop = messagesEl.scrollHeight;
@@ -68,9 +71,10 @@
     controller = new AbortController();
     const messages = [];
     if (systemEl.value.trim()) messages.push({ role: "system", content: systemEl.value.trim() });
-    messages.push(...history, user);
+    messages.push(...conv.messages, user);
     const started = performance.now();
-    let firstAt = null, finish = null, usage = null, error = null;
+    let firstAt = null, finish = null, usage = null, error = null, raw = "", drawing = false;
+    const draw = () => { drawing = false; renderMarkdown(raw, textEl); messagesEl.scrollTop = messagesEl.scrollHeight; };
     try {
       const resp = await fetch("/api/chat", {
         method: "POST",
@@ -93,8 +97,8 @@
         if (!choice) return true;
         if (choice.delta && choice.delta.content) {
           if (firstAt === null) firstAt = performance.now();
-          textEl.textContent += choice.delta.content;
-          messagesEl.scrollTop = messagesEl.scrollHeight;
+          raw += choice.delta.content;
+          if (!drawing) { drawing = true; requestAnimationFrame(draw); }  // at most once a frame
         }
         if (choice.finish_reason) finish = choice.finish_reason;
         return true;
@@ -119,9 +123,13 @@
       }
     } finally {
       controller = null;
+      renderMarkdown(raw, textEl);
       setBusy(false);
-      const reply = textEl.textContent;
-      if (el.dataset.state !== "error") history.push(user, { role: "assistant", content: reply });
+      if (el.dataset.state !== "error") {
+        conv.messages.push(user, { role: "assistant", content: raw });
+        Conversations.update(conv);
+        showList();
+      }
       document.dispatchEvent(new CustomEvent("reply-finished"));
     }
   }
@@ -137,10 +145,38 @@
     if (ev.key === "Enter" && !ev.shiftKey) { ev.preventDefault(); $("composer").requestSubmit(); }
   });
   stopBtn.addEventListener("click", () => { if (controller) controller.abort(); });
+  function show(c) {           // put conversation c on screen
+    conv = c;
+    Conversations.select(c.id);
+    messagesEl.replaceChildren();
+    const hint = document.createElement("p");
+    hint.id = "empty";
+    hint.className = "hint";
+    hint.textContent = "Ask something. Replies stream token by token from the device cluster.";
+    messagesEl.append(hint);
+    for (const m of c.messages) bubble(m.role, m.content).dataset.state = "done";
+    showList();
+  }
+
+  function showList() {
+    listEl.replaceChildren();
+    for (const c of Conversations.all()) {
+      const li = document.createElement("li");
+      const b = document.createElement("button");
+      b.type = "button";
+      b.textContent = c.title;
+      b.title = new Date(c.updated).toLocaleString();
+      if (c.id === conv.id) li.className = "current";
+      b.addEventListener("click", () => { if (!controller) show(Conversations.all().find((x) => x.id === c.id) || c); });
+      li.append(b);
+      listEl.append(li);
+    }
+  }
+
   $("new-chat").addEventListener("click", () => {
     if (controller) controller.abort();
-    history.length = 0;
-    messagesEl.innerHTML = '<p id="empty" class="hint">New conversation.</p>';
+    show(conv.messages.length ? Conversations.create() : conv);
   });
+  show(conv);
   setBusy(false);
 })();

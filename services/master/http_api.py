@@ -22,6 +22,7 @@ import time
 from typing import Callable
 
 from tpi.comm import auth
+from tpi.generation.json_constraint import JsonConstraint, vocab_index
 from tpi.wsgi import client_closed, make_server
 from tpi_master.errors import APIError
 from tpi_master.ollama_api import ollama_blueprint
@@ -91,7 +92,11 @@ def create_app(engine, scheduler: Scheduler, *, model_name: str, api_key: str | 
     def start(kind: str, spec) -> Completion:
         """Queue a checked request; its response reads the scheduler's events for this client."""
         try:
-            seq = scheduler.submit(spec.prompt_ids, spec.params, spec.ignore_eos)
+            f = spec.features
+            seq = scheduler.submit(spec.prompt_ids, spec.params, spec.ignore_eos, logprobs=f.logprobs,
+                                   score_prompt=f.score_prompt,
+                                   processor=JsonConstraint(vocab_index(tokenizer, engine.store.config.vocab_size))
+                                   if f.json_mode else None)
         except QueueFull as e:
             raise APIError(429, f"the server is busy: {e}; retry later", type="server_error",
                            code="queue_full") from None

@@ -17,8 +17,6 @@ from tpi_master.ollama_responses import OllamaReply, now_iso, model_details, par
 from tpi_master.validation import parse_body, parse_chat, parse_completion
 
 VERSION = "0.6.0"     # the Ollama API version whose shapes these endpoints follow
-# Ollama's defaults when a request names no option (its Modelfile defaults)
-DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9}
 OPTIONS = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "seed": "seed",
            "stop": "stop", "num_predict": "max_tokens"}
 
@@ -42,7 +40,7 @@ def to_openai(body: dict, model_name: str) -> dict:
     options = body.get("options") or {}
     if not isinstance(options, dict):
         raise wrong_type("options", "an object")
-    out = {"model": model_name, "stream": body.get("stream", True), **DEFAULTS}
+    out = {"model": model_name, "stream": body.get("stream", True)}   # unset options: the model's defaults
     for name, openai_name in OPTIONS.items():
         if options.get(name) is not None:
             out[openai_name] = options[name]

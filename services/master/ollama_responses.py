@@ -66,10 +66,24 @@ class OllamaReply:
         return out
 
     def _events(self) -> Iterator[tuple[str, object]]:
-        for kind, value in self.completion.pieces():
-            if kind in ("text", "tool_calls") and self.first is None:
-                self.first = time.monotonic()
-            yield kind, value
+        """The completion's pieces, with tool calls gathered into one ("tool_calls", [calls])
+        before the end (Ollama sends a call whole)."""
+        calls: list[dict] = []
+        pieces = self.completion.pieces()
+        try:
+            for kind, value in pieces:
+                if kind in ("text", "call") and self.first is None:
+                    self.first = time.monotonic()
+                if kind == "call":
+                    calls.append({"function": {"name": value[2], "arguments": ""}})
+                elif kind == "arguments":
+                    calls[value[0]]["function"]["arguments"] += value[1]
+                else:
+                    if kind == "end" and calls:
+                        yield "tool_calls", calls
+                    yield kind, value
+        finally:
+            pieces.close()
 
     def body(self) -> tuple[int, dict]:
         text, calls, reason = [], [], "stop"

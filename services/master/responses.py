@@ -13,6 +13,8 @@ import time
 from typing import Callable, Iterator
 
 from tpi_master.errors import APIError
+from tpi_master.logprob_format import LogprobFormat
+from tpi_master.reply_shape import ReplyShape
 from tpi_master.scheduler import Failed, Finished, Request, Scheduler, Token
 from tpi_master.textstream import TextStream
 from tpi_master.validation import GenerationSpec
@@ -35,13 +37,18 @@ class Completion:
         self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + seq.id
         self.created = int(time.time())
         self.completion_tokens = 0
+        self.logprobs = LogprobFormat(tokenizer, spec.features, seq)
 
     # ---- the shared event loop ----
 
     def pieces(self) -> Iterator[tuple[str, object]]:
-        """Yields ("text", str), ("wait", None) while nothing happens, then ("end", reason) or
+        """Yields ("text", str) as content becomes stable, ("logprobs", [TokenLogprob]) before
+        the text of those tokens, ("call", (index, id, name)) and ("arguments", (index, str))
+        for tool calls, ("wait", None) while nothing happens, then ("end", reason) or
         ("error", APIError)."""
         seq, stream = self.seq, TextStream(self.tokenizer, self.spec.stop)
+        shape = ReplyShape(self.spec.features)
+        yield from shape.start()
         last_check = time.monotonic()
         try:
             while True:
@@ -61,18 +68,16 @@ class Completion:
                     yield "wait", None
                 elif isinstance(ev, Token):
                     self.completion_tokens += 1
-                    text = stream.push(ev.token)
-                    if text:
-                        yield "text", text
+                    if ev.logprob is not None:
+                        yield "logprobs", [ev.logprob]
+                    yield from shape.text(stream.push(ev.token))
                     if stream.stopped:
                         seq.cancel("stop")
-                        yield "end", "stop"
+                        yield from shape.end("stop")
                         return
                 elif isinstance(ev, Finished):
-                    text = stream.finish()
-                    if text:
-                        yield "text", text
-                    yield "end", ev.reason
+                    yield from shape.text(stream.finish())
+                    yield from shape.end(ev.reason)
                     return
                 elif isinstance(ev, Failed):
                     yield "error", ev.error
@@ -90,12 +95,18 @@ class Completion:
     # ---- non-streaming ----
 
     def body(self) -> tuple[int, dict]:
-        text, reason = [self.spec.echo], "stop"
+        text, reason, calls, lps = [self.spec.echo], "stop", [], []
         pieces = self.pieces()
         try:
             for kind, value in pieces:
                 if kind == "text":
                     text.append(value)
+                elif kind == "logprobs":
+                    lps += value
+                elif kind == "call":
+                    calls.append({"id": value[1], "type": "function", "function": {"name": value[2], "arguments": ""}})
+                elif kind == "arguments":
+                    calls[value[0]]["function"]["arguments"] += value[1]
                 elif kind == "end":
                     reason = value
                 elif kind == "error":
@@ -107,24 +118,29 @@ class Completion:
             pieces.close()
         content = "".join(text)
         if self.kind == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": content},
-                      "logprobs": None, "finish_reason": reason}
+            message = {"role": "assistant", "content": content or (None if calls else "")}
+            if calls:
+                message["tool_calls"] = calls
+            choice = {"index": 0, "message": message, "logprobs": self.logprobs.chat(lps), "finish_reason": reason}
             obj = "chat.completion"
         else:
-            choice = {"index": 0, "text": content, "logprobs": None, "finish_reason": reason}
+            choice = {"index": 0, "text": content, "logprobs": self.logprobs.text(lps, self.spec.echo),
+                      "finish_reason": reason}
             obj = "text_completion"
         return 200, {"id": self.id, "object": obj, "created": self.created, "model": self.model_name,
                      "choices": [choice], "usage": self.usage(), "system_fingerprint": None}
 
     # ---- streaming ----
 
-    def _chunk(self, delta: str | None, reason: str | None = None, first: bool = False) -> str:
+    def _chunk(self, delta: dict | str | None, reason: str | None = None, lps: list | None = None,
+               echo: bool = False) -> str:
         if self.kind == "chat":
-            d = {"role": "assistant", "content": ""} if first else ({} if delta is None else {"content": delta})
-            choice = {"index": 0, "delta": d, "logprobs": None, "finish_reason": reason}
+            d = {"content": delta} if isinstance(delta, str) else (delta or {})
+            choice = {"index": 0, "delta": d, "logprobs": self.logprobs.chat(lps), "finish_reason": reason}
             obj = "chat.completion.chunk"
         else:
-            choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": reason}
+            choice = {"index": 0, "text": delta or "", "logprobs": self.logprobs.text(lps, "echo" if echo else ""),
+                      "finish_reason": reason}
             obj = "text_completion"
         chunk = {"id": self.id, "object": obj, "created": self.created, "model": self.model_name,
                  "choices": [choice], "system_fingerprint": None}
@@ -136,12 +152,11 @@ class Completion:
         """Server-sent events. Closing this generator (the server does when a write to the
         client fails) cancels the generation."""
         if self.kind == "chat":
-            yield self._chunk(None, first=True)
-        elif self.spec.echo:
-            yield self._chunk(self.spec.echo)
+            yield self._chunk({"role": "assistant", "content": ""})
         else:
             yield ": started\n\n"  # sends the headers now, even for a queued completion
-        position, quiet_since = None, time.monotonic()
+        echo = self.kind == "text" and self.spec.echo   # sent once the prompt is scored (its first event)
+        position, quiet_since, lps = None, time.monotonic(), None
         pieces = self.pieces()
         try:
             for kind, value in pieces:
@@ -155,10 +170,23 @@ class Completion:
                         yield ": keepalive\n\n"
                     continue
                 quiet_since = time.monotonic()
-                if kind == "text":
-                    yield self._chunk(value)
+                if echo:
+                    yield self._chunk(echo, lps=[] if self.spec.features.logprobs is not None else None, echo=True)
+                    echo = ""
+                if kind == "logprobs":
+                    lps = (lps or []) + value      # sent with the text of these tokens
+                elif kind == "text":
+                    yield self._chunk(value, lps=lps)
+                    lps = None
+                elif kind == "call":
+                    yield self._chunk({"tool_calls": [{"index": value[0], "id": value[1], "type": "function",
+                                                       "function": {"name": value[2], "arguments": ""}}]})
+                elif kind == "arguments":
+                    yield self._chunk({"tool_calls": [{"index": value[0], "function": {"arguments": value[1]}}]},
+                                      lps=lps)
+                    lps = None
                 elif kind == "end":
-                    yield self._chunk(None, reason=value)
+                    yield self._chunk(None, reason=value, lps=lps)
                     if self.spec.include_usage:
                         yield _sse({"id": self.id, "object": "chat.completion.chunk" if self.kind == "chat"
                                     else "text_completion", "created": self.created,

@@ -31,6 +31,7 @@ from typing import Callable
 
 from tpi.comm.base import CommError
 from tpi.generation import Sequence, Step
+from tpi.generation.logprobs import TokenLogprob, from_logits
 from tpi.model.sampling import SamplingParams
 from tpi_master.errors import APIError, cluster_unavailable, internal_error
 from tpi_master.metrics import MasterMetrics
@@ -41,6 +42,7 @@ log = logging.getLogger("tpi.master.scheduler")
 @dataclass(frozen=True)
 class Token:
     token: int
+    logprob: TokenLogprob | None = None     # when the request asked for log probabilities
 
 
 @dataclass(frozen=True)
@@ -61,9 +63,10 @@ class Request:
     """One request as the scheduler sees it: the generator's sequence, plus its events,
     timings and cancellation."""
 
-    def __init__(self, seq: Sequence):
+    def __init__(self, seq: Sequence, logprobs: int | None = None):
         self.id = secrets.token_hex(8)
         self.seq = seq
+        self.logprobs = logprobs            # alternatives reported per token (None: no log probabilities)
         self.events: queue.Queue = queue.Queue()
         self.arrived = time.monotonic()
         self.started: float | None = None   # prefill began
@@ -142,8 +145,13 @@ class Scheduler:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
-    def submit(self, prompt: list[int], params: SamplingParams, ignore_eos: bool = False) -> Request:
-        req = Request(self.engine.generator.sequence(prompt, params, ignore_eos=ignore_eos))
+    def submit(self, prompt: list[int], params: SamplingParams, ignore_eos: bool = False, *,
+               processor=None, logprobs: int | None = None, score_prompt: bool = False) -> Request:
+        """processor: masks logits before each choice (JSON mode); logprobs: alternatives
+        reported per token (None: none); score_prompt: the prompt's tokens scored too."""
+        seq = self.engine.generator.sequence(prompt, params, ignore_eos=ignore_eos, processor=processor,
+                                             score_prompt=logprobs if score_prompt else None)
+        req = Request(seq, logprobs)
         with self.cond:
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are already waiting")
@@ -238,8 +246,9 @@ class Scheduler:
             if adv.tokens and req.first_token is None:
                 req.first_token = time.monotonic()
                 self.metrics.ttft.observe(req.first_token - req.arrived)
-            for token in adv.tokens:
-                req.events.put(Token(token))
+            for j, token in enumerate(adv.tokens):
+                lp = None if req.logprobs is None else from_logits(adv.logits[j], token, req.logprobs)
+                req.events.put(Token(token, lp))
             self.metrics.generated_tokens.inc(len(adv.tokens))
             if adv.finished:
                 with self.cond:

@@ -10,8 +10,10 @@ from tpi.model.sampling import SamplingParams
 from tpi.tokenizer import TokenizerError
 from tpi.wsgi import parse_json
 from tpi_master.errors import APIError, bad_request, unsupported, wrong_type
+from tpi_master.features import (Features, parse_chat_logprobs, parse_completion_logprobs, parse_response_format,
+                                 parse_tools, tool_message)
 
-ROLES = {"system", "user", "assistant", "developer"}
+ROLES = {"system", "user", "assistant", "developer", "tool"}
 MAX_STOP = 4
 SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)   # what torch.Generator.manual_seed takes
 TOP_K_MAX = 2 ** 31 - 1
@@ -26,6 +28,7 @@ class GenerationSpec:
     include_usage: bool = False
     ignore_eos: bool = False
     echo: str = ""                  # /v1/completions with echo: the prompt text, sent first
+    features: Features = Features()  # tools, JSON mode, log probabilities (features.py)
 
 
 def parse_body(data: bytes):
@@ -120,14 +123,6 @@ class _Body:
                 raise unsupported(name, "a non-zero penalty")
         if self.body.get("logit_bias") not in (None, {}):
             raise unsupported("logit_bias", "a logit bias")
-        lp = self.body.get("logprobs")
-        if lp not in (None, False, 0):
-            raise unsupported("logprobs", "returning log probabilities")
-        if self.body.get("tools") not in (None, []):
-            raise unsupported("tools", "tool calling")
-        fmt = self.body.get("response_format")
-        if fmt is not None and fmt != {"type": "text"}:
-            raise unsupported("response_format", "a response format other than text")
         if self.body.get("suffix") is not None:
             raise unsupported("suffix", "a suffix")
 
@@ -186,6 +181,8 @@ def _message_text(msg, i: int) -> dict:
     if role not in ROLES:
         raise bad_request(f"'{where}.role' must be one of {', '.join(sorted(ROLES))}; got '{role}'",
                           f"{where}.role")
+    if role == "tool" or (role == "assistant" and msg.get("tool_calls")):
+        return tool_message(msg, where)
     content = msg.get("content")
     if isinstance(content, list):  # content parts: only text is understood
         texts = []
@@ -215,12 +212,15 @@ def parse_chat(body, engine, model_name: str) -> GenerationSpec:
     stream = b.boolean("stream")
     include_usage = _stream_options(b, stream)
     stop = b.stop()
+    tools, fmt, forced = parse_tools(b.body, tokenizer.chat_template)
+    features = Features(tools, fmt, forced, parse_response_format(b.body) or forced is not None,
+                        parse_chat_logprobs(b.body))
     try:
-        ids = tokenizer.encode_chat(chat)
+        ids = tokenizer.encode_chat(chat, tools, fmt.opening(forced) if forced else "")
     except TokenizerError as e:
         raise bad_request(str(e), "messages") from None
     params, ignore_eos = _sampling(b, len(ids), engine, "messages")
-    return GenerationSpec(ids, params, stop, stream, include_usage, ignore_eos)
+    return GenerationSpec(ids, params, stop, stream, include_usage, ignore_eos, features=features)
 
 
 def parse_completion(body, engine, model_name: str) -> GenerationSpec:
@@ -248,4 +248,7 @@ def parse_completion(body, engine, model_name: str) -> GenerationSpec:
     stop = b.stop()
     echo = b.boolean("echo")
     params, ignore_eos = _sampling(b, len(ids), engine, "prompt")
-    return GenerationSpec(ids, params, stop, stream, include_usage, ignore_eos, text if echo else "")
+    logprobs = parse_completion_logprobs(b.body)
+    features = Features(json_mode=parse_response_format(b.body), logprobs=logprobs,
+                        score_prompt=echo and logprobs is not None)
+    return GenerationSpec(ids, params, stop, stream, include_usage, ignore_eos, text if echo else "", features)

@@ -32,6 +32,7 @@ class ChatTokenizer:
         self.bos_token = _token_text(self.config.get("bos_token"))
         self.eos_token = _token_text(self.config.get("eos_token"))
         self._compiled = None
+        self._texts: list[str] | None = None
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
@@ -42,19 +43,34 @@ class ChatTokenizer:
     def token_id(self, text: str | None) -> int | None:
         return None if text is None else self.tok.token_to_id(text)
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                    tools: list[dict] | None = None) -> str:
+        """The conversation as the model's chat template writes it; `tools` (OpenAI function
+        definitions) go to the template as Hugging Face's apply_chat_template passes them."""
         if not self.chat_template:
             raise TokenizerError("this model's tokenizer has no chat template; use a plain prompt")
         if self._compiled is None:
             self._compiled = _compile(self.chat_template)
         return self._compiled.render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
+            messages=messages, add_generation_prompt=add_generation_prompt, tools=tools,
             bos_token=self.bos_token or "", eos_token=self.eos_token or "",
         )
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
-        # The template already places every special token.
-        return self.encode(self.render_chat(messages), add_special_tokens=False)
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None, reply_prefix: str = "") -> list[int]:
+        """Token ids of the rendered conversation, then `reply_prefix` (the start of the reply,
+        e.g. an opened tool call). The template already places every special token."""
+        return self.encode(self.render_chat(messages, tools=tools) + reply_prefix, add_special_tokens=False)
+
+    def token_texts(self) -> list[str]:
+        """Each token id's text as it reads after other text (decoded after an anchor token,
+        so a leading space is kept); "" for special tokens and for tokens that are part of a
+        multi-byte character. Computed once (~1 s for 150k tokens)."""
+        if self._texts is None:
+            anchor = self.encode("a", add_special_tokens=False)[-1]
+            base = self.tok.decode([anchor])
+            rows = self.tok.decode_batch([[anchor, i] for i in range(self.tok.get_vocab_size())])
+            self._texts = [r[len(base):] if r.startswith(base) and "\ufffd" not in r else "" for r in rows]
+        return self._texts
 
     def stop_ids(self) -> set[int]:
         ids = {self.token_id(self.eos_token)}

@@ -19,7 +19,9 @@ from typing import Iterator
 import torch
 
 from tpi.config import ModelConfig
+from tpi.generation.logprobs import prompt_logprobs
 from tpi.generation.sequence import Advance, Sequence, Step
+from tpi.model.head import Candidates
 from tpi.model.sampling import SamplingParams, choose_token
 from tpi.timing import Breakdown
 
@@ -66,16 +68,19 @@ class Generator:
                 f"prompt has {prompt_len} tokens; the context holds {self.max_seq}")
 
     def sequence(self, prompt: list[int], params: SamplingParams, slot: int = 0,
-                 ignore_eos: bool = False) -> Sequence:
+                 ignore_eos: bool = False, processor=None, score_prompt: int | None = None) -> Sequence:
         """A new sequence in KV-cache `slot`. The token budget is the one rule for every
-        caller: max_new_tokens, capped by the context left after the prompt."""
+        caller: max_new_tokens, capped by the context left after the prompt. `processor`
+        masks its logits before each choice; `score_prompt` (alternatives per token) has the
+        prefill score the prompt's tokens too (seq.prompt_logprobs)."""
         self.check_fits(len(prompt))
         if params.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1; got {params.max_new_tokens}")
         stops = frozenset() if ignore_eos else frozenset(self.stop_ids | set(params.stop_token_ids))
         rng = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         budget = min(params.max_new_tokens, self.max_seq - len(prompt))
-        return Sequence(list(prompt), params, stops, budget, rng, slot)
+        return Sequence(list(prompt), params, stops, budget, rng, slot, processor=processor,
+                        score_prompt=score_prompt)
 
     # ---- one forward each ----
 
@@ -83,7 +88,8 @@ class Generator:
         """Run the prompt (and the tokens already chosen, after a recovery) from position 0
         of the sequence's slot, and choose its next token."""
         ids = seq.prompt + seq.tokens
-        logits, wall, breakdowns = self._forward(torch.tensor([ids]), [seq.slot], [0])  # (1, 1, vocab)
+        scored = seq if seq.score_prompt is not None and seq.prompt_logprobs is None else None
+        logits, wall, breakdowns = self._forward(torch.tensor([ids]), [seq.slot], [0], scored)  # (1, 1, vocab)
         seq.pos = len(ids)
         return Step([self._accept(seq, logits[0])], wall, True, breakdowns)
 
@@ -101,19 +107,31 @@ class Generator:
             advances.append(self._accept(seq, logits[b]))
         return Step(advances, wall, False, breakdowns)
 
-    def _forward(self, ids: torch.Tensor, slots: list[int], starts: list[int]):
+    def _forward(self, ids: torch.Tensor, slots: list[int], starts: list[int], scored: Sequence | None = None):
         """ids (B, T) -> logits (B, 1, vocab) float32 of each row's last position, the wall
-        time and each device's time split."""
+        time and each device's time split. With `scored` (B = 1) the cluster returns every
+        position's candidates and its prompt's tokens are scored from them."""
         t0 = time.perf_counter()
-        candidates = self.cluster.forward(self.embedder.embed(ids), slots, starts)
+        x = self.embedder.embed(ids)
+        if scored is None:
+            candidates = self.cluster.forward(x, slots, starts)
+        else:
+            candidates = self.cluster.forward(x, slots, starts, every_position=True)     # T rows
+            scored.prompt_logprobs = prompt_logprobs(candidates.values, candidates.ids, self.cluster.world_size,
+                                                     scored.prompt, scored.score_prompt)
+            candidates = Candidates(candidates.values[-1:], candidates.ids[-1:], candidates.vocab_size)
         logits = candidates.logits()[:, None]                                          # (B, 1, vocab)
         return logits, time.perf_counter() - t0, self.cluster.breakdowns()
 
     def _accept(self, seq: Sequence, logits: torch.Tensor) -> Advance:
         """logits (n, vocab) of the positions this step scored -> the tokens the sequence
         keeps, with the stop rules and the budget applied."""
+        proc = seq.processor
         try:
-            chosen = [choose_token(logits[0], seq.params, seq.rng)]
+            row = logits[0] if proc is None else proc.mask(logits[0], seq.budget - len(seq.tokens))
+            chosen = [choose_token(row, seq.params, seq.rng)]
+            if proc is not None:
+                proc.advance(chosen[0])
         except Exception as e:  # e.g. probabilities that are not finite: only this sequence fails
             seq.finish_reason = "error"
             return Advance(seq, [], logits[:0], "error", f"sampling failed: {e}")
@@ -124,6 +142,9 @@ class Generator:
                 break
             kept.append(token)
             seq.tokens.append(token)
+            if proc is not None and proc.done:   # e.g. the JSON object is complete
+                seq.finish_reason = "stop"
+                break
             if len(seq.tokens) >= seq.budget:
                 seq.finish_reason = "length"
                 break

@@ -24,6 +24,11 @@ class Sequence:
     tokens: list[int] = field(default_factory=list)
     pos: int = 0                    # positions held in its cache slot (0: not prefilled yet)
     finish_reason: str | None = None  # "stop" | "length" | "error", set by the generator
+    # masks the logits before each choice (.mask(logits, remaining) -> logits, .advance(token),
+    # .done ends the sequence): JSON mode, tpi.generation.json_constraint.JsonConstraint
+    processor: object | None = None
+    score_prompt: int | None = None   # score the prompt's tokens, with this many alternatives each
+    prompt_logprobs: list | None = None  # set by the first prefill when score_prompt (logprobs.py)
 
     @property
     def done(self) -> bool:

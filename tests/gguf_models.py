@@ -20,7 +20,7 @@ from tpi.weights.gguf_source import HEAD_NAMES, LAYER_NAMES
 # show: the reference is transformers reading the same file with its own table).
 GGUF_NAMES = {hf: g for g, hf in LAYER_NAMES.items()}
 HEAD = {hf: g for g, hf in HEAD_NAMES.items()}
-ARCH = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+ARCH = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
 TOKENIZER_KEYS = ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
                   "tokenizer.ggml.merges", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
                   "tokenizer.ggml.unknown_token_id", "tokenizer.ggml.padding_token_id",
@@ -98,6 +98,8 @@ def write_gguf(hf_dir: Path, out: Path, qtype: str, tokenizer_from: Path, norms:
             f"{arch}.attention.layer_norm_rms_epsilon": float(cfg["rms_norm_eps"]),
             f"{arch}.rope.freq_base": float(cfg.get("rope_theta", 10000.0)),
             f"{arch}.rope.dimension_count": head_dim, f"{arch}.vocab_size": cfg["vocab_size"]}
+    if cfg.get("head_dim"):  # llama.cpp writes an explicit head dim as the key / value length
+        meta[f"{arch}.attention.key_length"] = meta[f"{arch}.attention.value_length"] = cfg["head_dim"]
     tok_meta = GGUFFile(tokenizer_from).metadata
     meta.update({k: tok_meta[k] for k in TOKENIZER_KEYS if k in tok_meta})
     meta.update(metadata or {})
@@ -165,6 +167,11 @@ GGUF_FAMILIES = {
     "qwen2": dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_size=256, intermediate_size=512,
                   num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=True,
                   use_sliding_window=False),
+    # transformers reads no head dim from a qwen3 GGUF (Qwen3Config's default, 128, is used):
+    # so 128 here, which is not hidden / heads (64)
+    "qwen3": dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", hidden_size=256, intermediate_size=512,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=128,
+                  tie_word_embeddings=True, use_sliding_window=False),
 }
 
 

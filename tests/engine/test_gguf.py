@@ -15,7 +15,8 @@ from tpi.model.sampling import SamplingParams
 NEW_TOKENS = 16
 PROMPT = [1, 504, 3458, 282, 4649, 314, 9889, 30, 57, 1000, 20000]
 SPLITS = [[1.0], [1.0, 2.0], [1.0, 1.0, 3.0], [2.0, 1.0, 1.0, 3.0]]
-CASES = [("llama", "F16"), ("llama", "Q8_0"), ("llama", "Q4_K"), ("qwen2", "Q4_K"), ("llama-tied", "Q8_0")]
+CASES = [("llama", "F16"), ("llama", "Q8_0"), ("llama", "Q4_K"), ("qwen2", "Q4_K"), ("qwen3", "Q4_K"),
+         ("llama-tied", "Q8_0")]
 
 
 def tpi_greedy(source, weights, prompt, opts, new_tokens=NEW_TOKENS):

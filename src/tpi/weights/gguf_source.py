@@ -12,7 +12,7 @@ llama-architecture models, inside each head, from Hugging Face's rotate-half lay
 adjacent pairs): GGUF row 2i + j of a head is HF row j * hd/2 + i. `get` and `raw` undo it
 (as transformers' GGUF loader does), so everything downstream sees Hugging Face's layout.
 It is a permutation of whole rows, and a row of a quantized tensor is a run of whole blocks,
-so it is exact on quantized tensors too. Qwen2-architecture files are not permuted.
+so it is exact on quantized tensors too. Qwen2- and Qwen3-architecture files are not permuted.
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ from tpi.weights.gguf_file import SUPPORTED_TYPES, GGUFError, GGUFFile, dequanti
 ARCHITECTURES = {
     "llama": ("LlamaForCausalLM", True),
     "qwen2": ("Qwen2ForCausalLM", False),
+    "qwen3": ("Qwen3ForCausalLM", False),
 }
 
 HEAD_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
@@ -43,6 +44,7 @@ LAYER_NAMES = {
     "attn_k.weight": "self_attn.k_proj.weight", "attn_k.bias": "self_attn.k_proj.bias",
     "attn_v.weight": "self_attn.v_proj.weight", "attn_v.bias": "self_attn.v_proj.bias",
     "attn_output.weight": "self_attn.o_proj.weight", "attn_output.bias": "self_attn.o_proj.bias",
+    "attn_q_norm.weight": "self_attn.q_norm.weight", "attn_k_norm.weight": "self_attn.k_norm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
     "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
@@ -232,7 +234,8 @@ class GGUFCheckpoint:
                 "self_attn.q_proj.weight": (q, H), "self_attn.k_proj.weight": (kv, H),
                 "self_attn.v_proj.weight": (kv, H), "self_attn.o_proj.weight": (H, q),
                 "self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,),
-                "self_attn.o_proj.bias": (H,), "mlp.gate_proj.weight": (inter, H),
+                "self_attn.o_proj.bias": (H,), "self_attn.q_norm.weight": (c.head_dim,),
+                "self_attn.k_norm.weight": (c.head_dim,), "mlp.gate_proj.weight": (inter, H),
                 "mlp.up_proj.weight": (inter, H), "mlp.down_proj.weight": (H, inter)}
         head = {"model.embed_tokens.weight": (c.vocab_size, H), "model.norm.weight": (H,),
                 "lm_head.weight": (c.vocab_size, H)}

@@ -16,8 +16,12 @@ A frame is one binary WebSocket message:
     ...     rest        tensor bytes, raw little-endian, C order (absent if dtype 0)
 
 Tensors are never pickled. The JSON body is strict: unknown or missing fields and values of
-the wrong type are ProtocolError. A frame whose byte length disagrees with its shape and
-dtype is ProtocolError. Text frames are not part of the protocol.
+the wrong type are ProtocolError, and so are NaN or infinite numbers, integers outside the
+signed 64-bit range and JSON nested too deep to parse. A frame whose byte length disagrees
+with its shape and dtype, or whose shape could not be allocated within the frame limit, is
+ProtocolError. Whatever the bytes, `decode` raises nothing but ProtocolError (a fuzz test
+holds it to that). Text frames are not part of the protocol. After the join handshake every
+frame also carries a 16-byte authentication tag (tpi.comm.session), checked before decoding.
 
 Adding a message: declare a dataclass with `@message(kind, channel, origin)`; at most one
 field may be a tensor (annotated `torch.Tensor` or `torch.Tensor | None`).
@@ -141,7 +145,7 @@ class Challenge(Message):
 
 @message(3, "handshake", "worker")
 class AuthResponse(Message):
-    mac: str                        # hex HMAC-SHA256(token, "tpi-join" + hub nonce)
+    mac: str                        # hex HMAC-SHA256(token, "tpi-join", hub nonce, client nonce)
 
 
 @message(4, "handshake", "hub")
@@ -150,7 +154,9 @@ class Welcome(Message):
     world_size: int
     allreduce: str                  # "star" | "ring" | "gloo"
     wire_dtype: str                 # dtype partial sums travel in, e.g. "float32"
-    proof: str                      # hex HMAC-SHA256(token, "tpi-hub" + client nonce)
+    proof: str                      # hex HMAC-SHA256(token, "tpi-hub", c, s, the fields above
+                                    # and data_port): none can be altered on the way
+    data_port: int = 0              # star: the hub's data port (comm/dataplane.py); 0 = none
 
 
 @message(5, "control", "any")
@@ -332,13 +338,34 @@ def encode(msg: Message, *, step: int = 0, part: int = 0,
         if t.dim() > MAX_NDIM:
             raise ProtocolError(f"{t.dim()} dimensions > {MAX_NDIM}")
         t = t.cpu().contiguous()
-        raw = t.reshape(-1).view(torch.uint8).numpy()  # (numel * itemsize,) no copy
-        head = _HEADER.pack(MAGIC, VERSION, cls.KIND, code, t.dim(), step, part, len(meta))
-        data = b"".join((head, struct.pack(f"<{t.dim()}I", *t.shape), meta, raw))
+        data = b"".join((frame_header(cls, t.dtype, t.shape, step, part, len(meta)), meta,
+                         tensor_bytes(t)))
     if len(data) > max_bytes:
         raise ProtocolError(f"{cls.__name__} frame of {len(data)} bytes exceeds the "
                             f"{max_bytes}-byte limit")
     return data
+
+
+def frame_header(cls: type[Message], dtype: torch.dtype, shape, step: int, part: int = 0,
+                 meta_len: int = 0) -> bytes:
+    """The header (with the shape) of a `cls` frame carrying a tensor; what `encode` writes,
+    for senders that send the tensor's bytes without joining them (comm/star.py)."""
+    return _HEADER.pack(MAGIC, VERSION, cls.KIND, DTYPE_CODES[dtype], len(shape), step, part,
+                        meta_len) + struct.pack(f"<{len(shape)}I", *shape)
+
+
+_STEP = struct.Struct("<Q")
+_STEP_AT = 8  # offset of the step in the header (after magic, version, kind, dtype, ndim)
+
+
+def set_step(frame: bytearray, step: int) -> None:
+    """Rewrite the step of a frame made by `frame_header` (senders reuse one buffer)."""
+    _STEP.pack_into(frame, _STEP_AT, step)
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The raw bytes of a contiguous CPU tensor, without a copy."""
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())  # (numel * itemsize,)
 
 
 def read_header(data: bytes | str, max_bytes: int = DEFAULT_MAX_BYTES) -> Header:
@@ -371,6 +398,9 @@ def read_header(data: bytes | str, max_bytes: int = DEFAULT_MAX_BYTES) -> Header
         raise ProtocolError(f"truncated {cls.__name__} frame: {n} bytes, header announces "
                             f"at least {body + meta_len}")
     shape = struct.unpack_from(f"<{ndim}I", data, _HEADER.size)
+    if dcode and math.prod(max(d, 1) for d in shape) * _ITEMSIZE[dcode] > max_bytes:
+        raise ProtocolError(f"{cls.__name__}: shape {list(shape)} exceeds the "
+                            f"{max_bytes}-byte frame limit")
     if dcode:
         want = math.prod(shape) * _ITEMSIZE[dcode]
         got = n - body - meta_len
@@ -389,7 +419,17 @@ def decode(data: bytes | str, *, max_bytes: int = DEFAULT_MAX_BYTES,
            step: int | None = None, shape: tuple[int, ...] | None = None,
            dtype: torch.dtype | None = None, header: Header | None = None) -> Frame:
     """Parse and validate one frame; the `expect`/`step`/`shape`/`dtype` the caller knows
-    are checked too. Raises ProtocolError with what was wrong."""
+    are checked too. Raises ProtocolError with what was wrong, and nothing else."""
+    try:
+        return _decode(data, max_bytes, expect, step, shape, dtype, header)
+    except ProtocolError:
+        raise
+    except (ValueError, TypeError, OverflowError, RecursionError, RuntimeError,
+            MemoryError) as e:  # a check above missed a case: still the peer's fault
+        raise ProtocolError(f"undecodable frame ({type(e).__name__}: {e})"[:300]) from None
+
+
+def _decode(data, max_bytes, expect, step, shape, dtype, header) -> Frame:
     h = header if header is not None else read_header(data, max_bytes)
     cls = MESSAGE_TYPES[h.kind]
     if expect is not None:
@@ -430,9 +470,11 @@ def _decode_meta(cls: type[Message], data: bytes, h: Header) -> dict[str, Any]:
         values: dict[str, Any] = {}
     else:
         try:
-            values = json.loads(bytes(memoryview(data)[h.body:h.body + h.meta_len]))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ProtocolError(f"{cls.__name__}: body is not JSON ({e})") from None
+            values = json.loads(bytes(memoryview(data)[h.body:h.body + h.meta_len]),
+                                parse_constant=_no_constant)
+        except (ValueError, RecursionError) as e:  # not JSON, NaN, >4300-digit int, too deep
+            raise ProtocolError(f"{cls.__name__}: body is not JSON "
+                                f"({type(e).__name__}: {e})"[:300]) from None
         if not isinstance(values, dict):
             raise ProtocolError(f"{cls.__name__}: body is not a JSON object")
     unknown = values.keys() - cls._FIELDS.keys()
@@ -450,6 +492,13 @@ def _decode_meta(cls: type[Message], data: bytes, h: Header) -> dict[str, Any]:
     return values
 
 
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a number this protocol accepts")
+
+
+_INT_LIMIT = 1 << 63
+
+
 def _conforms(value: Any, tp: Any) -> bool:
     if tp is Any:
         return True
@@ -461,9 +510,15 @@ def _conforms(value: Any, tp: Any) -> bool:
     if tp is bool:
         return isinstance(value, bool)
     if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+        return isinstance(value, int) and not isinstance(value, bool) \
+            and -_INT_LIMIT <= value < _INT_LIMIT
     if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return False
+        try:
+            return math.isfinite(float(value))    # 10**400 overflows, 1e400 is inf
+        except OverflowError:
+            return False
     if tp is str:
         return isinstance(value, str)
     if origin is list:
@@ -487,6 +542,7 @@ def _fmt(step: int) -> str:
 __all__ = [
     "MAGIC", "VERSION", "DEFAULT_MAX_BYTES", "DTYPE_CODES", "ProtocolError", "Message",
     "MESSAGE_TYPES", "message", "Header", "Frame", "encode", "decode", "read_header",
+    "frame_header", "set_step", "tensor_bytes",
     "dtype_from_name", "step_of",
     "Hello", "Challenge", "AuthResponse", "Welcome", "Error", "Partial", "Reduced",
     "RingChunk", "Abort", "PeerInfo", "RingSetup", "GlooSetup", "SetupDone", "Assignment",

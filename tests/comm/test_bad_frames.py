@@ -8,36 +8,25 @@ import time
 
 import pytest
 import torch
-from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed
-
-from tpi.comm import auth
 from tpi.comm.base import CommError
 from tpi.comm.drill import run_master
-from tpi.protocol import (VERSION, Abort, AuthResponse, Error, Hello, Partial, Reduced,
-                          Welcome, decode, encode)
+from tpi.protocol import Abort, Error, Partial, Reduced, Welcome, encode
+
+from rawpeer import RawPeer  # tests/comm is on sys.path (its conftest)
 
 MAX = 1 << 20
 
 
 async def session(url, token, frames, authenticate):
-    """Send `frames` (after the handshake if `authenticate`); return (replies, close code)."""
-    got = []
-    async with connect(url, compression=None, max_size=None, proxy=None) as ws:
-        if authenticate:
-            nonce = auth.new_nonce()
-            await ws.send(encode(Hello(version=VERSION, nonce=nonce)))
-            challenge = decode(await ws.recv()).msg
-            await ws.send(encode(AuthResponse(mac=auth.join_mac(token, challenge.nonce))))
-            assert isinstance(decode(await ws.recv()).msg, Welcome)
-        for f in frames:
-            await ws.send(f)
-        try:
-            while True:
-                got.append(decode(await asyncio.wait_for(ws.recv(), 10)).msg)
-        except ConnectionClosed:
-            pass
-        return got, ws.close_code
+    """Send `frames` (after the handshake, sealed, if `authenticate`); return (replies,
+    close code)."""
+    peer = await RawPeer.open(url)
+    if authenticate:
+        await peer.join(token)
+    for f in frames:
+        await peer.send(f)
+    got = await peer.recv_all()
+    return got, peer.ws.close_code
 
 
 def partial_header_only(shape=(576,)):
@@ -61,8 +50,9 @@ BAD = {
 def test_bad_frame_is_refused_and_logged(make_group, caplog, token, authenticate, kind):
     caplog.set_level(logging.WARNING, logger="tpi.comm.hub")
     g = make_group(2, max_bytes=MAX)
-    if kind == "oversized":
-        frame = encode(Partial(torch.zeros(MAX // 4 + 10)), max_bytes=4 * MAX)
+    if kind == "oversized":                             # over the limit before / after joining
+        frame = encode(Partial(torch.zeros(MAX // 4 + 10 if authenticate else 1100)),
+                       max_bytes=4 * MAX)
     elif kind == "wrong_hello":                         # a Welcome where Hello belongs
         frame = encode(Welcome(rank=1, world_size=2, allreduce="star", wire_dtype="float32",
                                proof=""))
@@ -99,29 +89,22 @@ def test_wrong_shape_fails_the_collective_not_the_hub(make_group, token):
         except CommError as e:
             result["error"] = str(e)
 
-    t = threading.Thread(target=master)
-    t.start()
-    bad = encode(Partial(torch.ones(1, 1, 500)), step=0)
-    replies = asyncio.run(_send_and_wait_abort(g.hub.url, token, bad))
-    t.join(10)
-    assert "shape [1, 1, 500], expected [1, 1, 576]" in result["error"]
+    async def bad_peer():
+        peer = await RawPeer.open(g.hub.url)
+        await peer.join(token)
+        data = peer.data_connection()
+        t = threading.Thread(target=master)
+        t.start()
+        data.send(encode(Partial(torch.ones(1, 1, 500)), step=0))
+        got = await peer.recv_all()                    # the hub closes the peer
+        t.join(10)
+        return got
+
+    replies = asyncio.run(bad_peer())
+    assert "shape [1, 1, 500]" in result["error"] and "expected [1, 1, 576]" in result["error"]
     assert any(isinstance(m, Abort) for m in replies)
     g.procs.clear()
     comm = g.start()
     r = run_master(g.hub, comm, reps=3, shape=[1, 1, 576], seq=1)  # its broadcast opens a
                                                                    # fresh epoch
     assert r.max_error() <= 1e-5 * float(r.expected.abs().max())
-
-
-async def _send_and_wait_abort(url, token, frame):
-    got = []
-    async with connect(url, compression=None, max_size=None, proxy=None) as ws:
-        nonce = auth.new_nonce()
-        await ws.send(encode(Hello(version=VERSION, nonce=nonce)))
-        challenge = decode(await ws.recv()).msg
-        await ws.send(encode(AuthResponse(mac=auth.join_mac(token, challenge.nonce))))
-        decode(await ws.recv())
-        await ws.send(frame)
-        while not any(isinstance(m, Abort) for m in got):
-            got.append(decode(await asyncio.wait_for(ws.recv(), 10)).msg)
-    return got

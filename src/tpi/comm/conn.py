@@ -3,7 +3,11 @@
 Everything a process sends goes through `Conn.put`, which stamps the emulated delivery time
 (link.py) and returns at once; a per-connection task writes the frames in order. The
 connection id is unique in the process, so a frame or loss report from an old connection
-of a rank is never mistaken for one from its replacement.
+of a rank is never mistaken for one from its replacement. Once the handshake has set
+`session`, every frame sent is sealed and every frame received is checked (session.py).
+
+Until then a peer may send only small frames (HANDSHAKE_MAX_BYTES: a Hello is ~200 bytes):
+`authenticated()` raises the limit to the group's frame limit.
 """
 from __future__ import annotations
 
@@ -17,10 +21,12 @@ from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
 from tpi.comm.link import Link
+from tpi.comm.session import TAG_BYTES, Session
 
 log = logging.getLogger("tpi.comm")
 _ids = itertools.count(1)
 _TIMER_SLACK = 0.0005
+HANDSHAKE_MAX_BYTES = 4096  # the largest frame accepted before the peer is authenticated
 
 
 def set_nodelay(ws) -> None:
@@ -43,6 +49,7 @@ class Conn:
         self.ws = ws
         self.peer = describe(ws)
         self._link = link
+        self.session: Session | None = None
         self._queue: deque[tuple[float, bytes | asyncio.Future]] = deque()
         self._wake = asyncio.Event()
         self._last_at = 0.0
@@ -53,8 +60,22 @@ class Conn:
         set_nodelay(ws)
         self._pump_task = self._loop.create_task(self._pump())
 
+    def authenticated(self, session: Session, max_bytes: int) -> None:
+        """The handshake succeeded: seal and check every later frame with `session`, and
+        accept frames up to `max_bytes`."""
+        self.session = session
+        self.ws.protocol.max_message_size = max_bytes + TAG_BYTES
+
+    async def recv(self) -> bytes | memoryview:
+        """The next frame, its tag checked once the session is set (ProtocolError if not);
+        ConnectionClosed when the connection ends."""
+        data = await self.ws.recv()
+        return data if self.session is None else self.session.open(data)
+
     def put(self, data: bytes) -> None:
         """Queue one frame; it leaves at its emulated delivery time (now if no link)."""
+        if self.session is not None:
+            data = self.session.seal(data)
         if self._link is None and not self._queue and self._write_now(data):
             return
         at = 0.0

@@ -1,26 +1,30 @@
-"""StarHub: the master's end of the group (rank 0).
+"""StarHub: the master's end of the group (rank 0): who is in the group, and the control
+messages to and from them.
 
 Workers connect to the hub's WebSocket port, prove the join token (handshake.py) and get
-a rank 1..N-1 (in join order, or the one they ask for). One connection per worker carries
-everything: the all-reduce frames and the master's control messages (broadcast / send /
-recv). The engine only sees `communicator()`, a plain `Communicator`.
+a rank 1..N-1 (in join order, or the one they ask for). That connection carries the
+master's control messages (broadcast / send / recv), sealed frame by frame (session.py).
+The star all-reduce runs on a second, plain TCP connection per worker (the data plane,
+dataplane.py; its port is announced in Welcome); ring and gloo set up their own links
+(ring.py, gloo.py) through the public methods at the end of this class. The engine only
+sees `communicator()`, a plain `Communicator`.
 
-    hub = StarHub(world_size=4, token="s3cret", host="0.0.0.0", port=29500)
+    hub = StarHub(world_size=4, token="s3cret-of-16+-chars", host="0.0.0.0", port=29500)
     hub.wait_for_workers(timeout=60)
     comm = hub.communicator()            # star: at once; ring / gloo: builds the links
     hub.broadcast(ForwardStep(seq=0, slots=[0], starts=[0], hidden=h))
     y = comm.all_reduce(partial)         # CommError if a worker vanished or stalled
 
-A worker that disconnects fails the pending (or next) all_reduce with CommError at once;
-its rank becomes free and a new worker may take it. After a CommError the collectives of
-that epoch stay failed on every device until the master's next broadcast (steps.py).
+A worker that disconnects, or sends anything that is not the protocol, fails the pending
+(or next) all_reduce with CommError at once; its rank becomes free (always: the cleanup is
+in a `finally`) and a new worker may take it. After a CommError the collectives of that
+epoch stay failed on every device until the master's next broadcast (steps.py).
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import queue
-import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -31,23 +35,23 @@ from websockets.exceptions import ConnectionClosed
 
 from tpi.comm import auth, handshake
 from tpi.comm.base import CommError, Communicator
-from tpi.comm.conn import Conn
-from tpi.comm.gloo import GlooCommunicator, make_store
+from tpi.comm.conn import HANDSHAKE_MAX_BYTES, Conn
+from tpi.comm.dataplane import DataListener, DataSocket
+from tpi.comm.gloo import host_group
 from tpi.comm.link import Link, LinkSpec
 from tpi.comm.loop import LoopThread
-from tpi.comm.ring import RingCommunicator, RingReducer
-from tpi.comm.ringlinks import RingLinks
-from tpi.comm.star import HubStarCommunicator, StarReducer
+from tpi.comm.members import Peer, advertised, pick_rank, ping
+from tpi.comm.ring import Ring, RingCommunicator
+from tpi.comm.star import HubStarCommunicator
 from tpi.comm.steps import Steps
-from tpi.protocol import (DEFAULT_MAX_BYTES, MESSAGE_TYPES, Abort, Error, GlooSetup, Message,
-                          Partial, PeerInfo, Ping, Pong, ProtocolError, RingSetup, SetupDone,
-                          decode, dtype_from_name, encode, read_header, step_of)
+from tpi.protocol import (DEFAULT_MAX_BYTES, MESSAGE_TYPES, Abort, Error, Message, PeerInfo,
+                          Pong, ProtocolError, SetupDone, decode, dtype_from_name, encode,
+                          read_header, step_of)
 
 log = logging.getLogger("tpi.comm.hub")
 ALLREDUCE = ("star", "ring", "gloo")
 WIRE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _LOST = object()  # end marker in a worker's control queue
-PING_INTERVAL_S = 5.0  # how often the hub measures each worker's round trip
 
 
 @dataclass(frozen=True)
@@ -60,41 +64,24 @@ class WorkerInfo:
                                 # through both ends' emulated links like every other message
 
 
-class _Peer:
-    def __init__(self, rank: int, name: str, conn: Conn):
-        self.rank, self.name, self.conn = rank, name, conn
-        self.control: queue.SimpleQueue = queue.SimpleQueue()
-        self.ring_url: str | None = None
-        self.rtt_s: float | None = None
-        self.ping: tuple[int, float] | None = None  # (nonce, loop time sent) awaiting its Pong
-
-
-def _advertised(host: str) -> str:
-    """A host workers can use in `hub.url` (pass advertise_host to choose it)."""
-    if host in ("", "0.0.0.0", "::"):
-        try:
-            return socket.gethostbyname(socket.gethostname())
-        except OSError:
-            return "127.0.0.1"
-    return f"[{host}]" if ":" in host else host
-
-
 class StarHub:
     def __init__(self, world_size: int, token: str, host: str = "127.0.0.1", port: int = 0,
                  *, allreduce: str = "star", wire_dtype: torch.dtype | str = torch.float32,
                  timeout: float = 5.0, handshake_timeout: float = 5.0,
                  max_bytes: int = DEFAULT_MAX_BYTES, link: LinkSpec | str | None = None,
                  ssl_context=None, advertise_host: str | None = None,
-                 expected_names: set[str] | None = None):
+                 expected_names: set[str] | None = None, data_port: int | None = None):
         """Listen on host:port (0 = a free port) for `world_size - 1` workers.
 
-        allreduce: "star" (default), "ring" or "gloo". wire_dtype: dtype partial sums
-        travel in (float32, bfloat16, float16); sums are computed in float32 (gloo: in
-        the wire dtype). timeout: seconds any collective or reply may wait. link: emulate
-        a link on everything this process sends ("latency=5ms,bandwidth=300mbit").
-        ssl_context: serve wss:// (tls.server_context). expected_names: admit only workers
-        with these names (the devices a plan was made for), so a device that registers while
-        the master re-plans cannot take a planned device's rank; None admits anyone."""
+        allreduce: "star" (default), "ring" or "gloo" (a benchmark baseline: gloo.py).
+        wire_dtype: dtype partial sums travel in (float32, bfloat16, float16); sums are
+        computed in float32 (gloo: in the wire dtype). timeout: seconds any collective or
+        reply may wait. link: emulate a link on everything this process sends
+        ("latency=5ms,bandwidth=300mbit"). ssl_context: serve wss:// (tls.server_context),
+        and TLS on the data port. expected_names: admit only workers with these names (the
+        devices a plan was made for), so a device that registers while the master re-plans
+        cannot take a planned device's rank; None admits anyone. data_port: the star's
+        data port (default: port + 1, or a free port when port is 0)."""
         if allreduce not in ALLREDUCE:
             raise ValueError(f"allreduce must be one of {ALLREDUCE}, not {allreduce!r}")
         if world_size < 1:
@@ -108,28 +95,31 @@ class StarHub:
         self.expected_names = None if expected_names is None else set(expected_names)
         self.handshake_timeout, self.max_bytes = handshake_timeout, max_bytes
         self.link = LinkSpec.parse(link) if isinstance(link, str) else link
-        self.rank = 0
+        self.rank, self.bind_host = 0, host or "0.0.0.0"
         self._token = token
         self._link = Link(self.link) if self.link else None
         self._cond = threading.Condition()
-        self._peers: dict[int, _Peer] = {}
-        self._star = StarReducer()            # loop side of the star all-reduce
-        self._ring_reducer = RingReducer()    # loop side of the ring all-reduce
+        self._peers: dict[int, Peer] = {}
         self._steps = Steps()
         self._setup_q: queue.SimpleQueue = queue.SimpleQueue()
         self._comm: Communicator | None = None
-        self._ring_links: RingLinks | None = None
-        self._ring_gen = 0
-        self._ring_members: dict[int, int] | None = None
+        self._ring: Ring | None = None
         self._closed = False
         self._io = LoopThread("tpi-hub")
+        self._data: DataListener | None = None
         try:
             self._server = self._io.run(self._serve(host, port, ssl_context), 30)
+            self.port: int = self._server.sockets[0].getsockname()[1]
+            if allreduce == "star":
+                self._data = DataListener(
+                    self.bind_host, port + 1 if port and data_port is None else data_port or 0,
+                    self._session_of, self._attach, handshake_timeout, max_bytes, ssl_context,
+                    self._link, timeout)
         except BaseException:
-            self._io.stop()
+            self.close()
             raise
-        self.port: int = self._server.sockets[0].getsockname()[1]
-        self.url = f"{'wss' if ssl_context else 'ws'}://{advertise_host or _advertised(host)}" \
+        self.data_port = self._data.port if self._data else 0
+        self.url = f"{'wss' if ssl_context else 'ws'}://{advertise_host or advertised(host)}" \
                    f":{self.port}"
         log.info("hub listening on %s:%d (%s, world %d, %s)", host, self.port, allreduce,
                  world_size, self.link or "no link emulation")
@@ -137,44 +127,38 @@ class StarHub:
     # ---- event-loop side ---------------------------------------------------------------
 
     async def _serve(self, host: str, port: int, ssl_context):
+        self._gate = asyncio.Semaphore(handshake.MAX_HANDSHAKES)
         if self.allreduce == "ring":
-            r = self._ring_reducer
-            self._ring_links = RingLinks(0, self.world_size, self._token, r.on_chunk,
-                                         r.on_lost, self._link, self.max_bytes, self.timeout)
+            self._ring = Ring(self, self._token, self._link)
         return await serve(self._handle, host, port, compression=None,
-                           max_size=self.max_bytes, ssl=ssl_context, close_timeout=2)
-
-    def _welcome(self, hello, rank: int):
-        return handshake.welcome(self._token, hello, rank, self.world_size, self.allreduce,
-                                 str(self.wire_dtype).removeprefix("torch."))
+                           max_size=HANDSHAKE_MAX_BYTES, ssl=ssl_context, close_timeout=2,
+                           open_timeout=self.handshake_timeout)
 
     async def _handle(self, ws) -> None:
         conn = Conn(ws, self._link)
         try:
-            hello = await handshake.accept(conn, self._token, self.handshake_timeout,
-                                           self.max_bytes)
-        except handshake.JoinRefused as e:
-            log.warning("refused %s (%s): %s", conn.peer, e.code, e)
+            acc = await handshake.accept(conn, self._token, self.handshake_timeout, self._gate)
+        except (handshake.JoinRefused, ConnectionClosed) as e:
+            log.warning("refused %s: %s", conn.peer, e)
             return
-        except ConnectionClosed as e:
-            log.warning("%s left during the handshake: %s", conn.peer, e)
-            return
-        if hello.purpose == "ring":
-            if self._ring_links is None:
-                await handshake.refuse(conn, "protocol", "this master does not run a ring")
-                return
-            conn.put(encode(self._welcome(hello, 0)))
-            await self._ring_links.accept(conn, hello)
+        hello, dtype = acc.hello, str(self.wire_dtype).removeprefix("torch.")
+        if hello.purpose == "ring" and self._ring is not None:
+            handshake.admit(conn, self._token, acc, 0, self.world_size, self.allreduce, dtype,
+                            self.max_bytes)
+            await self._ring.links.accept(conn, hello)
             return
         if hello.purpose != "join":
-            await handshake.refuse(conn, "protocol", f"unknown purpose {hello.purpose!r}")
+            await handshake.refuse(conn, "protocol", f"purpose {hello.purpose!r} is not "
+                                                     f"served by this {self.allreduce} master")
             return
         with self._cond:
-            rank, refusal = self._pick_rank(hello.want_rank, hello.name)
+            rank, refusal = pick_rank(self._peers, self.world_size, self.expected_names,
+                                      hello.want_rank, hello.name)
             if rank is not None:
-                peer = _Peer(rank, hello.name, conn)
-                self._peers[rank] = peer
-                conn.put(encode(self._welcome(hello, rank), step=self._steps.current))
+                peer = self._peers[rank] = Peer(rank, hello.name, conn)
+                peer.key = handshake.admit(conn, self._token, acc, rank, self.world_size,
+                                           self.allreduce, dtype, self.max_bytes,
+                                           self.data_port, self._steps.current)
                 self._cond.notify_all()
         if rank is None:
             log.warning("refused %s: %s", conn.peer, refusal[1])
@@ -182,75 +166,53 @@ class StarHub:
             return
         log.info("rank %d joined from %s%s", rank, conn.peer,
                  f" ({hello.name})" if hello.name else "")
-        pinger = asyncio.get_running_loop().create_task(self._ping(peer))
+        pinger = asyncio.get_running_loop().create_task(ping(peer))
+        reason, bad = "ended", None
         try:
             reason, bad = await self._read(peer)
-        finally:
+        finally:                          # whatever happened, the rank is free again
             pinger.cancel()
-        with self._cond:                 # free the rank before the peer can see the close
-            if self._peers.get(rank) is peer:
-                del self._peers[rank]
-            self._cond.notify_all()
-        self._star.on_lost(conn.id, rank, reason)
-        self._ring_reducer.on_lost(conn.id, rank, reason)
-        peer.control.put(_LOST)
+            self._drop(peer, reason)
         if bad is not None:
             await handshake.refuse(conn, "protocol", bad)
         if not self._closed:
             clean = "received 1000" in reason or "received 1001" in reason
             (log.info if clean else log.warning)("rank %d left: %s", rank, reason)
 
-    def _pick_rank(self, want: int | None, name: str):
-        if self.expected_names is not None and name not in self.expected_names:
-            return None, ("not_planned", f"{name or 'an unnamed worker'} is not in the current plan; "
-                                         "it is admitted at the master's next re-plan")
-        free = [r for r in range(1, self.world_size) if r not in self._peers]
-        if want is not None and not 1 <= want < self.world_size:
-            return None, ("bad_rank", f"rank {want} outside 1..{self.world_size - 1}")
-        if want is not None and want not in free:
-            return None, ("rank_taken", f"rank {want} is held by a connected worker")
-        if not free:
-            return None, ("full", f"group full: all {self.world_size - 1} worker ranks taken")
-        return (want if want is not None else free[0]), None
+    def _drop(self, peer: Peer, reason: str) -> None:
+        with self._cond:                 # free the rank before the peer can see the close
+            if self._peers.get(peer.rank) is peer:
+                del self._peers[peer.rank]
+            self._cond.notify_all()
+        if peer.data is not None:
+            peer.data.shutdown(f"rank {peer.rank} lost: {reason}")
+        if self._ring is not None:
+            self._ring.reducer.on_lost(peer.conn.id, peer.rank, reason)
+        peer.control.put(_LOST)
 
-    @staticmethod
-    async def _ping(peer: _Peer) -> None:
-        """Measure the worker's round trip now and then: a Ping through this process's
-        uplink, answered at once by the worker's event loop through its own."""
-        loop, nonce = asyncio.get_running_loop(), 0
-        while True:
-            nonce += 1
-            peer.ping = (nonce, loop.time())
-            peer.conn.put(encode(Ping(nonce=nonce)))
-            await asyncio.sleep(PING_INTERVAL_S)
-
-    async def _read(self, peer: _Peer) -> tuple[str, str | None]:
+    async def _read(self, peer: Peer) -> tuple[str, str | None]:
         """Route one worker's frames until its connection ends or it breaks the protocol;
         returns why it ended, and what to tell the peer if it broke the protocol."""
-        ws, conn = peer.conn.ws, peer.conn
         while True:
             try:
-                data = await ws.recv()
+                data = await peer.conn.recv()
             except ConnectionClosed as e:
                 return f"connection closed ({e})", None
+            except ProtocolError as e:
+                log.warning("rank %d sent a bad frame, disconnecting it: %s", peer.rank, e)
+                return f"protocol error: {e}", str(e)
             try:
                 h = read_header(data, self.max_bytes)
                 cls = MESSAGE_TYPES[h.kind]
-                if cls is Partial:
-                    self._star.on_partial(conn.id, peer.rank, h, data)
-                    continue
-                if cls is Pong:
-                    pong = decode(data, header=h, max_bytes=self.max_bytes).msg
-                    if peer.ping is not None and pong.nonce == peer.ping[0]:
-                        peer.rtt_s = asyncio.get_running_loop().time() - peer.ping[1]
-                    continue
                 if cls.ORIGIN == "hub" or cls.CHANNEL in ("handshake", "collective"):
                     raise ProtocolError(f"{cls.__name__} is not accepted from a worker")
                 msg = decode(data, header=h, max_bytes=self.max_bytes).msg
             except ProtocolError as e:
                 log.warning("rank %d sent a bad frame, disconnecting it: %s", peer.rank, e)
                 return f"protocol error: {e}", str(e)
-            if isinstance(msg, Error):
+            if isinstance(msg, Pong):
+                peer.pong(msg.nonce, asyncio.get_running_loop().time())
+            elif isinstance(msg, Error):
                 log.warning("rank %d reports %s: %s", peer.rank, msg.code, msg.message)
             elif isinstance(msg, PeerInfo):
                 with self._cond:
@@ -261,31 +223,37 @@ class StarHub:
             else:
                 peer.control.put(msg)
 
-    @staticmethod
-    def _put_all(conns: list[Conn], data: bytes) -> None:
-        for c in conns:
-            c.put(data)
+    # ---- data connections (DataListener's threads) --------------------------------------
 
-    async def _shutdown(self) -> None:
-        self._server.close()
+    def _session_of(self, rank: int) -> bytes | None:
         with self._cond:
-            peers = list(self._peers.values())
-        for p in peers:
-            await p.conn.close(1001, "master shutting down")
-        if self._ring_links is not None:
-            await self._ring_links.close()
-        await self._server.wait_closed()
+            peer = self._peers.get(rank)
+            return peer.key if peer is not None and peer.data is None else None
+
+    def _attach(self, rank: int, dsock: DataSocket) -> None:
+        with self._cond:
+            peer = self._peers.get(rank)
+            if peer is not None and peer.data is None:
+                peer.data = dsock
+                self._cond.notify_all()
+                return
+        dsock.shutdown("rank left or already attached")
 
     # ---- engine side -------------------------------------------------------------------
+
+    def _ready(self) -> dict[int, Peer]:
+        """Peers that can take part in collectives (star: their data connection is up)."""
+        return {r: p for r, p in self._peers.items()
+                if p.data is not None or self.allreduce != "star"}
 
     def wait_for_workers(self, n: int | None = None, timeout: float | None = None) -> list[int]:
         """Block until at least `n` (default: all N-1) workers are connected."""
         n = self.world_size - 1 if n is None else n
         with self._cond:
-            if not self._cond.wait_for(lambda: len(self._peers) >= n, timeout):
-                raise CommError(f"only {len(self._peers)} of {n} workers joined within "
+            if not self._cond.wait_for(lambda: len(self._ready()) >= n, timeout):
+                raise CommError(f"only {len(self._ready())} of {n} workers joined within "
                                 f"{timeout:g}s")
-            return sorted(self._peers)
+            return sorted(self._ready())
 
     def workers(self) -> dict[int, WorkerInfo]:
         with self._cond:
@@ -298,19 +266,19 @@ class StarHub:
 
         Ring mode: if the workers changed since the ring was built and all are present, the
         ring is rebuilt first, so the steps that follow `msg` find it ready everywhere."""
-        if self.allreduce == "ring" and self._ring_stale():
+        if self._ring is not None and self._ring.stale(self.members()):
             with self._cond:
                 complete = len(self._peers) == self.world_size - 1
             if complete:
                 try:
-                    self._build_ring(2 * self.timeout)
+                    self._ring.build_from_hub(self, 2 * self.timeout)
                 except CommError as e:
                     log.warning("ring rebuild before broadcast failed: %s", e)
         with self._cond:
             step = self._steps.new_epoch()
             peers = list(self._peers.values())
-        self._io.call(self._put_all, [p.conn for p in peers],
-                      encode(msg, step=step, max_bytes=self.max_bytes))
+        data = encode(msg, step=step, max_bytes=self.max_bytes)
+        self._io.call(_put_all, [p.conn for p in peers], data)
         return [p.rank for p in peers]
 
     def send(self, rank: int, msg: Message) -> None:
@@ -347,11 +315,11 @@ class StarHub:
         if self.allreduce == "star":
             self._comm = self._comm or HubStarCommunicator(self)
         elif self.allreduce == "ring":
-            if self._ring_stale():
-                self._build_ring(timeout)
-            self._comm = self._comm or RingCommunicator(self)
+            if self._ring.stale(self.members()):
+                self._ring.build_from_hub(self, timeout)
+            self._comm = self._comm or RingCommunicator(self, self._ring)
         elif self._comm is None:
-            self._comm = self._setup_gloo(timeout)
+            self._comm = host_group(self, timeout)
         return self._comm
 
     def close(self) -> None:
@@ -361,11 +329,26 @@ class StarHub:
         self._closed = True
         if self._comm is not None:
             self._comm.close()
+        if self._data is not None:
+            self._data.close()
         try:
             self._io.run(self._shutdown(), 10)
         except Exception as e:  # noqa: BLE001 - best effort on shutdown
             log.debug("hub shutdown: %s", e)
         self._io.stop()
+
+    async def _shutdown(self) -> None:
+        server = getattr(self, "_server", None)
+        if server is not None:
+            server.close()
+        with self._cond:
+            peers = list(self._peers.values())
+        for p in peers:
+            await p.conn.close(1001, "master shutting down")
+        if self._ring is not None:
+            await self._ring.links.close()
+        if server is not None:
+            await server.wait_closed()
 
     def __enter__(self) -> StarHub:
         return self
@@ -373,99 +356,96 @@ class StarHub:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    # ---- plumbing for the communicators -------------------------------------------------
-
-    def _peer(self, rank: int) -> _Peer:
+    def _peer(self, rank: int) -> Peer:
         with self._cond:
             peer = self._peers.get(rank)
         if peer is None:
             raise CommError(f"rank {rank} is not connected")
         return peer
 
-    def _members(self) -> list[_Peer]:
+    # ---- the endpoint communicators and collective setup use (star.py, ring.py, gloo.py) --
+
+    def begin_collective(self) -> tuple[int, dict[int, DataSocket]]:
+        """Claim the next collective step; with it, each worker's data connection (star).
+        CommError (and the epoch aborted everywhere) if a worker is missing."""
         with self._cond:
             if self._closed:
                 raise CommError("hub is closed")
-            return list(self._peers.values())
-
-    def _star_begin(self) -> tuple[int, dict[int, int], list[Conn]]:
-        peers = self._members()
+            ready = self._ready()
         step = self._steps.next()
-        missing = sorted(set(range(1, self.world_size)) - {p.rank for p in peers})
+        missing = sorted(set(range(1, self.world_size)) - set(ready))
         if missing:
             err = CommError(f"rank(s) {missing} not connected")
-            self._collective_failed(step, err)
+            self.collective_failed(step, err)
             raise err
-        return step, {p.conn.id: p.rank for p in peers}, [p.conn for p in peers]
+        return step, {r: p.data for r, p in ready.items() if p.data is not None}
 
-    def _ring_begin(self) -> tuple[int, dict[int, int]]:
-        peers = self._members()
-        step = self._steps.next()
-        members = {p.rank: p.conn.id for p in peers}
-        if members != self._ring_members:
-            err = CommError("the ring was not built for the current workers; call "
-                            "hub.communicator() again after workers join or leave")
-            self._collective_failed(step, err)
-            raise err
-        return step, {conn: rank for rank, conn in members.items()}
-
-    def _collective_failed(self, step: int, exc: Exception) -> None:
-        """Mark the epoch dead here and on every worker (Abort), so nobody waits for it."""
+    def collective_failed(self, step: int, exc: Exception) -> None:
+        """Mark the epoch dead here and on every worker (Abort on the control and the data
+        connections), so nobody waits for it. Engine thread only (it writes the data
+        connections)."""
         epoch = step >> 32
         self._steps.kill(epoch, str(exc))
         with self._cond:
-            conns = [p.conn for p in self._peers.values()]
+            peers = list(self._peers.values())
         data = encode(Abort(reason=str(exc)[:1000]), step=step_of(epoch, 0))
-        self._io.call(self._put_all, conns, data)
+        self._io.call(_put_all, [p.conn for p in peers], data)
+        for p in peers:
+            if p.data is not None and p.data.lost is None:
+                try:
+                    p.data.send(data)
+                except CommError:
+                    pass
         log.warning("collective %d:%d failed, epoch %d aborted: %s", epoch,
                     step & 0xFFFFFFFF, epoch, exc)
 
-    def _ring_stale(self) -> bool:
+    def expel(self, rank: int, reason: str) -> None:
+        """Disconnect a worker that broke the protocol or lost its data connection; its
+        rank is freed as for any departure (`_handle`'s finally)."""
         with self._cond:
-            members = {r: p.conn.id for r, p in self._peers.items()}
-        return members != self._ring_members or not self._ring_links.healthy()
+            peer = self._peers.get(rank)
+        if peer is None:
+            return
+        if peer.data is not None:
+            peer.data.shutdown(reason)
+        self._io.call(lambda: asyncio.ensure_future(
+            handshake.refuse(peer.conn, "protocol", reason[:200])))
 
-    def _build_ring(self, timeout: float) -> None:
+    def members(self) -> dict[int, int]:
+        """rank -> connection id of every connected worker (a new id after a rejoin)."""
+        with self._cond:
+            return {r: p.conn.id for r, p in self._peers.items()}
+
+    def wait_until(self, pred, timeout: float, what: str) -> dict[int, WorkerInfo]:
+        """Block until pred(workers()) holds; CommError(what) after `timeout`."""
         deadline = time.monotonic() + timeout
-        self.wait_for_workers(timeout=timeout)
         with self._cond:
-            ok = self._cond.wait_for(
-                lambda: len(self._peers) == self.world_size - 1
-                and all(p.ring_url for p in self._peers.values()),
-                max(0.0, deadline - time.monotonic()))
-            if not ok:
-                raise CommError("workers did not announce their ring ports in time")
-            peers = dict(self._peers)
-            self._ring_gen += 1
-            gen = self._ring_gen
-        setup = RingSetup(generation=gen, peers={str(r): p.ring_url for r, p in peers.items()})
-        self._io.call(self._put_all, [p.conn for p in peers.values()],
-                      encode(setup, step=self._steps.current))
-        if self.world_size > 1:
-            self._io.run(self._ring_links.build(gen, peers[1].ring_url),
-                         max(0.1, deadline - time.monotonic()))
-        pending = set(peers)
-        while pending:
-            try:
-                rank, done = self._setup_q.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                raise CommError(f"ring setup: no answer from rank(s) {sorted(pending)}") \
-                    from None
-            if done.generation != gen:
-                continue
-            if not done.ok:
-                raise CommError(f"ring setup failed on rank {rank}: {done.detail}")
-            pending.discard(rank)
-        self._ring_members = {r: p.conn.id for r, p in peers.items()}
-        log.info("ring generation %d ready over %d devices", gen, self.world_size)
+            while not pred(self.workers()):
+                if not self._cond.wait(max(0.0, deadline - time.monotonic())) \
+                        and time.monotonic() >= deadline:
+                    raise CommError(what)
+        return self.workers()
 
-    def _setup_gloo(self, timeout: float) -> Communicator:
-        peers = self.wait_for_workers(timeout=timeout)
-        store = make_store("0.0.0.0", 0, self.world_size, True, timeout)
-        msg = GlooSetup(port=store.port, host=None, timeout=timeout)
+    def send_setup(self, msg: Message) -> None:
+        """Send a setup message (RingSetup, GlooSetup) to every connected worker."""
         with self._cond:
             conns = [p.conn for p in self._peers.values()]
-        self._io.call(self._put_all, conns, encode(msg, step=self._steps.current))
-        comm = GlooCommunicator(0, self.world_size, store, timeout, self.wire_dtype)
-        log.info("gloo group of %d formed (workers %s)", self.world_size, peers)
-        return comm
+        self._io.call(_put_all, conns, encode(msg, step=self._steps.current))
+
+    def setup_reply(self, timeout: float) -> tuple[int, SetupDone]:
+        """The next SetupDone from any worker, as (rank, message)."""
+        try:
+            return self._setup_q.get(timeout=timeout)
+        except queue.Empty:
+            raise CommError("collective setup: a worker did not answer in time") from None
+
+    def call_on_loop(self, fn, *args) -> None:
+        self._io.call(fn, *args)
+
+    def run_on_loop(self, coro, timeout: float):
+        return self._io.run(coro, timeout)
+
+
+def _put_all(conns: list[Conn], data: bytes) -> None:
+    for c in conns:
+        c.put(data)

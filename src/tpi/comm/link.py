@@ -17,10 +17,14 @@ accepted here and applied by the netem sidecar (services/netem) in the kernel.
 """
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import math
 import random
 import re
+import threading
+import time
 from dataclasses import dataclass
 
 log = logging.getLogger("tpi.comm")
@@ -97,9 +101,15 @@ class Link:
         self.spec = spec
         self._free_at = 0.0
         self._rng = random.Random(seed)
+        self._lock = threading.Lock()   # the event loop and the engine thread both send
 
     def schedule(self, nbytes: int, now: float) -> float:
-        """Delivery time (same clock as `now`) of an `nbytes` message queued at `now`."""
+        """Delivery time (same clock as `now`, time.monotonic) of an `nbytes` message
+        queued at `now`."""
+        with self._lock:
+            return self._schedule(nbytes, now)
+
+    def _schedule(self, nbytes: int, now: float) -> float:
         spec = self.spec
         start = max(now, self._free_at)
         if spec.bandwidth:
@@ -109,3 +119,46 @@ class Link:
         if spec.jitter:
             delay = max(0.0, delay + self._rng.uniform(-spec.jitter, spec.jitter))
         return start + delay
+
+
+class Pacer:
+    """Sends data-plane frames (dataplane.py) at their emulated delivery times from one
+    background thread, so a delayed frame never blocks the engine thread that sent it.
+    Frames of one connection leave in order (delivery times never decrease per socket)."""
+
+    _shared: Pacer | None = None
+    _shared_lock = threading.Lock()
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, object, bytes]] = []
+        self._order = itertools.count()
+        self._last: dict[int, float] = {}       # id(socket) -> its last delivery time
+        self._cond = threading.Condition()
+        threading.Thread(target=self._run, name="tpi-link-pacer", daemon=True).start()
+
+    @classmethod
+    def shared(cls) -> Pacer:
+        with cls._shared_lock:
+            if cls._shared is None:
+                cls._shared = cls()
+            return cls._shared
+
+    def send_at(self, at: float, dsock, data: bytes) -> None:
+        """Send `data` on `dsock` (a DataSocket) at monotonic time `at`."""
+        with self._cond:
+            at = max(at, self._last.get(id(dsock), 0.0))
+            self._last[id(dsock)] = at
+            heapq.heappush(self._heap, (at, next(self._order), dsock, data))
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._heap or self._heap[0][0] > time.monotonic():
+                    wait = self._heap[0][0] - time.monotonic() if self._heap else None
+                    self._cond.wait(wait)
+                _, _, dsock, data = heapq.heappop(self._heap)
+            try:
+                dsock.write_now([data])
+            except Exception as e:  # noqa: BLE001 - the receiver sees the lost connection
+                log.debug("paced send failed: %s", e)

@@ -10,13 +10,17 @@ one hop per arriving frame; the engine thread is woken once, with the result.
 from __future__ import annotations
 
 import logging
+import threading
+import time
 
 import torch
 
 from tpi.comm.base import CommError, Communicator
 from tpi.comm.conn import Conn
+from tpi.comm.ringlinks import RingLinks
 from tpi.comm.rounds import Aborted, Round, Tracker
-from tpi.protocol import Header, ProtocolError, RingChunk, decode, encode
+from tpi.protocol import (Header, ProtocolError, RingChunk, RingSetup, SetupDone, decode,
+                          encode)
 
 log = logging.getLogger("tpi.comm")
 MAX_STASH = 1024  # frames of later steps kept; more means a neighbour is badly out of step
@@ -94,32 +98,106 @@ class RingReducer(Tracker):
         rnd.out_conn.put(data)
 
 
-class RingCommunicator(Communicator):
-    """Ring all-reduce for a hub (rank 0) or a client; `endpoint` supplies the plumbing:
-    rank, world_size, timeout, wire_dtype, max_bytes, _io, _ring_links, _ring_reducer,
-    _ring_begin() and _collective_failed()."""
+class Ring:
+    """One device's ring: its links (ringlinks.py), its loop-side reducer, and the members it
+    was last built for. Lives beside an endpoint (StarHub or StarClient), which it reaches
+    through their public methods only."""
 
-    def __init__(self, endpoint):
-        self._ep = endpoint
+    def __init__(self, endpoint, token: str, link, client_ssl=None):
+        self.reducer = RingReducer()
+        self.links = RingLinks(endpoint.rank, endpoint.world_size, token,
+                               self.reducer.on_chunk, self.reducer.on_lost, link,
+                               endpoint.max_bytes, endpoint.timeout, client_ssl)
+        self.built_for: dict[int, int] | None = None  # rank -> conn id the ring was built for
+        self.ready = threading.Event()
+        self._generation = 0
+
+    def stale(self, members: dict[int, int]) -> bool:
+        return members != self.built_for or not self.links.healthy()
+
+    def watch(self, endpoint, step: int) -> dict[int, int]:
+        """conn id -> rank of everything this collective depends on; CommError (and the
+        epoch aborted) if the ring is not built for the current members."""
+        members = endpoint.members()
+        if endpoint.rank == 0:
+            ok, why = members == self.built_for, ("the ring was not built for the current "
+                                                  "workers; call hub.communicator() again "
+                                                  "after workers join or leave")
+        else:
+            ok = self.ready.wait(endpoint.timeout)
+            why = f"the master did not build the ring within {endpoint.timeout:g}s"
+        if not ok:
+            err = CommError(why)
+            endpoint.collective_failed(step, err)
+            raise err
+        return {conn: rank for rank, conn in members.items()}
+
+    def build_from_hub(self, hub, timeout: float) -> None:
+        """Master: wait for every worker's ring port, send RingSetup, build this end, wait
+        for every worker's SetupDone."""
+        deadline = time.monotonic() + timeout
+        hub.wait_for_workers(timeout=timeout)
+        full = lambda ws: len(ws) == hub.world_size - 1 and all(w.ring_url for w in ws.values())
+        workers = hub.wait_until(full, max(0.0, deadline - time.monotonic()),
+                                 "workers did not announce their ring ports in time")
+        members = hub.members()
+        self._generation += 1
+        gen = self._generation
+        hub.send_setup(RingSetup(generation=gen,
+                                 peers={str(r): w.ring_url for r, w in workers.items()}))
+        if hub.world_size > 1:
+            hub.run_on_loop(self.links.build(gen, workers[1].ring_url),
+                            max(0.1, deadline - time.monotonic()))
+        pending = set(workers)
+        while pending:
+            rank, done = hub.setup_reply(max(0.0, deadline - time.monotonic()))
+            if done.generation != gen:
+                continue
+            if not done.ok:
+                raise CommError(f"ring setup failed on rank {rank}: {done.detail}")
+            pending.discard(rank)
+        self.built_for = members
+        log.info("ring generation %d ready over %d devices", gen, hub.world_size)
+
+    async def build_on_worker(self, setup: RingSetup, hub_url: str) -> SetupDone:
+        """A worker's answer to RingSetup (on its event loop)."""
+        succ = (self.links.rank + 1) % self.links.world_size
+        url = hub_url if succ == 0 else setup.peers.get(str(succ), "")
+        try:
+            await self.links.build(setup.generation, url)
+        except Exception as e:  # noqa: BLE001 - reported to the master
+            log.warning("rank %d: ring setup failed: %s", self.links.rank, e)
+            return SetupDone(generation=setup.generation, ok=False, detail=str(e))
+        self.ready.set()
+        return SetupDone(generation=setup.generation)
+
+
+class RingCommunicator(Communicator):
+    """Ring all-reduce for a hub (rank 0) or a client, over their public endpoint
+    (`begin_collective`, `members`, `collective_failed`, `call_on_loop`) and their Ring."""
+
+    def __init__(self, endpoint, ring: Ring):
+        self._ep, self._ring = endpoint, ring
         self.rank, self.world_size = endpoint.rank, endpoint.world_size
 
     def all_reduce(self, tensor: torch.Tensor, exact: bool = False) -> torch.Tensor:
-        ep, n = self._ep, self.world_size
-        step, watch = ep._ring_begin()                # watch: conn id -> rank
+        ep, ring, n = self._ep, self._ring, self.world_size
+        step, _ = ep.begin_collective()
+        watch = ring.watch(ep, step)                  # conn id -> rank
         if n == 1:
             return tensor.detach().clone()
-        _, inn, out = ep._ring_links.current
-        links = ep._ring_links
+        _, inn, out = ring.links.current
+        links = ring.links
         watch = {**watch, inn.id: links.pred, out.id: links.succ}
         acc = tensor.detach().to(torch.float32, copy=True).reshape(-1)  # (numel,)
         rnd = RingRound(step, watch, tuple(tensor.shape), acc, self.rank, n, inn.id, out,
                         torch.float32 if exact else ep.wire_dtype, ep.max_bytes)
-        ep._io.call(ep._ring_reducer.start, rnd)
+        ep.call_on_loop(ring.reducer.start, rnd)
         try:
             res = rnd.wait(ep.timeout, "the ring")
         except CommError as e:
-            ep._io.call(ep._ring_reducer.cancel, rnd)
-            ep._collective_failed(step, e)
+            ep.call_on_loop(ring.reducer.cancel, rnd)
+            ep.collective_failed(step, e)
             if isinstance(e, Aborted):
                 raise
             raise CommError(f"ring all_reduce on rank {self.rank} (hop {rnd.part}): {e}") \

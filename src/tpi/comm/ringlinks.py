@@ -5,7 +5,8 @@ its predecessor. Workers listen for their predecessor on their own port (announc
 hub with PeerInfo); the master's predecessor (rank N-1) connects to the hub's port. The
 master starts a build with RingSetup(generation, peers); a newer generation replaces the
 old links, e.g. after a worker was replaced. Ring links authenticate with the same
-join-token handshake as joins. Frames that arrive go to `on_chunk`, losses to `on_lost`
+join-token handshake as joins, and every frame on them carries its session tag
+(session.py). Frames that arrive go to `on_chunk`, losses to `on_lost`
 (the RingReducer in ring.py).
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ from websockets.protocol import State
 
 from tpi.comm import auth, handshake
 from tpi.comm.base import CommError
-from tpi.comm.conn import Conn
+from tpi.comm.conn import HANDSHAKE_MAX_BYTES, Conn
 from tpi.comm.link import Link
 from tpi.protocol import VERSION, Header, Hello, ProtocolError, RingChunk, read_header
 
@@ -75,7 +76,7 @@ class RingLinks:
         reason = "closed"
         try:
             while True:
-                data = await conn.ws.recv()
+                data = await conn.recv()
                 h = read_header(data, self._max_bytes)
                 if h.kind != RingChunk.KIND:
                     raise ProtocolError(f"kind {h.kind} on a ring link (only RingChunk)")
@@ -91,7 +92,7 @@ class RingLinks:
 
     async def _connect(self, url: str, generation: int) -> Conn:
         ssl = self._client_ssl if url.startswith("wss:") else None
-        ws = await websockets.connect(url, compression=None, max_size=self._max_bytes,
+        ws = await websockets.connect(url, compression=None, max_size=HANDSHAKE_MAX_BYTES,
                                       open_timeout=self._timeout, proxy=None, ssl=ssl)
         conn = Conn(ws, self._link)
         hello = Hello(version=VERSION, nonce=auth.new_nonce(), name=f"ring-{self.rank}",
@@ -110,11 +111,12 @@ class RingLinks:
         """Nothing should arrive on the outgoing link; report when it closes."""
         reason = "closed"
         try:
-            while True:
-                await conn.ws.recv()
-                reason = "successor sent data on the outgoing ring link"
-                await handshake.refuse(conn, "protocol", reason)
-                return
+            try:
+                await conn.recv()
+            except ProtocolError:
+                pass
+            reason = "successor sent data on the outgoing ring link"
+            await handshake.refuse(conn, "protocol", reason)
         except ConnectionClosed as e:
             reason = f"ring link closed ({e})"
         finally:

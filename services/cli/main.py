@@ -87,6 +87,8 @@ def add_master_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-mdns", action="store_true",
                    help="do not advertise the hub on the LAN (DNS-SD over mDNS; only without --registry)")
     p.add_argument("--join-token", default=os.environ.get("TPI_JOIN_TOKEN"), help="shared secret workers must prove")
+    p.add_argument("--insecure", action="store_true",
+                   help="accept a default (change-me-...) or short (< 16 characters) join token: local demos only")
     p.add_argument("--expect-workers", type=int, default=None, help="workers to wait for (default: devices-1)")
     p.add_argument("--registry", default=os.environ.get("TPI_REGISTRY"), help="redis://[:PASSWORD@]HOST:PORT/DB")
     p.add_argument("--min-workers", type=int, default=0, help="with --registry: workers to wait for at start")
@@ -98,6 +100,16 @@ def add_master_args(p: argparse.ArgumentParser) -> None:
                    help="PEM certificate (chain): workers connect over wss:// (TLS)")
     p.add_argument("--tls-key", default=os.environ.get("TPI_TLS_KEY"),
                    help="PEM private key of --tls-cert (if not in the same file)")
+
+
+def strong_token(token: str, insecure: bool) -> None:
+    """Refuse a shipped default or short join token unless --insecure (comm/auth.py says why)."""
+    from tpi.comm.auth import WeakSecret, check_secret
+
+    try:
+        check_secret(token, "the join token (--join-token / TPI_JOIN_TOKEN)", insecure)
+    except WeakSecret as e:
+        raise SystemExit(f"tpi: {e}") from None
 
 
 def master_settings(args):
@@ -112,6 +124,7 @@ def master_settings(args):
     if workers > 0 or args.registry:
         if not args.join_token:
             raise SystemExit("tpi master: --join-token (or TPI_JOIN_TOKEN) is required when workers join")
+        strong_token(args.join_token, args.insecure)
         hub = HubSettings(join_token=args.join_token, listen=args.listen or "0.0.0.0:29500",
                           allreduce=args.allreduce, link=args.link, wire_dtype=args.wire_dtype,
                           timeout_s=args.timeout, start_timeout_s=args.start_timeout,
@@ -129,6 +142,8 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--registry", default=os.environ.get("TPI_REGISTRY"),
                    help="redis://[:PASSWORD@]HOST:PORT/DB: find the master there and register this device")
     p.add_argument("--join-token", default=os.environ.get("TPI_JOIN_TOKEN"), help="the cluster's shared join token")
+    p.add_argument("--insecure", action="store_true",
+                   help="accept a default (change-me-...) or short (< 16 characters) join token: local demos only")
     p.add_argument("--link", default=None, help='emulate a link, e.g. "latency=5ms,bandwidth=300mbit"')
     p.add_argument("--name", default="", help="a name for logs and the cluster panel")
     p.add_argument("--rank", type=int, default=None, help="ask for this rank")
@@ -146,6 +161,7 @@ def worker_settings(args):
 
     if not args.join_token:
         raise SystemExit("tpi worker: --join-token (or TPI_JOIN_TOKEN) is required")
+    strong_token(args.join_token, args.insecure)
     return WorkerSettings(join_token=args.join_token, master=args.master, registry=args.registry, link=args.link,
                           name=args.name, rank=args.rank, timeout_s=args.timeout, tls_ca=args.tls_ca,
                           once=args.once, download=args.download)

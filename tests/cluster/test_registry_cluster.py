@@ -125,7 +125,7 @@ def test_join_kill_recover_rejoin(cluster):
 def test_wrong_token_refused(cluster):
     """Never admitted, and told why; it keeps running, since a refusal its token cannot
     verify could have been written by anyone with Redis access (tests/registry/test_registry_junk.py)."""
-    bad = start_worker(cluster["registry"], cluster["dir"], "intruder", token="not-the-token")
+    bad = start_worker(cluster["registry"], cluster["dir"], "intruder", token="not-the-right-token-at-all")
     log_path = cluster["dir"] / "intruder.log"
     try:
         deadline = time.monotonic() + 60

@@ -33,7 +33,7 @@ def test_ws_tokens_equal_inproc(devices):
 
 
 def test_worker_killed_mid_generation_fails_fast_then_recovers(tmp_path):
-    hub_port, token = free_port(), "kill-test-token"
+    hub_port, token = free_port(), "kill-test-token-16+"
     workers = [start_worker(hub_port, token, tmp_path, f"w{i}") for i in (1, 2)]
     http_port = free_port()
     master = Server("master", ["master", "--http", f"127.0.0.1:{http_port}", "--listen", f"127.0.0.1:{hub_port}",

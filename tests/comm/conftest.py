@@ -16,7 +16,7 @@ from tpi.comm.drill import worker_main
 from tpi.comm.hub import StarHub
 from tpi.protocol import Shutdown
 
-TOKEN = "test-join-token"
+TOKEN = "test-join-token-long-enough"
 _ctx = mp.get_context("forkserver")
 _ctx.set_forkserver_preload(["torch", "tpi.comm.client", "tpi.comm.drill"])
 

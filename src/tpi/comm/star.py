@@ -131,12 +131,12 @@ class HubStarCommunicator(Communicator):
                 why = f"timed out after {hub.timeout:g}s: rank(s) [{rank}] did not answer"
             elif isinstance(e, ProtocolError):
                 why = f"rank {rank} sent a bad frame: {e}"
-                hub.expel(rank, f"bad frame on the data connection: {e}")
             else:
                 why = f"rank {rank} lost: {e}"
-                hub.expel(rank, f"data connection lost: {e}")
             err = CommError(f"star all_reduce on the master: {why}")
-            hub.collective_failed(step, err)
+            hub.collective_failed(step, err)          # every worker learns first, then
+            if not isinstance(e, TimedOut):           # the broken one is disconnected
+                hub.expel(rank, f"data connection: {why}")
             raise err from e
         return out.tensor.to(tensor.dtype, copy=True)
 

@@ -1,11 +1,14 @@
 """The layout the architecture promises (docs/architecture.md), checked on the real tree:
-the engine imports no service dependency, and nothing under src/tpi imports a service."""
+the engine imports no service dependency, nothing under src/tpi imports a service, and no
+source file grows past the size a reader can hold."""
 import ast
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+SOURCE_DIRS = ["src", "services", "webui", "bench", "tests"]
+MAX_LINES = 450
 SERVICE_PACKAGES = {"tpi_cli", "tpi_master", "tpi_worker", "tpi_webui", "services", "webui"}
 
 
@@ -36,3 +39,9 @@ def test_nothing_under_src_tpi_imports_a_service():
                                                   if m.split(".")[0] in SERVICE_PACKAGES)
                  for p in python_files("src")}
     assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def test_no_source_file_over_the_limit():
+    long = {str(p.relative_to(ROOT)): n for p in python_files(*SOURCE_DIRS)
+            if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert long == {}

@@ -27,7 +27,6 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
 
 import torch
 from websockets.asyncio.server import serve
@@ -40,7 +39,7 @@ from tpi.comm.dataplane import DataListener, DataSocket
 from tpi.comm.gloo import host_group
 from tpi.comm.link import Link, LinkSpec
 from tpi.comm.loop import LoopThread
-from tpi.comm.members import Peer, advertised, pick_rank, ping
+from tpi.comm.members import Peer, WorkerInfo, advertised, pick_rank, ping
 from tpi.comm.ring import Ring, RingCommunicator
 from tpi.comm.star import HubStarCommunicator
 from tpi.comm.steps import Steps
@@ -52,16 +51,6 @@ log = logging.getLogger("tpi.comm.hub")
 ALLREDUCE = ("star", "ring", "gloo")
 WIRE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _LOST = object()  # end marker in a worker's control queue
-
-
-@dataclass(frozen=True)
-class WorkerInfo:
-    rank: int
-    name: str
-    address: str            # host:port the worker connected from
-    ring_url: str | None    # where it accepts its ring predecessor (ring mode)
-    rtt_s: float | None = None  # last Ping -> Pong round trip (every 5 s; None before the first),
-                                # through both ends' emulated links like every other message
 
 
 class StarHub:

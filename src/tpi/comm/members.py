@@ -8,11 +8,22 @@ from __future__ import annotations
 import asyncio
 import queue
 import socket
+from dataclasses import dataclass
 
 from tpi.comm.conn import Conn
 from tpi.protocol import Ping, encode
 
 PING_INTERVAL_S = 5.0  # how often the hub measures each worker's round trip
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    rank: int
+    name: str
+    address: str            # host:port the worker connected from
+    ring_url: str | None    # where it accepts its ring predecessor (ring mode)
+    rtt_s: float | None = None  # last Ping -> Pong round trip (every 5 s; None before the first),
+                                # through both ends' emulated links like every other message
 
 
 class Peer:

@@ -18,6 +18,7 @@ class Features:
     tool_format: ToolFormat | None = None  # set when the reply is parsed for tool calls
     forced_tool: str | None = None        # tool_choice names this function: the reply IS its call
     json_mode: bool = False               # the reply (or the forced call's arguments) is a JSON object
+    schema: dict | None = None            # ... whose top-level keys and types this schema gives
     logprobs: int | None = None           # alternatives per generated token (0: the chosen one only)
     score_prompt: bool = False            # /v1/completions echo + logprobs: the prompt's tokens too
 
@@ -37,8 +38,9 @@ def parse_tools(body: dict, chat_template: str | None) -> tuple[list | None, Too
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
             raise bad_request(f"'tools[{i}]' must be {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}",
                               f"tools[{i}]")
-        if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
-            raise wrong_type(f"tools[{i}].function.parameters", "a JSON schema object")
+        params = fn.get("parameters")
+        if params is not None and (not isinstance(params, dict) or not isinstance(params.get("properties", {}), dict)):
+            raise wrong_type(f"tools[{i}].function.parameters", "a JSON schema object (with 'properties' an object)")
         names.append(fn["name"])
     fmt = template_format(chat_template)
     if fmt is None:
@@ -61,11 +63,20 @@ def parse_tools(body: dict, chat_template: str | None) -> tuple[list | None, Too
     return tools, fmt, name
 
 
-def parse_response_format(body: dict) -> bool:
-    """True for JSON mode (json_object, or json_schema with an object schema)."""
+def tool_parameters(tools: list, name: str) -> dict | None:
+    """The JSON schema of function `name`'s parameters (None if it declares none)."""
+    for t in tools:
+        if t["function"]["name"] == name:
+            params = t["function"].get("parameters")
+            return params if isinstance(params, dict) and params.get("type", "object") == "object" else None
+    return None
+
+
+def parse_response_format(body: dict) -> tuple[bool, dict | None]:
+    """(JSON mode: json_object, or json_schema with an object schema; that schema)."""
     fmt = body.get("response_format")
     if fmt is None:
-        return False
+        return False, None
     if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
         raise bad_request("'response_format.type' must be \"text\", \"json_object\" or \"json_schema\"",
                           "response_format")
@@ -76,7 +87,10 @@ def parse_response_format(body: dict) -> bool:
             raise wrong_type("response_format.json_schema.schema", "a JSON schema object")
         if schema.get("type", "object") != "object":
             raise unsupported("response_format", "a JSON schema whose root is not an object")
-    return fmt["type"] != "text"
+        if not isinstance(schema.get("properties", {}), dict):
+            raise wrong_type("response_format.json_schema.schema.properties", "an object")
+        return True, schema
+    return fmt["type"] != "text", None
 
 
 def parse_chat_logprobs(body: dict) -> int | None:

@@ -95,7 +95,7 @@ def create_app(engine, scheduler: Scheduler, *, model_name: str, api_key: str | 
             f = spec.features
             seq = scheduler.submit(spec.prompt_ids, spec.params, spec.ignore_eos, logprobs=f.logprobs,
                                    score_prompt=f.score_prompt,
-                                   processor=JsonConstraint(vocab_index(tokenizer, engine.store.config.vocab_size))
+                                   processor=JsonConstraint(vocab_index(tokenizer, engine.store.config.vocab_size), f.schema)
                                    if f.json_mode else None)
         except QueueFull as e:
             raise APIError(429, f"the server is busy: {e}; retry later", type="server_error",

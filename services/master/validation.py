@@ -11,7 +11,7 @@ from tpi.tokenizer import TokenizerError
 from tpi.wsgi import parse_json
 from tpi_master.errors import APIError, bad_request, unsupported, wrong_type
 from tpi_master.features import (Features, parse_chat_logprobs, parse_completion_logprobs, parse_response_format,
-                                 parse_tools, tool_message)
+                                 parse_tools, tool_message, tool_parameters)
 
 ROLES = {"system", "user", "assistant", "developer", "tool"}
 MAX_STOP = 4
@@ -213,8 +213,10 @@ def parse_chat(body, engine, model_name: str) -> GenerationSpec:
     include_usage = _stream_options(b, stream)
     stop = b.stop()
     tools, fmt, forced = parse_tools(b.body, tokenizer.chat_template)
-    features = Features(tools, fmt, forced, parse_response_format(b.body) or forced is not None,
-                        parse_chat_logprobs(b.body))
+    json_mode, schema = parse_response_format(b.body)
+    if forced:   # the reply is the call's arguments: an object of the function's parameters
+        json_mode, schema = True, tool_parameters(tools, forced)
+    features = Features(tools, fmt, forced, json_mode, schema, parse_chat_logprobs(b.body))
     try:
         ids = tokenizer.encode_chat(chat, tools, fmt.opening(forced) if forced else "")
     except TokenizerError as e:
@@ -249,6 +251,7 @@ def parse_completion(body, engine, model_name: str) -> GenerationSpec:
     echo = b.boolean("echo")
     params, ignore_eos = _sampling(b, len(ids), engine, "prompt")
     logprobs = parse_completion_logprobs(b.body)
-    features = Features(json_mode=parse_response_format(b.body), logprobs=logprobs,
+    json_mode, schema = parse_response_format(b.body)
+    features = Features(json_mode=json_mode, schema=schema, logprobs=logprobs,
                         score_prompt=echo and logprobs is not None)
     return GenerationSpec(ids, params, stop, stream, include_usage, ignore_eos, text if echo else "", features)

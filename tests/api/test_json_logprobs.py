@@ -25,7 +25,11 @@ def test_json_mode_output_always_parses(client, sampling):
         fmt = SCHEMA if i % 2 else {"type": "json_object"}
         r = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": ask}],
                                            max_tokens=12 + 20 * i, response_format=fmt, **sampling)
-        assert isinstance(json.loads(r.choices[0].message.content), dict), r.choices[0].message.content
+        obj = json.loads(r.choices[0].message.content)
+        assert isinstance(obj, dict), r.choices[0].message.content
+        if fmt is SCHEMA:      # its keys, in order, with their types
+            assert list(obj) == ["name", "population"], obj
+            assert isinstance(obj["name"], str) and isinstance(obj["population"], int), obj
         assert r.choices[0].finish_reason == "stop"
 
 

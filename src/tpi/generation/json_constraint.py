@@ -32,6 +32,7 @@ import weakref
 
 import torch
 
+from tpi.generation.json_schema import SchemaState
 from tpi.generation.json_state import JsonState
 
 _INDEXES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -65,9 +66,11 @@ class VocabIndex:
 
 
 class JsonConstraint:
-    def __init__(self, vocab: VocabIndex):
+    def __init__(self, vocab: VocabIndex, schema: dict | None = None):
+        """schema: an object JSON schema whose top-level keys and types are enforced too
+        (json_schema.SchemaState); None: any JSON object."""
         self.vocab = vocab
-        self.state = JsonState()
+        self.state = SchemaState(schema) if schema and schema.get("properties") else JsonState()
         self.text = ""                 # what has been chosen so far
 
     @property

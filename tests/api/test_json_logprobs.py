@@ -102,3 +102,15 @@ def test_bad_feature_requests_name_the_field(master):
     assert r.status_code == 400 and r.json()["error"]["param"] == "response_format"
     r = post(tools=[{"type": "function", "function": {"name": "f"}}])
     assert r.status_code == 400 and "chat template" in r.json()["error"]["message"]
+
+
+def test_streamed_echo_sends_the_scored_prompt_first(client):
+    chunks = [c for c in client.completions.create(model="smollm2", prompt="The capital of France is", echo=True,
+                                                   logprobs=2, max_tokens=3, temperature=0, stream=True)
+              if c.choices]
+    first = chunks[0].choices[0]
+    assert first.text == "The capital of France is"
+    assert first.logprobs.token_logprobs[0] is None and len(first.logprobs.tokens) == 5
+    assert all(lp <= 0 for lp in first.logprobs.token_logprobs[1:])
+    generated = [t for c in chunks[1:] if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+    assert "".join(generated) == "".join(c.choices[0].text for c in chunks[1:])

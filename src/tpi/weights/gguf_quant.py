@@ -126,9 +126,11 @@ class GroupWeight:
             low = -8 * scale
         return scale[:, :, None], None if low is None else low[:, :, None]
 
-    def _columns(self, a: int, b: int, dtype: torch.dtype) -> list[torch.Tensor]:
+    def _columns(self, a: int, b: int, dtype: torch.dtype, with_low: bool = True
+                 ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """Rows [a, b) dequantized: int8, [(rows, in)]; int4, [even columns, odd columns],
-        each (rows, in / 2) (the nibbles as stored, so no interleaving copy)."""
+        each (rows, in / 2) (the nibbles as stored, so no interleaving copy). Without
+        `with_low` the per-group minimum is left out and returned, (rows, groups, 1)."""
         q = self.parts["gq"][a:b]
         halves = [q] if self.bits == 8 else [q & 0x0F, q >> 4]
         scale, low = self._scales(a, b)
@@ -136,31 +138,38 @@ class GroupWeight:
         for h in halves:
             g = h.to(torch.float32).view(b - a, scale.shape[1], -1)                      # (rows, groups, per group)
             g.mul_(scale)                    # in place: broadcasting out-of-place ops were ~10x slower here
-            if low is not None:
+            if with_low and low is not None:
                 g.add_(low)
             out.append(g.view(b - a, -1) if dtype == torch.float32 else g.view(b - a, -1).to(dtype))
-        return out
+        return out, (None if with_low else low)
 
     def dequantize_rows(self, a: int, b: int, dtype: torch.dtype) -> torch.Tensor:
         """Rows [a, b) of the weight, (b - a, in) in `dtype` (computed in float32)."""
-        cols = self._columns(a, b, dtype)
+        cols, _ = self._columns(a, b, dtype)
         return cols[0] if len(cols) == 1 else torch.stack(cols, dim=-1).view(b - a, self.width)
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """x (..., in) @ W.T (+ bias), W dequantized CHUNK_ELEMENTS at a time."""
+        """x (..., in) @ W.T (+ bias), W dequantized CHUNK_ELEMENTS at a time. The minimums
+        are not added to the weight (a pass over it) but to the result: sum over groups g of
+        min[o, g] * (sum of x over g), one small matmul."""
         if x.shape[-1] != self.width:
             raise ValueError(f"input width {x.shape[-1]} != quantized weight width {self.width}")
         out = self.parts["gq"].shape[0]
         step = max(1, CHUNK_ELEMENTS // self.width)
         x2 = x.reshape(-1, self.width)                                                    # (M, in)
         xs = [x2] if self.bits == 8 else [x2[:, 0::2].contiguous(), x2[:, 1::2].contiguous()]  # int4: even, odd
+        groups = self.parts["gscale"].shape[1]
+        x_sums = x2.view(x2.shape[0], groups, self.group).sum(-1)                         # (M, groups)
         y = torch.empty(x2.shape[0], out, dtype=x.dtype)                                   # (M, out)
         for a in range(0, out, step):
             b = min(out, a + step)
-            cols = self._columns(a, b, x.dtype)
-            torch.mm(xs[0], cols[0].t(), out=y[:, a:b])
-            if len(cols) == 2:
-                y[:, a:b].addmm_(xs[1], cols[1].t())
+            cols, low = self._columns(a, b, x.dtype, with_low=False)
+            if low is None:
+                y[:, a:b].zero_()
+            else:
+                torch.mm(x_sums, low.view(b - a, groups).t().to(x.dtype), out=y[:, a:b])
+            for xh, w in zip(xs, cols):
+                y[:, a:b].addmm_(xh, w.t())
         y = y.view(*x.shape[:-1], out)
         return y if bias is None else y + bias
 

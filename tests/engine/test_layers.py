@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tpi.config import load_model_config
-from tpi.engine import DTYPES
+from tpi.dtypes import FLOAT_DTYPES
 from tpi.model.blocks import ResidentBlocks
 from tpi.model.shard import ShardRunner
 from tpi.plan import make_plan
@@ -60,7 +60,7 @@ def test_sharded_layer_sums_to_unsharded(tiny_model, family, weights, dtype):
         ref_attn = ref_layer.self_attn(h, position_embeddings=cos_sin, attention_mask=None)[0]
         ref_mlp = ref_layer.mlp(ref_layer.post_attention_layernorm(x))
 
-    tdt = DTYPES[dtype]
+    tdt = FLOAT_DTYPES[dtype]
     attn_sum = torch.zeros_like(ref_attn)
     mlp_sum = torch.zeros_like(ref_mlp)
     for shard in plan.shards:

@@ -115,7 +115,7 @@ class GGUFCheckpoint:
     def get(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """The tensor dequantized to float32 (its rows [a, b) only, if given)."""
         info = self.file.tensors[self.gguf_of[name]]
-        return torch.from_numpy(dequantize(self.raw(name, rows), info.type_name, info.shape[-1]).copy())
+        return torch.from_numpy(dequantize(self.raw(name, rows), info.type_name, info.shape[-1]))  # its own buffer
 
     def stored(self, name: str, rows: tuple[int, int] | None = None):
         """The tensor as a `--dtype gguf` store keeps it: a quantized matrix as its group form

@@ -102,7 +102,7 @@ def make_server(app, host: str, port: int, limits: Limits = Limits()) -> "Server
 class Server:
     def __init__(self, waitress, sockets: dict, dispatcher):
         self.waitress, self.sockets, self.dispatcher = waitress, sockets, dispatcher
-        self.port = waitress.effective_port
+        self.port = int(waitress.effective_port)   # waitress reports it as a string
         self.stopping = threading.Event()
 
     def serve_forever(self) -> None:

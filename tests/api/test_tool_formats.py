@@ -1,5 +1,5 @@
 """Tool-call formats follow the model's own chat template: the real Qwen2.5, Qwen3 and
-Llama 3.1 templates (tests/data/templates) render a past call, and the format detected from
+Llama-3.1-style templates (tests/data/templates) render a past call, and the format detected from
 the same template parses that rendered call back; a forced call's text parses the same way."""
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def render(name: str, messages: list[dict]) -> str:
 @pytest.mark.parametrize("name, fmt, marker", [
     ("Qwen-Qwen2.5-7B-Instruct.jinja", "hermes", "<|im_start|>assistant\n"),
     ("Qwen-Qwen3-0.6B.jinja", "hermes", "<|im_start|>assistant\n"),
-    ("meta-llama-Llama-3.1-8B-Instruct.jinja", "llama3", "<|start_header_id|>assistant<|end_header_id|>\n\n"),
+    ("llama3-style-tools.jinja", "llama3", "<|start_header_id|>assistant<|end_header_id|>\n\n"),
 ])
 def test_the_rendered_call_parses_back(name, fmt, marker):
     f = template_format((TEMPLATES / name).read_text())

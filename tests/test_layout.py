@@ -45,3 +45,10 @@ def test_no_source_file_over_the_limit():
     long = {str(p.relative_to(ROOT)): n for p in python_files(*SOURCE_DIRS)
             if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert long == {}
+
+
+def test_the_netem_sidecar_loads_no_torch():
+    """The sidecar (128 MiB limit) reads link specs from tpi.comm.link: that import must stay light."""
+    probe = "import sys, tpi.comm.link; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "False"

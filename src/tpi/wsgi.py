@@ -22,13 +22,10 @@ holds no request thread:
 from __future__ import annotations
 
 import json
-import logging
 import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
-
-log = logging.getLogger("tpi.wsgi")
 
 
 @dataclass(frozen=True)

@@ -95,7 +95,9 @@ class Appliance:
 
     # --- the web UI's backend ------------------------------------------------------------------
     def cluster(self) -> dict:
-        r = requests.get(self.webui + "/api/cluster", timeout=30)
+        """The master's full status (the web UI relays only its panel's fields)."""
+        r = requests.get(self.api + "/api/cluster", timeout=30,
+                         headers={"Authorization": f"Bearer {self.secrets['TPI_API_KEY']}"})
         r.raise_for_status()
         return r.json()
 

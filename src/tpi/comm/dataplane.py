@@ -36,6 +36,7 @@ log = logging.getLogger("tpi.comm")
 MAGIC = b"TPID"
 MAX_HANDSHAKES = 8
 WAKE_S = 0.1  # a blocked receive wakes this often to check its deadline
+SOCKET_BUFFER = 4 << 20  # kernel buffers per direction (capped by net.core.[rw]mem_max)
 _LEN = struct.Struct("<I")
 _HELLO = struct.Struct("<4sI")
 _OK = b"TPID-ok"
@@ -74,6 +75,8 @@ class DataSocket:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):   # a prefill's frame in one go, so
+            sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)  # the sender moves on
 
     def send(self, *chunks) -> None:
         """Send one frame given as byte chunks (header, payload): no join, no copy."""

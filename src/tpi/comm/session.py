@@ -3,7 +3,7 @@
 Both ends of a connection derive the same session key from the token and the two nonces of
 its handshake (auth.session_key). Every later frame carries a 16-byte tag:
 
-    tag = BLAKE2b-128(key = direction key, data = u64 sequence number || frame)
+    tag = HMAC-SHA256(direction key, u64 sequence number || frame), first 16 bytes
 
 with one key per direction (so a frame cannot be reflected back to its sender) and a
 sequence number per direction that both ends count and never send (so a frame cannot be
@@ -14,9 +14,9 @@ still read frames (use TLS for secrecy) and cut the connection. docs/protocol.md
 """
 from __future__ import annotations
 
-from hashlib import blake2b
+import hashlib
 
-from tpi.comm.auth import verify
+from tpi.comm.auth import mac, verify
 from tpi.protocol import ProtocolError
 
 TAG_BYTES = 16
@@ -24,19 +24,26 @@ TAG_BYTES = 16
 
 class Direction:
     """The tags of one direction of one connection. Not thread-safe: one sender (or one
-    receiver) per direction, which each connection has."""
+    receiver) per direction, which each connection has. The HMAC's inner and outer hash
+    states are computed once here, so a tag costs two hash copies and the frame's bytes
+    (SHA-256 runs at about 2 GB/s with the CPU's SHA instructions)."""
 
     def __init__(self, key: bytes, label: bytes):
-        self._key = blake2b(label, key=key, digest_size=32).digest()
+        block = bytes.fromhex(mac(key.hex(), label)).ljust(64, b"\0")  # the direction key
+        self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in block))
+        self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in block))
         self.seq = 0
 
     def tag(self, *chunks) -> bytes:
         """The next frame's tag over `chunks` (the frame, possibly in pieces)."""
-        h = blake2b(self.seq.to_bytes(8, "little"), key=self._key, digest_size=TAG_BYTES)
+        h = self._inner.copy()
+        h.update(self.seq.to_bytes(8, "little"))
         for c in chunks:
             h.update(c)
+        out = self._outer.copy()
+        out.update(h.digest())
         self.seq += 1
-        return h.digest()
+        return out.digest()[:TAG_BYTES]
 
 
 class Session:

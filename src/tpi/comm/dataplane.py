@@ -110,42 +110,64 @@ class DataSocket:
                 raise self._lose(f"send failed: {e}") from None
 
     def recv(self, deadline: float) -> memoryview:
-        """The next frame (a view into this socket's buffer, valid until the next recv).
-        CommError on timeout or a closed connection, ProtocolError on a bad length or tag."""
-        if self._start == self._end:
-            self._start = self._end = 0
-        self._need(4, deadline)
+        """The next frame (a view into this socket's buffer, valid until this socket reads
+        again). CommError on timeout or a closed connection, ProtocolError on a bad length
+        or tag."""
+        while not self.ready():
+            if time.monotonic() >= deadline:
+                raise TimedOut("timed out")
+            self.read(wait=True)
+        return self.take()
+
+    def ready(self) -> bool:
+        """A whole frame is buffered."""
+        return self._end - self._start >= self._wanted()
+
+    def take(self) -> memoryview:
+        """The buffered frame (after `ready()`), its tag checked."""
+        first = self._start + 4
+        self._start = first + self._wanted() - 4
+        return self.session.open(self._view[first:self._start])
+
+    def _wanted(self) -> int:
+        """Unread bytes the next whole frame needs (4 while its length is unknown)."""
+        if self._end - self._start < 4:
+            return 4
         (n,) = _LEN.unpack_from(self._buf, self._start)
         if not TAG_BYTES <= n <= self.max_bytes + TAG_BYTES:
             raise ProtocolError(f"data frame of {n} bytes outside 16..{self.max_bytes + 16}")
-        self._need(4 + n, deadline)
-        first = self._start + 4
-        self._start = first + n
-        return self.session.open(self._view[first:first + n])
+        return 4 + n
 
-    def _need(self, k: int, deadline: float) -> None:
-        """Read until the buffer holds `k` unread bytes."""
-        while self._end - self._start < k:
-            if self._start + k > len(self._buf):      # make room: move the unread bytes
-                left = self._end - self._start
-                if k > len(self._buf):
-                    buf = bytearray(k)
-                    buf[:left] = self._view[self._start:self._end]
-                    self._buf, self._view = buf, memoryview(buf)
-                else:
-                    self._buf[:left] = self._view[self._start:self._end]
-                self._start, self._end = 0, left
-            try:
-                got = self.sock.recv_into(self._view[self._end:])
-            except (socket.timeout, TimeoutError, BlockingIOError):
-                if time.monotonic() >= deadline:
-                    raise TimedOut("timed out") from None
-                continue
-            except OSError as e:
-                raise self._lose(f"connection error: {e}") from None
-            if not got:
-                raise self._lose(self.lost or "connection closed")
-            self._end += got
+    def read(self, wait: bool) -> None:
+        """One read of whatever the kernel has; `wait`: block up to WAKE_S for it (a TLS
+        socket always may)."""
+        if self.lost is not None:
+            raise CommError(self.lost)
+        if self._start == self._end:
+            self._start = self._end = 0
+        k = self._wanted()
+        if self._start + k > len(self._buf):          # make room: move the unread bytes
+            left = self._end - self._start
+            if k > len(self._buf):
+                buf = bytearray(k)
+                buf[:left] = self._view[self._start:self._end]
+                self._buf, self._view = buf, memoryview(buf)
+            else:
+                self._buf[:left] = self._view[self._start:self._end]
+            self._start, self._end = 0, left
+        flags = 0 if wait or isinstance(self.sock, ssl.SSLSocket) else socket.MSG_DONTWAIT
+        try:
+            got = self.sock.recv_into(self._view[self._end:], 0, flags)
+        except (socket.timeout, TimeoutError, BlockingIOError, ssl.SSLWantReadError):
+            return
+        except OSError as e:
+            raise self._lose(f"connection error: {e}") from None
+        if not got:
+            raise self._lose(self.lost or "connection closed")
+        self._end += got
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
 
     def _lose(self, reason: str) -> CommError:
         self.lost = self.lost or reason

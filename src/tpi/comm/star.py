@@ -13,12 +13,13 @@ the epoch on every worker (an Abort frame on each data connection), steps.py.
 """
 from __future__ import annotations
 
+import select
 import time
 
 import torch
 
 from tpi.comm.base import CommError, Communicator
-from tpi.comm.dataplane import TimedOut
+from tpi.comm.dataplane import WAKE_S, DataSocket, TimedOut
 from tpi.comm.rounds import Aborted
 from tpi.protocol import (Abort, Message, Partial, ProtocolError, Reduced, decode,
                           frame_header, read_header, set_step)
@@ -91,6 +92,47 @@ def _payload(frame: memoryview, expect: Frame, step: int, max_bytes: int
                         f"{step >> 32}:{step & 0xFFFFFFFF}")
 
 
+class _RankFailed(Exception):
+    def __init__(self, rank: int, exc: Exception):
+        super().__init__(str(exc))
+        self.rank, self.exc = rank, exc
+
+
+def _gather(links: dict[int, DataSocket], expect: Frame, step: int, max_bytes: int,
+            deadline: float) -> dict[int, torch.Tensor]:
+    """Each worker's partial for `step`, read from all connections as data arrives (so no
+    sender waits for the master to get round to it): rank -> a view into its buffer.
+    _RankFailed names the rank whose connection or frame failed; TimedOut the missing."""
+    got, waiting, poller, by_fd = {}, set(links), select.poll(), {}
+    for rank, link in links.items():
+        try:
+            by_fd[link.fileno()] = rank
+            poller.register(link.fileno(), select.POLLIN)
+        except (OSError, ValueError) as e:             # closed under us: the rank is lost
+            raise _RankFailed(rank, CommError(link.lost or str(e))) from None
+    while True:
+        for rank in sorted(waiting):
+            try:
+                while rank in waiting and links[rank].ready():
+                    part = _payload(links[rank].take(), expect, step, max_bytes)
+                    if part is not None:
+                        got[rank] = part
+                        waiting.discard(rank)
+                        poller.unregister(links[rank].fileno())
+            except (CommError, ProtocolError) as e:
+                raise _RankFailed(rank, e) from None
+        if not waiting:
+            return got
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimedOut(f"rank(s) {sorted(waiting)} did not answer")
+        for fd, _ in poller.poll(min(left, WAKE_S) * 1000):
+            try:
+                links[by_fd[fd]].read(wait=False)
+            except (CommError, ProtocolError) as e:
+                raise _RankFailed(by_fd[fd], e) from None
+
+
 class HubStarCommunicator(Communicator):
     """Rank 0's side, over a StarHub's public endpoint (`begin_collective`,
     `collective_failed`, `expel`)."""
@@ -115,29 +157,29 @@ class HubStarCommunicator(Communicator):
             self._acc = torch.empty(out.numel, dtype=torch.float32)
         acc = self._acc[:out.numel].view(shape)       # (*shape) float32
         acc.copy_(tensor.detach())
-        rank = 0
         try:
-            for rank in sorted(links):                # fixed order: reproducible sums
-                part = None
-                while part is None:
-                    part = _payload(links[rank].recv(deadline), expect, step, hub.max_bytes)
-                acc += part
+            for rank, part in sorted(_gather(links, expect, step, hub.max_bytes,
+                                             deadline).items()):
+                acc += part                           # rank order: reproducible sums
             out.tensor.copy_(acc)                     # rounded once to the wire dtype
             frame = out.stamp(step)
             for rank in sorted(links):
-                links[rank].send(frame)
-        except (CommError, ProtocolError) as e:
-            if isinstance(e, TimedOut):
-                why = f"timed out after {hub.timeout:g}s: rank(s) [{rank}] did not answer"
-            elif isinstance(e, ProtocolError):
-                why = f"rank {rank} sent a bad frame: {e}"
+                try:
+                    links[rank].send(frame)
+                except CommError as e:
+                    raise _RankFailed(rank, e) from None
+        except (TimedOut, _RankFailed) as f:
+            if isinstance(f, TimedOut):
+                why = f"timed out after {hub.timeout:g}s: {f}"
+            elif isinstance(f.exc, ProtocolError):
+                why = f"rank {f.rank} sent a bad frame: {f.exc}"
             else:
-                why = f"rank {rank} lost: {e}"
+                why = f"rank {f.rank} lost: {f.exc}"
             err = CommError(f"star all_reduce on the master: {why}")
             hub.collective_failed(step, err)          # every worker learns first, then
-            if not isinstance(e, TimedOut):           # the broken one is disconnected
-                hub.expel(rank, f"data connection: {why}")
-            raise err from e
+            if isinstance(f, _RankFailed):            # the broken one is disconnected
+                hub.expel(f.rank, f"data connection: {why}")
+            raise err from f
         return out.tensor.to(tensor.dtype, copy=True)
 
 

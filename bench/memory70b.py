@@ -21,7 +21,6 @@ import os
 import platform
 import secrets
 import shutil
-import signal
 import struct
 import subprocess
 import sys
@@ -31,7 +30,7 @@ from pathlib import Path
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from memory_run import child_env, cold_start, free_port  # noqa: E402
+from memory_run import child_env, cold_start, free_port, proc_status, stop_all  # noqa: E402
 from tpi.bench.cgroup import Cgroup  # noqa: E402
 
 MiB, GB = 1 << 20, 10**9
@@ -186,14 +185,6 @@ def idle_rss(imports: str, tokenizer_dir: Path | None = None) -> int:
                               env=env).stdout.split()[-1])
 
 
-def proc_status(pid: int) -> dict:
-    out = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(("VmHWM:", "VmRSS:")):
-            out[line.split(":")[0]] = int(line.split()[1]) * 1024
-    return out
-
-
 def cmd_run(args) -> None:
     from tpi.settings import RuntimeOptions
     from tpi.engine import kv_cache_bytes
@@ -203,15 +194,13 @@ def cmd_run(args) -> None:
     store = ShardStore(args.store)
     world, cfg = store.plan.world_size, store.config
     limit = parse_size(args.limit)
-    opts = RuntimeOptions(dtype="bfloat16", compute_dtype="bfloat16", max_seq=args.max_seq, window=args.window)
+    opts = RuntimeOptions(num_slots=4)   # what `tpi master` runs with its default flags (4 slots)
     largest = [max(block_costs(store, r, opts.torch_compute_dtype())) for r in range(world)]
     kv = [kv_cache_bytes(store, r, opts) for r in range(world)]
-    budget = max(kv) + args.window * max(largest)            # the window and the KV cache; nothing retained
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     idle = {"worker": idle_rss(IDLE_WORKER), "master": idle_rss(IDLE_MASTER, store.model_dir)}
-    print(f"idle RSS: {idle}; largest piece {max(largest) / MiB:.1f} MiB; KV {max(kv) / MiB:.1f} MiB; "
-          f"budget {budget / MiB:.0f} MiB", flush=True)
+    print(f"idle RSS: {idle}; largest piece {max(largest) / MiB:.1f} MiB; KV {max(kv) / MiB:.1f} MiB", flush=True)
 
     token, hub_port, http_port = secrets.token_hex(16), free_port(), free_port()
     common = ["--join-token", token, "--timeout", "900"]
@@ -226,10 +215,8 @@ def cmd_run(args) -> None:
                                        "--once", *common], workdir / f"worker-{r}.log", child_env("1")))
         master = cgs[0].spawn([sys.executable, "-m", "tpi_cli", "master", "--model", str(store.root),
                                "--devices", str(world), "--listen", f"127.0.0.1:{hub_port}",
-                               "--http", f"127.0.0.1:{http_port}", "--dtype", "bfloat16",
-                               "--compute-dtype", "bfloat16", "--max-seq", str(args.max_seq),
-                               "--window", str(args.window), "--memory-budget", str(budget), "--slots", "1",
-                               "--start-timeout", "900", *common], workdir / "master.log", child_env("1"))
+                               "--http", f"127.0.0.1:{http_port}", "--start-timeout", "900", *common],
+                              workdir / "master.log", child_env("1"))  # default flags: no dtype, budget or window
         procs.insert(0, master)
         url = f"http://127.0.0.1:{http_port}"
         while True:
@@ -254,20 +241,13 @@ def cmd_run(args) -> None:
         status = [proc_status(p.pid) for p in procs]
         cluster = requests.get(url + "/api/cluster", timeout=30).json()
     finally:
-        for p in procs[:1] + procs[1:]:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_all(procs)
     devices = []
     for r in range(world):
         role = "master" if r == 0 else "worker"
         peak = status[r]["VmHWM"]
-        bound = idle[role] + (args.window + 1) * largest[r] + kv[r]
-        bound_worker_idle = idle["worker"] + (args.window + 1) * largest[r] + kv[r]
+        bound = idle[role] + (opts.window + 1) * largest[r] + kv[r]
+        bound_worker_idle = idle["worker"] + (opts.window + 1) * largest[r] + kv[r]
         kv80 = kv[r] * 80 // cfg.num_layers
         devices.append({
             "rank": r, "role": role, "idle_rss": idle[role], "peak_rss": peak, "rss_end": status[r]["VmRSS"],
@@ -286,7 +266,7 @@ def cmd_run(args) -> None:
         "machine": {"platform": platform.platform(), "cores": os.cpu_count(), "torch": torch.__version__,
                     "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30), 1)},
         "loadavg_end": os.getloadavg(), "model": f"random Llama-3.1-70B shape, {cfg.num_layers} layers, bfloat16",
-        "world": world, "window": args.window, "max_seq": args.max_seq, "limit": limit, "memory_budget": budget,
+        "world": world, "window": opts.window, "max_seq": opts.max_seq, "limit": limit, "flags": "defaults",
         "pieces": store.pieces(1), "store_bytes": sum(f.bytes for f in store.files.values()),
         "tokens": body["choices"][0]["text"], "usage": body.get("usage"), "ready_s": ready_s,
         "generation_s": gen_s, "cluster": cluster, "devices": devices,
@@ -314,8 +294,6 @@ def main() -> None:
     r = sub.add_parser("run")
     r.add_argument("--store", required=True)
     r.add_argument("--limit", default="1GB", help="per-device cgroup limit")
-    r.add_argument("--window", type=int, default=2)
-    r.add_argument("--max-seq", type=int, default=4096)
     r.add_argument("--tokens", type=int, default=8)
     r.add_argument("--json", required=True)
     r.add_argument("--workdir", default="/var/tmp/tpi-bench/work70b")

@@ -39,7 +39,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="storage dtype: bfloat16 (default), float16, float32, or quantized int8 "
                         "(per output channel) / int4 (groups of 32), or gguf (a GGUF file's own quantization, "
                         "held at its size: docs/quantization.md)")
-    p.add_argument("--compute-dtype", default=None, help="compute dtype (default: float32; bfloat16 halves weight memory)")
+    p.add_argument("--compute-dtype", default=None, help="compute dtype (default: the storage dtype; bfloat16 for int8/int4/gguf); float32 upcasts every weight as it loads")
     p.add_argument("--max-seq", type=int, default=2048, help="context length (KV cache size)")
     p.add_argument("--max-block-size", default=None, metavar="SIZE",
                    help="shard store: cut MLP blocks and output-head slices bigger than this into pieces "

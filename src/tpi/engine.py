@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import subprocess
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -21,7 +23,7 @@ from tpi.plan import PlanError, make_plan
 from tpi.settings import ModelSettings, RuntimeOptions
 from tpi.tokenizer import ChatTokenizer
 from tpi.weights.checkpoint import source_config, source_fingerprint
-from tpi.weights.sources import cache_dir, resolve_source
+from tpi.weights.sources import ModelSourceError, cache_dir, resolve_source
 from tpi.weights.quant import pack_block
 from tpi.weights.embedding import EmbeddingRows
 from tpi.weights.slicing import DEFAULT_MAX_BLOCK_BYTES
@@ -55,16 +57,69 @@ def prepare_store(model_src: str | None, weights: list[float], dtype: str, out: 
     plan = make_plan(cfg, weights)
     if out is not None:
         return ShardStore(split_checkpoint(model_dir, plan, out, dtype, max_block_bytes))
-    key = json.dumps([str(model_dir.resolve()), plan.to_json(), dtype, FORMAT_VERSION, max_block_bytes,
-                      source_fingerprint(model_dir)], sort_keys=True)
     cache = Path(root or cache_dir() / "stores")
-    store = ShardStore(split_checkpoint(model_dir, plan, cache / hashlib.sha256(key.encode()).hexdigest()[:16],
+    store = ShardStore(split_checkpoint(model_dir, plan, store_dir(model_dir, plan, dtype, cache, max_block_bytes),
                                         dtype, max_block_bytes))
     store_cache.mark_used(store.root)
     for gone in store_cache.evict(cache, store_cache.max_bytes(), keep=store.root):
         log.info("store cache over its %.1f GiB cap: deleted the least recently used store %s (%.1f MB)",
                  store_cache.max_bytes() / 2**30, gone.path, gone.bytes / 1e6)
     return store
+
+
+def store_dir(model_dir: Path, plan, dtype: str, root: str | Path | None, max_block_bytes: int) -> Path:
+    """Where prepare_store keeps the store of (model, plan, dtype, format, piece cap, source
+    files) under `root` (default: the cache)."""
+    key = json.dumps([str(model_dir.resolve()), plan.to_json(), dtype, FORMAT_VERSION, max_block_bytes,
+                      source_fingerprint(model_dir)], sort_keys=True)
+    return Path(root or cache_dir() / "stores") / hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def prepare_store_apart(model_src: str | None, weights: list[float], dtype: str, root: str | Path | None = None,
+                        max_block_bytes: int = DEFAULT_MAX_BLOCK_BYTES) -> ShardStore:
+    """prepare_store for a serving process: a complete store is opened here; splitting (and a
+    hub download) run in a child process. A split reads and writes the whole model, and what
+    it leaves in this process's heap would count in the RSS its memory budget is taken from
+    (tpi.host.memory_budget): the budget must count what the device holds, not a finished
+    split. A store directory is named by everything it is made from (`store_dir`) and its
+    manifest is written last, so a manifest there means the store is complete."""
+    from tpi.weights.store import MANIFEST
+
+    if prepared_store(model_src) is not None:
+        return prepare_store(model_src, weights, dtype)  # checks the plan and dtype
+    src = Path(model_src).expanduser() if model_src else None
+    if src is None or src.exists():  # the embedded default or a local file: cheap to look at
+        model_dir = resolve_source(model_src)
+        out = store_dir(model_dir, make_plan(source_config(model_dir), weights), dtype, root, max_block_bytes)
+        if (out / MANIFEST).is_file():
+            store_cache.mark_used(out)
+            return ShardStore(out)
+    return ShardStore(_in_child("prepare_store", model_src, list(weights), dtype, None,
+                                None if root is None else str(root), max_block_bytes))
+
+
+# Errors a child's prepare_store may raise, re-raised here by name (their messages name the cause).
+_CHILD_ERRORS = {e.__name__: e for e in (PlanError, ModelSourceError, ValueError, FileNotFoundError)}
+
+
+def _in_child(function: str, *args) -> str:
+    """tpi.engine.`function`(*args) in a fresh Python process; returns the root of the store it gives."""
+    code = ("import json, sys\n"
+            "from tpi import engine\n"
+            "try:\n"
+            f"    out = engine.{function}(*json.loads(sys.argv[1]))\n"
+            "except Exception as e:\n"
+            "    print(json.dumps({'error': type(e).__name__, 'message': str(e)})); sys.exit(1)\n"
+            "print(json.dumps({'path': str(out.root)}))\n")
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(args)], stdout=subprocess.PIPE, text=True)
+    lines = proc.stdout.strip().splitlines()
+    try:
+        result = json.loads(lines[-1])
+    except (IndexError, json.JSONDecodeError):
+        raise RuntimeError(f"preparing the shard store failed in its child process (exit {proc.returncode})") from None
+    if "error" in result:
+        raise _CHILD_ERRORS.get(result["error"], RuntimeError)(result["message"])
+    return result["path"]
 
 
 def prepared_store(model_src: str | None) -> ShardStore | None:
@@ -170,7 +225,7 @@ def build_engine(store: ShardStore, cluster: Cluster, opts: RuntimeOptions) -> E
 
 def build_inproc_engine(model: ModelSettings, opts: RuntimeOptions) -> Engine:
     """Every device of `model`'s plan as a thread of this process."""
-    store = prepare_store(model.source, list(model.weights), opts.dtype, max_block_bytes=model.max_block_bytes)
+    store = prepare_store_apart(model.source, list(model.weights), opts.dtype, max_block_bytes=model.max_block_bytes)
     opts = replace(opts, max_seq=max_context(store, opts))
     n = store.plan.world_size
     if opts.scheduler and opts.memory_budget is None:

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
-from tpi.dtypes import float_dtype
+from tpi.dtypes import FLOAT_DTYPES, float_dtype
 from tpi.model.head import DEFAULT_TOPK
 from tpi.weights.slicing import DEFAULT_MAX_BLOCK_BYTES
 
@@ -43,7 +43,7 @@ class ModelSettings:
 @dataclass(frozen=True)
 class RuntimeOptions:
     dtype: str = "bfloat16"             # storage dtype of the shard store (or int8 / int4 / gguf)
-    compute_dtype: str | None = None    # default: float32 (weights upcast as they load)
+    compute_dtype: str | None = None    # default: the store's own precision (bfloat16 for quantized stores)
     max_seq: int = 2048                 # context length (KV cache size)
     num_slots: int = 1                  # sequences that can decode together
     scheduler: bool = True              # stream blocks under a budget (False: all resident)
@@ -54,9 +54,14 @@ class RuntimeOptions:
     head_topk: int = DEFAULT_TOPK       # output-head candidates per device (exact sampling for top-k <= this)
 
     def torch_compute_dtype(self) -> torch.dtype:
-        # float32 by default: CPUs without bfloat16 units gain nothing from bf16 arithmetic, and
-        # greedy SmolLM2 in bf16 compute drifts from the reference answers (see tests/api).
-        return float_dtype(self.compute_dtype or "float32", "compute dtype")
+        """The store's own precision unless asked otherwise: a bfloat16 store multiplies in
+        bfloat16 (no upcast copy of any weight: a block costs what it stores), quantized stores
+        run their bfloat16 kernels. Where the reference needs float32 the maths accumulates
+        in it whatever this dtype (RMSNorm statistics, softmax, the all-reduce sums).
+        float32 compute is an explicit choice (`--compute-dtype float32`), the tests' reference."""
+        if self.compute_dtype is not None:
+            return float_dtype(self.compute_dtype, "compute dtype")
+        return FLOAT_DTYPES.get(self.dtype, torch.bfloat16)
 
     def torch_kv_dtype(self) -> torch.dtype:
         if self.kv_dtype is None:

@@ -15,7 +15,7 @@ from tpi.model.blocks import ResidentBlocks
 from tpi.model.shard import ShardRunner
 from tpi.plan import make_plan
 from tpi.weights.checkpoint import Checkpoint
-from tpi.weights.slicing import parse_layer_name, slice_for_device
+from tpi.weights.slicing import fuse_projections, parse_layer_name, slice_for_device
 
 TOLERANCE = {"float32": 2e-5, "bfloat16": 3e-2}
 
@@ -30,7 +30,7 @@ def shard_blocks(model_dir, cfg, shard, layer, dtype):
             part = slice_for_device(ckpt.get(name), rule, cfg, shard)
             if part is not None:
                 blocks.setdefault((layer, kind), {})[local] = part.to(dtype)
-    return blocks
+    return {key: fuse_projections(block) for key, block in blocks.items()}
 
 
 def hf_layer(model_dir, layer):

@@ -124,12 +124,12 @@ def test_quantized_store_streams_like_it_is_resident(tiny_model, scheme):
     store = prepare_store(model, [1.0, 2.0], scheme)
     assert store.dtype == scheme
     names = store.files["rank-1/layer-000.mlp.safetensors"].tensors
-    assert names["gate.qweight"]["dtype"] == ("int8" if scheme == "int8" else "uint8")
+    assert names["gate_up.qweight"]["dtype"] == ("int8" if scheme == "int8" else "uint8")
     assert names["post_norm"]["dtype"] == "bfloat16"
     kept = names.get("down", {}).get("dtype")      # int8 leaves q, k, v, down in bfloat16
     assert kept == ("bfloat16" if scheme == "int8" else None)
-    # bytes each file holds once loaded (the output-head slice stays bfloat16: converted to float32)
-    sizes = block_costs(store, 1, torch.float32)
+    # bytes each file holds once loaded in the default compute dtype (bfloat16 for a quantized store)
+    sizes = block_costs(store, 1, RuntimeOptions(dtype=scheme).torch_compute_dtype())
     budget = kv_cache_bytes(store, 1, RuntimeOptions(dtype=scheme, max_seq=64)) + max(sizes) + (sum(sizes) - max(sizes)) // 4
     runs = []
     for opts in (RuntimeOptions(dtype=scheme, max_seq=64, scheduler=False),

@@ -27,12 +27,13 @@ def start_distributed(settings: MasterSettings, world_size: int, on_listening=No
     """Start the hub, wait for the workers, assign shards; returns (engine, manager).
     `on_listening(port)` is called once the hub's port is known (before workers are awaited)."""
     from tpi.cluster.manager import ClusterManager
-    from tpi.engine import build_engine, max_context, prepare_store, prepared_store
+    from tpi.engine import build_engine, prepared_store
+    from tpi.weights.sources import model_config
 
-    model = settings.model
-    probe = prepared_store(model.source) or prepare_store(  # also converts the model once
-        model.source, [1.0], settings.runtime.dtype, root=settings.store_root, max_block_bytes=model.max_block_bytes)
-    settings = replace(settings, runtime=replace(settings.runtime, max_seq=max_context(probe, settings.runtime)))
+    store = prepared_store(settings.model.source)   # nothing is split here (see prepare_store_apart)
+    config = store.config if store is not None else model_config(settings.model.source)
+    context = min(settings.runtime.max_seq, config.max_position_embeddings)
+    settings = replace(settings, runtime=replace(settings.runtime, max_seq=context))
     manager = ClusterManager(settings, membership=membership, master_capability=capability)
     manager.http_url = http_url
     if on_listening is not None:  # the hub binds in build(); tell the launcher the port first

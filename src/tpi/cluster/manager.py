@@ -21,7 +21,7 @@ from pathlib import Path
 from tpi.cluster.base import Cluster
 from tpi.comm.base import CommError
 from tpi.comm.hub import StarHub
-from tpi.engine import Engine, build_runner, prepare_store
+from tpi.engine import Engine, build_runner, prepare_store_apart
 from tpi.host import release_freed_memory
 from tpi.weights.sources import cache_dir
 from tpi.settings import MasterSettings, split_hostport
@@ -101,8 +101,8 @@ class ClusterManager:
         model = self.settings.model
         root = Path(self.settings.store_root or cache_dir() / "stores")
         before = set(root.iterdir()) if root.is_dir() else set()
-        store = prepare_store(model.source, self._weights(), self.opts.dtype, root=root,
-                              max_block_bytes=model.max_block_bytes)
+        store = prepare_store_apart(model.source, self._weights(), self.opts.dtype, root=root,
+                                    max_block_bytes=model.max_block_bytes)
         if store.root not in before and store.root.parent == root:  # (not a store given as --model)
             self._split_here.append(store.root)
         for old in self._split_here[:-2]:

@@ -20,6 +20,7 @@ from tpi.model.head import Candidates, merge_topk, pack, piece_topk
 from tpi.model.kvcache import KVCache
 from tpi.model.layers import apply_rope, gated, linear, rms_norm, rope_cos_sin, rope_inv_freq
 from tpi.plan import DeviceShard
+from tpi.weights.slicing import FUSED
 from tpi.timing import Breakdown, Stopwatch
 
 
@@ -40,6 +41,7 @@ class ShardRunner:
         self.cfg, self.shard, self.blocks = cfg, shard, blocks
         self.head_topk = head_topk    # K: output-head candidates per device (same on every device)
         self.dtype = compute_dtype
+        self.scale = cfg.head_dim ** -0.5     # attention logits' scale
         self.inv_freq = rope_inv_freq(cfg)
         self.cache = KVCache(cfg.num_layers, num_slots, shard.num_kv_heads, max_seq,
                              cfg.head_dim, kv_dtype or compute_dtype)
@@ -142,10 +144,10 @@ class ShardRunner:
         cfg, B, T = self.cfg, x.shape[0], x.shape[1]
         hd, nq, nkv = cfg.head_dim, self.shard.num_q_heads, self.shard.num_kv_heads
         h = rms_norm(x, blk["input_norm"], cfg.rms_norm_eps)
-        q = self._head_norm(linear(h, blk["q"], blk.get("q_bias")).view(B, T, nq, hd), blk.get("q_norm"))
-        k = self._head_norm(linear(h, blk["k"], blk.get("k_bias")).view(B, T, nkv, hd), blk.get("k_norm"))
-        q, k = q.transpose(1, 2), k.transpose(1, 2)                                     # (B, n, T, hd)
-        v = linear(h, blk["v"], blk.get("v_bias")).view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
+        q, k, v = self._projections(h, blk, "qkv", (nq * hd, nkv * hd, nkv * hd))       # (B, T, n*hd) each
+        q = self._head_norm(q.view(B, T, nq, hd), blk.get("q_norm")).transpose(1, 2)   # (B, nq, T, hd)
+        k = self._head_norm(k.view(B, T, nkv, hd), blk.get("k_norm")).transpose(1, 2)  # (B, nkv, T, hd)
+        v = v.view(B, T, nkv, hd).transpose(1, 2)                                      # (B, nkv, T, hd)
         q, k = apply_rope(q, step.cos, step.sin), apply_rope(k, step.cos, step.sin)
         self.cache.write(layer, step.slots, step.starts, k, v)
         if B > 1 and len(set(step.starts)) > 1:
@@ -172,6 +174,8 @@ class ShardRunner:
     def _sdpa(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
               mask: torch.Tensor | None) -> torch.Tensor:
         """q (B, nq, T, hd), cached keys/values (B, nkv, L, hd) -> (B, nq, T, hd)."""
+        if q.shape[2] == 1 and mask is None:
+            return self._decode_attention(q, keys, values)
         keys, values = keys.to(self.dtype), values.to(self.dtype)
         if self.regular_gqa:
             return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=False, enable_gqa=True)
@@ -179,11 +183,35 @@ class ShardRunner:
         values = values.index_select(1, self.kv_index)
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
 
+    @staticmethod
+    def _projections(h: torch.Tensor, blk, fused: str, sizes: tuple[int, ...] | None = None) -> list[torch.Tensor]:
+        """The projections of h that FUSED groups under `fused` (q, k, v or gate, up): one matmul
+        by the stacked matrix, split by `sizes` (None: equal parts), or one matmul each for a
+        block whose parts were left separate (GGUF quantization; tpi.weights.slicing)."""
+        if fused in blk:
+            out = linear(h, blk[fused], blk.get(fused + "_bias"))
+            return out.split(sizes, dim=-1) if sizes else out.chunk(len(FUSED[fused]), dim=-1)
+        return [linear(h, blk[p], blk.get(p + "_bias")) for p in FUSED[fused]]
+
+    def _decode_attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """One query position per row (decode), every cached key visible: softmax(q k^T / sqrt(hd)) v
+        with two plain matmuls, in float32. SDPA computes the same, but its CPU kernel tiles for
+        many queries and costs ~4x this for one query over a few hundred keys (measured here)."""
+        B, nq, _, hd = q.shape
+        if self.regular_gqa:  # the query heads of one KV head become rows of one matmul with its keys
+            nkv = keys.shape[1]
+            q = q.reshape(B, nkv, nq // nkv, hd)                                      # (B, nkv, group, hd)
+        else:
+            keys, values = keys.index_select(1, self.kv_index), values.index_select(1, self.kv_index)
+            q = q.reshape(B, nq, 1, hd)                                               # (B, nq, 1, hd)
+        scores = torch.matmul(q.float(), keys.float().transpose(-1, -2)).mul_(self.scale)  # (B, n, rows, L)
+        out = torch.matmul(scores.softmax(-1), values.float())                        # (B, n, rows, hd)
+        return out.to(self.dtype).reshape(B, nq, 1, hd)
+
     def mlp_partial(self, x: torch.Tensor, blk) -> torch.Tensor:
         """This device's share of the MLP output (B, T, H), before the all-reduce."""
         h = rms_norm(x, blk["post_norm"], self.cfg.rms_norm_eps)
-        gate = linear(h, blk["gate"], blk.get("gate_bias"))                            # (B, T, w)
-        up = linear(h, blk["up"], blk.get("up_bias"))                                  # (B, T, w)
+        gate, up = self._projections(h, blk, "gate_up")                                # (B, T, w) each
         return linear(gated(gate, up, self.cfg.hidden_act), blk["down"], blk.get("down_bias"))            # (B, T, H) partial
 
     def _mask(self, positions: torch.Tensor, length: int) -> torch.Tensor | None:

@@ -35,12 +35,12 @@ from tpi.weights.gguf_quant import GroupWeight, take_group_weights
 QUANT_DTYPES = ("int8", "int4")
 INT4_GROUP = 32
 # Local names of the 2-D projection weights of a block (see tpi.weights.slicing).
-PROJECTIONS = frozenset({"q", "k", "v", "o", "gate", "up", "down"})
+PROJECTIONS = frozenset({"q", "k", "v", "o", "gate", "up", "down", "qkv", "gate_up"})
 # Projections each scheme leaves in bfloat16. Per-channel int8 of all seven agrees with the
 # bfloat16 model on 93% of SmolLM2's teacher-forced positions; keeping these four agrees on
 # 97% (the issue's target), at 41% of SmolLM2's projection weights (47% of Llama-2-7B's)
 # kept at 2 bytes. Measurements and what else was tried: docs/quantization.md.
-UNQUANTIZED = {"int8": frozenset({"q", "k", "v", "down"}), "int4": frozenset()}
+UNQUANTIZED = {"int8": frozenset({"q", "k", "v", "qkv", "down"}), "int4": frozenset()}
 QWEIGHT, SCALE, MIN = ".qweight", ".scale", ".min"
 
 
@@ -306,7 +306,13 @@ def kernel_form(q: QuantizedWeight, dtype: torch.dtype) -> "Int8Weight | Int4Wei
     if dtype not in KERNEL_DTYPES:
         return q
     if q.bits == 8:
-        return Int8Weight(q.qweight, q.scale.to(dtype)) if _int8_kernel_fits(q.qweight.shape[1], dtype) else q
+        if not _int8_kernel_fits(q.qweight.shape[1], dtype):
+            return q
+        # The kernel reads the weight with aligned vector loads when it has several input
+        # rows: a weight at an address not a multiple of 16 crashes it (seen in torch 2.13 on
+        # a view into a block file's buffer), so such a weight is copied once.
+        aligned = q.qweight if q.qweight.data_ptr() % 64 == 0 else q.qweight.clone()
+        return Int8Weight(aligned, q.scale.to(dtype))
     if _HAS_INT4_MM and q.group in INT4_KERNEL_GROUPS:
         return repack_int4(q, dtype)
     return q

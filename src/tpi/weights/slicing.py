@@ -3,12 +3,19 @@
 Both the splitter (offline) and tests (sharded == unsharded) use it.
 
 A layer is stored per device as two blocks:
-  attn: input_norm (H)          q (nq*hd, H)   k, v (nkv*hd, H)   o (H, nq*hd)
-        [q_bias, k_bias, v_bias (rows)]   [o_bias (H), device 0 only]
+  attn: input_norm (H)          qkv ((nq + 2 nkv)*hd, H)   o (H, nq*hd)
+        [qkv_bias (rows)]       [o_bias (H), device 0 only]
         [q_norm, k_norm (hd): per-head norms, Qwen3]
-  mlp:  post_norm (H)           gate, up (w, H)   down (H, w)
-        [gate_bias, up_bias (w)]          [down_bias (H), device 0 only]
+  mlp:  post_norm (H)           gate_up (2w, H)   down (H, w)
+        [gate_up_bias (2w)]     [down_bias (H), device 0 only]
 where nq/nkv are the device's query/KV heads, hd the head dim and w its MLP width.
+
+Fused projections. The table below slices q, k, v (and gate, up) one by one; `fuse_projections`
+then stacks each group's rows into one matrix (qkv = [q; k; v], gate_up = [gate; up], the
+biases and a quantized weight's per-row tensors likewise), so a layer multiplies by one
+matrix where it had three (or two): one kernel call, one output buffer. Row stacking
+commutes with slicing and with per-row quantization, so a fused store holds exactly the
+numbers the separate one did.
 
 Pieces. A block bigger than the store's `max_block_bytes` is cut into pieces so that a
 device never holds more than a few pieces at once (the sliding window counts pieces):
@@ -61,6 +68,12 @@ HEAD_TENSORS = {
     "model.norm.weight": "final_norm",
     "lm_head.weight": "lm_head",
 }
+
+# Fused projection -> its parts, stacked by rows in this order (see `fuse_projections`).
+FUSED = {"qkv": ("q", "k", "v"), "gate_up": ("gate", "up")}
+# What a weight `x` may be stored as: x itself, or quantized (tpi.weights.quant: x.qweight,
+# x.scale, x.min, each one row per output row); its bias is x_bias.
+_ROW_SUFFIXES = ("", ".qweight", ".scale", ".min", "_bias")
 
 BLOCK_KINDS = ("attn", "mlp")
 HEAD_KIND = "head"            # the output head: a pseudo-layer after the last one
@@ -139,6 +152,26 @@ def block_pieces(cfg: ModelConfig, shard: DeviceShard, dtype: str, cap: int) -> 
     v0 = shard.vocab[0]
     head = [(v0 + a, v0 + b) for a, b in cut(shard.vocab_size, H * head_elem, cap)]
     return {"attn": [(0, shard.num_q_heads)], "mlp": mlp, HEAD_KIND: head}
+
+
+def fuse_projections(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A block's tensors with each group of FUSED stacked by rows under its fused name
+    (q, k, v -> qkv; gate, up -> gate_up; and their biases / quantized parts alike), except
+    GGUF-quantized parts (`--dtype gguf`), which stay separate (the runtime takes both forms).
+    A group must be whole or absent: a block holding q without k cannot be run."""
+    out = dict(tensors)
+    for fused, parts in FUSED.items():
+        if any(n.startswith(p + ".") and n[len(p):] not in _ROW_SUFFIXES for n in out for p in parts):
+            continue  # a GGUF file's own quantization: its parts may differ in type, left separate
+        for suffix in _ROW_SUFFIXES:
+            present = [p + suffix in out for p in parts]
+            if not any(present):
+                continue
+            if not all(present):
+                raise ValueError(f"cannot fuse {fused}{suffix}: the block has only "
+                                 f"{[p + suffix for p, ok in zip(parts, present) if ok]}")
+            out[fused + suffix] = torch.cat([out.pop(p + suffix) for p in parts])
+    return out
 
 
 def slice_piece(part: torch.Tensor, rule: str, lo: int, hi: int, first: bool) -> torch.Tensor | None:

@@ -21,8 +21,8 @@ from tpi.dtypes import FLOAT_DTYPES
 from tpi.plan import ShardPlan
 from tpi.weights.checkpoint import open_source
 from tpi.weights.gguf_quant import GGUFQuantized
-from tpi.weights.slicing import (DEFAULT_MAX_BLOCK_BYTES, HEAD_KIND, HEAD_TENSORS, block_pieces, parse_layer_name,
-                                 slice_for_device, slice_piece)
+from tpi.weights.slicing import (DEFAULT_MAX_BLOCK_BYTES, HEAD_KIND, HEAD_TENSORS, block_pieces, fuse_projections,
+                                 parse_layer_name, slice_for_device, slice_piece)
 from tpi.weights.quant import QUANT_DTYPES, quant_format, quantize_tensors
 from tpi.weights.store import EMBED_PATH, FORMAT_VERSION, MANIFEST, atomic_write, block_path, write_safetensors
 
@@ -139,7 +139,7 @@ def split_checkpoint(model_dir: str | Path, plan: ShardPlan, out: str | Path, dt
                         blocks.setdefault((shard.rank, kind, p), {}).update(stored(local, piece))
             del source
         for (rank, kind, p), tensors in sorted(blocks.items()):
-            emit(name_of(rank, layer, kind, p), tensors)
+            emit(name_of(rank, layer, kind, p), fuse_projections(tensors))
         del blocks
 
     for fname, data in ckpt.model_files().items():

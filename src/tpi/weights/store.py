@@ -42,7 +42,7 @@ from tpi.host import drop_file_cache
 from tpi.plan import ShardPlan
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 2  # 2: embedding file, vocabulary-split output head, block pieces
+FORMAT_VERSION = 3  # 2: embedding file, vocabulary-split output head, block pieces; 3: fused qkv, gate_up
 
 
 class StoreError(ValueError):

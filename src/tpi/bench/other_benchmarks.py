@@ -10,6 +10,7 @@ from pathlib import Path
 from tpi.bench.tables import mib
 
 OTHER_PAGES = [  # (file, title) folded into the report when present
+    ("docs/benchmarks-decode.md", "Decode speed and memory with default flags"),
     ("docs/benchmarks-allreduce.md", "All-reduce latency"),
     ("docs/benchmarks-inproc.md", "In-process engine vs transformers"),
     ("docs/benchmarks-batching.md", "Batched decoding"),

@@ -154,6 +154,9 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--once", action="store_true", help="exit when the master goes away")
     p.add_argument("--download", action="store_true",
                    help="always fetch shards from the master over HTTP, even if the store path is visible")
+    p.add_argument("--mdns-interface", default=None, metavar="ADDRESS",
+                   help="without --master/--registry: look for the master only on the interface with this "
+                        "address (default: every interface)")
 
 
 def worker_settings(args):
@@ -164,7 +167,7 @@ def worker_settings(args):
     strong_token(args.join_token, args.insecure)
     return WorkerSettings(join_token=args.join_token, master=args.master, registry=args.registry, link=args.link,
                           name=args.name, rank=args.rank, timeout_s=args.timeout, tls_ca=args.tls_ca,
-                          once=args.once, download=args.download)
+                          once=args.once, download=args.download, mdns_interface=args.mdns_interface)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -41,7 +41,7 @@ def run(settings: WorkerSettings) -> int:
     discover = not args.master and registration is None  # find the master on the LAN
     tried: set[str] = set()  # masters found there that refused us or could not be reached
     while True:
-        url = lan_master(tried) if discover else (args.master or master_url(args, registration))
+        url = lan_master(tried, args.mdns_interface) if discover else (args.master or master_url(args, registration))
         if registration is not None and registration.rejected:
             log.error("the master refused this worker: %s", registration.rejected)
             return 3
@@ -125,7 +125,7 @@ def master_url(args, registration) -> str | None:
     return None
 
 
-def lan_master(tried: set[str]) -> str:
+def lan_master(tried: set[str], interface: str | None = None) -> str:
     """Browse the LAN until a master not in `tried` answers; its hub's URL. When every master
     found was tried, try them all again after a pause (one may have been restarted with our
     token, or come back)."""
@@ -133,7 +133,7 @@ def lan_master(tried: set[str]) -> str:
 
     timeout = 2.0
     while True:
-        found = find_masters(timeout)
+        found = find_masters(timeout, interface)
         fresh = [m for m in found if m.url not in tried]
         if fresh:
             log.info("found %r on the LAN at %s (mDNS: not trusted until it proves the join token)",

@@ -121,6 +121,7 @@ class WorkerSettings:
     tls_ca: str | None = None           # PEM to trust for the master's certificate (implies wss://)
     once: bool = False                  # exit when the master goes away
     download: bool = False              # always fetch shards over HTTP
+    mdns_interface: str | None = None   # browse for the master only on the interface with this address
 
 
 @dataclass(frozen=True)

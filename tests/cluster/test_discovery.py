@@ -18,10 +18,11 @@ from procs import Server, free_port, wait_for
 from tpi.cluster.discovery import SERVICE_TYPE, Advertisement, find_masters
 
 TOKEN = "discovery-test-token"
+LOOPBACK = "127.0.0.1"  # every announcement and query of these tests stays on this machine
 
 
 def found_on_port(port: int, timeout: float = 3.0) -> list[str]:
-    return [m.url for m in find_masters(timeout) if m.url.endswith(f":{port}")]
+    return [m.url for m in find_masters(timeout, LOOPBACK) if m.url.endswith(f":{port}")]
 
 
 def test_an_advertised_hub_is_found_then_forgotten():
@@ -38,7 +39,7 @@ def test_a_master_of_another_protocol_is_left_out():
     from zeroconf import ServiceInfo, Zeroconf
 
     port, tls_port = free_port(), free_port()
-    zc = Zeroconf()
+    zc = Zeroconf(interfaces=[LOOPBACK])
     alien = ServiceInfo(SERVICE_TYPE, f"tpi master from the future {port}.{SERVICE_TYPE}", port=port,
                         addresses=[bytes([127, 0, 0, 1])], properties={"scheme": "ws", "protocol": "999"})
     zc.register_service(alien)
@@ -77,7 +78,8 @@ def test_a_worker_with_no_address_skips_an_impostor_and_joins_the_master(tmp_pat
     impostor = StarHub(2, "not-the-token", "127.0.0.1", 0)     # a real hub that cannot prove TOKEN
     fake_ad = Advertisement(impostor.port, host="127.0.0.1")
     log_path = tmp_path / "worker.log"
-    worker = subprocess.Popen([sys.executable, "-m", "tpi_cli", "worker", "--join-token", TOKEN, "--name", "lan-1"],
+    worker = subprocess.Popen([sys.executable, "-m", "tpi_cli", "worker", "--join-token", TOKEN, "--name", "lan-1",
+                               "--mdns-interface", LOOPBACK],
                               stdout=open(log_path, "wb"), stderr=subprocess.STDOUT)
     real = None
     try:

@@ -38,10 +38,12 @@ class FoundMaster:
 
 
 class Advertisement:
-    """The master's hub, announced on every interface until close()."""
+    """The master's hub, announced until close(): on the interfaces of `host` when one is
+    given (a hub on 127.0.0.1 is announced on loopback only, where only this machine hears
+    it), else on every interface."""
 
     def __init__(self, port: int, *, tls: bool = False, host: str | None = None):
-        from zeroconf import ServiceInfo, Zeroconf
+        from zeroconf import InterfaceChoice, ServiceInfo, Zeroconf
 
         hostname = socket.gethostname()
         addresses = host_addresses(host)
@@ -52,7 +54,7 @@ class Advertisement:
             addresses=[socket.inet_pton(_family(a), a) for a in addresses],
             properties={"scheme": "wss" if tls else "ws", "protocol": str(VERSION)},
             server=f"{hostname}.local.")
-        self._zc = Zeroconf()
+        self._zc = Zeroconf(interfaces=addresses if host else InterfaceChoice.All)
         try:
             self._zc.register_service(self.info, allow_name_change=True)
         except BaseException:
@@ -100,11 +102,12 @@ def _nearest_first(addresses: list[str]) -> list[str]:
     return sorted(addresses, key=key)
 
 
-def find_masters(timeout: float = 3.0) -> list[FoundMaster]:
-    """Browse the LAN for up to `timeout` seconds; returns the masters that answered (each
-    resolved to a URL), SETTLE_S after the first one, or [] when none did. Masters that speak
-    another protocol version are left out (and logged)."""
-    from zeroconf import ServiceBrowser, ServiceStateChange, Zeroconf
+def find_masters(timeout: float = 3.0, interface: str | None = None) -> list[FoundMaster]:
+    """Browse the LAN (or only the interface with address `interface`, e.g. 127.0.0.1) for up
+    to `timeout` seconds; returns the masters that answered (each resolved to a URL),
+    SETTLE_S after the first one, or [] when none did. Masters that speak another protocol
+    version are left out (and logged)."""
+    from zeroconf import InterfaceChoice, ServiceBrowser, ServiceStateChange, Zeroconf
 
     names: list[str] = []
     seen = threading.Event()
@@ -114,7 +117,7 @@ def find_masters(timeout: float = 3.0) -> list[FoundMaster]:
             names.append(name)
             seen.set()
 
-    zc = Zeroconf()
+    zc = Zeroconf(interfaces=[interface] if interface else InterfaceChoice.All)
     try:
         browser = ServiceBrowser(zc, SERVICE_TYPE, handlers=[on_change])
         deadline = time.monotonic() + timeout

@@ -36,6 +36,7 @@ log = logging.getLogger("tpi.comm")
 MAGIC = b"TPID"
 MAX_HANDSHAKES = 8
 WAKE_S = 0.1  # a blocked receive wakes this often to check its deadline
+BACKGROUND_BYTES = 64 << 10  # frames this big are sent by the pacer thread (send())
 SOCKET_BUFFER = 4 << 20  # kernel buffers per direction (capped by net.core.[rw]mem_max)
 _LEN = struct.Struct("<I")
 _HELLO = struct.Struct("<4sI")
@@ -60,8 +61,9 @@ class DataSocket:
         """timeout: how long a send may make no progress before the peer counts as lost."""
         self.sock, self.session, self.max_bytes = sock, session, max_bytes
         self.timeout = timeout
-        self._link = link
-        self._pacer = Pacer.shared() if link is not None else None
+        self._link, self._pacer = link, Pacer.shared()
+        self._lock = threading.Lock()
+        self._queued = 0                              # frames handed to the pacer, unsent
         self._buf = bytearray(64 << 10)               # grows to the largest frame seen
         self._view = memoryview(self._buf)
         self._start = self._end = 0                   # unread bytes: _buf[_start:_end]
@@ -79,15 +81,26 @@ class DataSocket:
             sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)  # the sender moves on
 
     def send(self, *chunks) -> None:
-        """Send one frame given as byte chunks (header, payload): no join, no copy."""
+        """Send one frame given as byte chunks (header, payload): no join, no copy. A frame
+        of BACKGROUND_BYTES or more (a prefill's) is copied and left to the pacer thread, so
+        the master's compute overlaps its sends; so is every frame under link emulation."""
         n = sum(len(c) for c in chunks)
         tag = self.session.out.tag(*chunks)
         parts = [_LEN.pack(n + TAG_BYTES), *chunks, tag]
-        if self._link is not None:
-            self._pacer.send_at(self._link.schedule(n + 4 + TAG_BYTES, time.monotonic()),
-                                self, b"".join(parts))
+        with self._lock:
+            direct = self._link is None and n < BACKGROUND_BYTES and not self._queued
+            if not direct:
+                self._queued += 1
+        if direct:
+            self.write_now(parts)
             return
-        self.write_now(parts)
+        at = self._link.schedule(n + 4 + TAG_BYTES, time.monotonic()) if self._link else 0.0
+        self._pacer.send_at(at, self, b"".join(parts))
+
+    def sent(self) -> None:
+        """The pacer wrote one queued frame; later frames may go direct again."""
+        with self._lock:
+            self._queued -= 1
 
     def write_now(self, parts: list) -> None:
         """Write one framed message now (send() or the link pacer calls this)."""

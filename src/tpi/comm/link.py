@@ -122,8 +122,8 @@ class Link:
 
 
 class Pacer:
-    """Sends data-plane frames (dataplane.py) at their emulated delivery times from one
-    background thread, so a delayed frame never blocks the engine thread that sent it.
+    """Sends data-plane frames (dataplane.py) at their emulated delivery times (or at once:
+    large frames) from one background thread, so they never block the engine thread.
     Frames of one connection leave in order (delivery times never decrease per socket)."""
 
     _shared: Pacer | None = None
@@ -162,3 +162,5 @@ class Pacer:
                 dsock.write_now([data])
             except Exception as e:  # noqa: BLE001 - the receiver sees the lost connection
                 log.debug("paced send failed: %s", e)
+            finally:
+                dsock.sent()

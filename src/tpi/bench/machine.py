@@ -47,6 +47,6 @@ def snapshot() -> dict:
 def command_line() -> str:
     """The command that is running, as a user would type it."""
     argv = list(sys.argv)
-    if argv and argv[0].endswith(("/tpi", "cli.py")):
+    if argv and argv[0].endswith(("/tpi", "tpi_cli/main.py", "cli/__main__.py", "cli/main.py")):
         argv[0] = "tpi"
     return " ".join(shlex.quote(a) for a in argv)

@@ -71,7 +71,7 @@ def _serve_budgeted(port: int, devices: int, dtype: str, slots: int, budget: str
     from tpi.settings import RuntimeOptions
     from tpi.engine import build_inproc_engine
     from tpi.settings import ModelSettings
-    from tpi.weights.scheduler import parse_size
+    from tpi.weights.budget import parse_size
     from tpi_master.http_api import serve
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)

@@ -188,7 +188,8 @@ def idle_rss(imports: str, tokenizer_dir: Path | None = None) -> int:
 def cmd_run(args) -> None:
     from tpi.settings import RuntimeOptions
     from tpi.engine import kv_cache_bytes
-    from tpi.weights.scheduler import block_costs, parse_size
+    from tpi.weights.retention import block_costs
+    from tpi.weights.budget import parse_size
     from tpi.weights.store import ShardStore
 
     store = ShardStore(args.store)

@@ -22,7 +22,7 @@ def device_main(args) -> None:
     from tpi.settings import RuntimeOptions
     from tpi.engine import build_runner, open_embedding
     from tpi.host import peak_rss_bytes, rss_bytes
-    from tpi.weights.scheduler import block_costs
+    from tpi.weights.retention import block_costs
     from tpi.weights.store import ShardStore
 
     rank, world = args.rank, args.world

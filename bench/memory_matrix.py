@@ -22,7 +22,7 @@ def slice_info(store_dir: Path, world: int) -> dict:
 
     from tpi.settings import RuntimeOptions
     from tpi.engine import kv_cache_bytes
-    from tpi.weights.scheduler import block_costs
+    from tpi.weights.retention import block_costs
     from tpi.weights.store import ShardStore
 
     store = ShardStore(store_dir)
@@ -61,7 +61,7 @@ def systems(args, info: dict) -> list[tuple[str, dict]]:
 
 
 def cmd_run(args) -> None:
-    from tpi.weights.scheduler import parse_size
+    from tpi.weights.budget import parse_size
 
     args.limit = parse_size(args.limit)
     stores = Path(args.stores)

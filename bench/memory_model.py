@@ -63,7 +63,7 @@ def make_model(out: Path, seed: int = 0) -> None:
 
 def cmd_split(args) -> None:
     """Split the model into the stores the matrix uses, each in a cgroup, recording peaks."""
-    from tpi.weights.scheduler import parse_size
+    from tpi.weights.budget import parse_size
     from tpi.weights.slicing import DEFAULT_MAX_BLOCK_BYTES
 
     max_block = parse_size(args.max_block_size) if args.max_block_size else DEFAULT_MAX_BLOCK_BYTES

@@ -37,10 +37,34 @@ TINY_FAMILIES = {
         num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2, head_dim=24,
         tie_word_embeddings=False, max_position_embeddings=512, attention_bias=False,
     ),
+    # Sliding layers (window 6, shorter than the tests' prompts) with their own RoPE base around a
+    # global one with linear scaling; query_pre_attn_scalar is not head_dim; softcapped logits.
+    "gemma3": dict(
+        architectures=["Gemma3ForCausalLM"], model_type="gemma3_text", hidden_size=96, intermediate_size=192,
+        num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=2, head_dim=32,
+        query_pre_attn_scalar=24, sliding_window=6, hidden_activation="gelu_pytorch_tanh",
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1000000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+        final_logit_softcapping=30.0, tie_word_embeddings=False, max_position_embeddings=512,
+    ),
+    # Mixtures of experts: expert counts that 2, 3, 4 and 5 devices do not divide (Qwen3-MoE's 3
+    # experts on 4 or 5 devices are split by columns); Qwen3-MoE without renormalised weights.
+    "mixtral": dict(
+        architectures=["MixtralForCausalLM"], model_type="mixtral", hidden_size=96, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2, num_local_experts=7,
+        num_experts_per_tok=2, tie_word_embeddings=False, max_position_embeddings=512,
+    ),
+    "qwen3_moe": dict(
+        architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", hidden_size=96, intermediate_size=256,
+        moe_intermediate_size=128, num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
+        head_dim=16, num_experts=3, num_experts_per_tok=2, norm_topk_prob=False,
+        tie_word_embeddings=False, max_position_embeddings=512,
+    ),
 }
 # Families whose norm weights get random values (HF initialises them to 1, or 0 for Gemma's
 # (1 + w)): a norm applied in the wrong place or not at all must change the tokens.
-RANDOM_NORMS = {"qwen3"}
+RANDOM_NORMS = {"qwen3", "gemma3", "qwen3_moe"}
 
 
 def make_tiny_model(family: str, out: Path, smollm2: Path, init_range: float = 0.2) -> Path:
@@ -48,8 +72,8 @@ def make_tiny_model(family: str, out: Path, smollm2: Path, init_range: float = 0
     from transformers import AutoConfig, AutoModelForCausalLM
 
     spec = dict(TINY_FAMILIES[family])
-    spec.update(vocab_size=49152, rms_norm_eps=1e-5, hidden_act="silu", initializer_range=init_range,
-                bos_token_id=1, eos_token_id=2)
+    spec.update(vocab_size=49152, rms_norm_eps=1e-5, initializer_range=init_range, bos_token_id=1, eos_token_id=2)
+    spec.setdefault("hidden_activation" if "hidden_activation" in spec else "hidden_act", "silu")
     model_type = spec.pop("model_type")
     config = AutoConfig.for_model(model_type, **spec)
     torch.manual_seed(1234)

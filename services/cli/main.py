@@ -21,7 +21,7 @@ def device_weights(args) -> list[float]:
 
 def model_settings(args):
     from tpi.settings import ModelSettings
-    from tpi.weights.scheduler import parse_size
+    from tpi.weights.budget import parse_size
     from tpi.weights.slicing import DEFAULT_MAX_BLOCK_BYTES
 
     return ModelSettings(source=args.model, weights=tuple(device_weights(args)),
@@ -60,7 +60,7 @@ def add_memory_args(p: argparse.ArgumentParser) -> None:
 
 def runtime_options(args, num_slots: int = 1):
     from tpi.settings import RuntimeOptions
-    from tpi.weights.scheduler import parse_size
+    from tpi.weights.budget import parse_size
 
     return RuntimeOptions(
         dtype=args.dtype, compute_dtype=args.compute_dtype, max_seq=args.max_seq, num_slots=num_slots,

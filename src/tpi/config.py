@@ -13,9 +13,12 @@ SUPPORTED_ARCHITECTURES = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "Gemma3ForCausalLM": "gemma3",
+    "MixtralForCausalLM": "mixtral",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
 }
 # Gate activations of the gated MLP: HF `hidden_act` / `hidden_activation` -> our name.
-ACTIVATIONS = {"silu": "silu"}
+ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 
 
 class UnsupportedModelError(ValueError):
@@ -56,13 +59,39 @@ class ModelConfig:
     sliding_window: int | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
-    qk_norm: bool = False      # per-head RMSNorm of queries and keys before RoPE (Qwen3)
+    qk_norm: bool = False      # per-head RMSNorm of queries and keys before RoPE (Qwen3, Gemma 3)
     hidden_act: str = "silu"   # the MLP gate's activation (tpi.model.layers.ACTIVATIONS)
+    # Gemma 3
+    norm_offset: float = 0.0   # RMSNorm scales by (norm_offset + w), in float32 (Gemma: 1)
+    sandwich_norms: bool = False  # the attention and MLP outputs are normed too (after the all-reduce)
+    embed_scale: float | None = None  # embeddings are multiplied by this (Gemma: sqrt(hidden))
+    attn_scale: float | None = None   # softmax scale of q.k (None: head_dim ** -0.5)
+    final_logit_softcap: float | None = None  # logits -> cap * tanh(logits / cap)
+    layer_types: tuple[str, ...] = ()  # per layer "sliding" | "full"; () : all "sliding" if sliding_window
+    local_rope_theta: float | None = None  # RoPE base of the sliding layers (no scaling there)
+    # Mixture of experts (Mixtral, Qwen3-MoE): every layer's MLP is `num_experts` gated MLPs of
+    # width `intermediate_size`, of which a router picks `experts_per_token` per token.
+    num_experts: int = 0
+    experts_per_token: int = 0
+    norm_topk_prob: bool = False  # the chosen experts' weights are renormalised to sum to 1
 
     @property
     def group_size(self) -> int:
         """Query heads per KV head."""
         return self.num_heads // self.num_kv_heads
+
+    def layer_type(self, layer: int) -> str:
+        """'sliding' (attends to the last `sliding_window` positions) or 'full'."""
+        if self.layer_types:
+            return self.layer_types[layer]
+        return "sliding" if self.sliding_window else "full"
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    def window(self, layer_type: str) -> int | None:
+        return self.sliding_window if layer_type == "sliding" else None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -73,6 +102,7 @@ class ModelConfig:
         if data.get("rope_scaling"):
             data["rope_scaling"] = RopeScaling(**data["rope_scaling"])
         data["eos_token_ids"] = tuple(data.get("eos_token_ids", ()))
+        data["layer_types"] = tuple(data.get("layer_types", ()))
         return cls(**data)
 
 
@@ -102,18 +132,21 @@ def parse_hf_config(hf: dict) -> ModelConfig:
         raise UnsupportedModelError(f"{num_heads} query heads are not a multiple of {num_kv} KV heads")
     hidden = hf["hidden_size"]
     head_dim = hf.get("head_dim") or hidden // num_heads
-    scaling = _parse_rope_scaling(hf.get("rope_scaling") or hf.get("rope_parameters"), arch)
-    rope_theta = hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta") or 10000.0
+    rope = hf.get("rope_scaling") or hf.get("rope_parameters")
+    if family == "gemma3":  # one RoPE per layer type; the global layers' is the model's
+        rope = (hf.get("rope_parameters") or {}).get("full_attention") or hf.get("rope_scaling")
+    scaling = _parse_rope_scaling(rope, arch)
+    rope_theta = hf.get("rope_theta") or (rope or {}).get("rope_theta") or 10000.0
     sliding = None
     if family == "mistral":
         sliding = hf.get("sliding_window")
     elif family == "qwen2" and hf.get("use_sliding_window"):
         sliding = hf.get("sliding_window")
-    elif family == "qwen3" and hf.get("use_sliding_window"):
+    elif family in ("qwen3", "qwen3_moe") and hf.get("use_sliding_window"):
         raise UnsupportedModelError(f"{arch} with use_sliding_window: not supported (no released Qwen3 uses it)")
     eos = hf.get("eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
-    return ModelConfig(
+    fields = dict(
         architecture=arch,
         family=family,
         hidden_size=hidden,
@@ -134,9 +167,61 @@ def parse_hf_config(hf: dict) -> ModelConfig:
         sliding_window=sliding,
         bos_token_id=hf.get("bos_token_id"),
         eos_token_ids=eos_ids,
-        qk_norm=family == "qwen3",
+        qk_norm=family in ("qwen3", "qwen3_moe"),
         hidden_act=ACTIVATIONS[act],
     )
+    if family in FAMILY_FIELDS:
+        fields.update(FAMILY_FIELDS[family](hf, arch))
+    return ModelConfig(**fields)
+
+
+def _gemma3_fields(hf: dict, arch: str) -> dict:
+    """Gemma 3 text models: (1 + w) norms around attention and MLP, scaled embeddings, q/k
+    norm, query_pre_attn_scalar, sliding layers interleaved with global ones (own RoPE base)."""
+    if hf.get("attn_logit_softcapping") is not None:
+        raise UnsupportedModelError(f"{arch} with attn_logit_softcapping: not supported (Gemma 3 sets none)")
+    if hf.get("use_bidirectional_attention"):
+        raise UnsupportedModelError(f"{arch} with use_bidirectional_attention: only causal attention is supported")
+    types = hf.get("layer_types") or ["full_attention"] * hf["num_hidden_layers"]
+    kinds = {"sliding_attention": "sliding", "full_attention": "full"}
+    if any(t not in kinds for t in types):
+        raise UnsupportedModelError(f"{arch} with layer types {sorted(set(types))}: only sliding/full attention")
+    local = ((hf.get("rope_parameters") or {}).get("sliding_attention") or {})
+    if (local.get("rope_type") or "default") != "default":
+        raise UnsupportedModelError(f"{arch}: sliding layers with RoPE of type {local['rope_type']!r}")
+    cap = hf.get("final_logit_softcapping")
+    return dict(
+        qk_norm=True, norm_offset=1.0, sandwich_norms=True,
+        embed_scale=float(hf["hidden_size"]) ** 0.5,
+        attn_scale=float(hf["query_pre_attn_scalar"]) ** -0.5,
+        final_logit_softcap=None if cap is None else float(cap),
+        sliding_window=hf.get("sliding_window"),
+        layer_types=tuple(kinds[t] for t in types),
+        local_rope_theta=float(local.get("rope_theta") or hf.get("rope_local_base_freq") or 10000.0),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
+    )
+
+
+def _mixtral_fields(hf: dict, arch: str) -> dict:
+    """Mixtral: every layer sparse, the chosen experts' weights always renormalised."""
+    return dict(num_experts=int(hf["num_local_experts"]), experts_per_token=int(hf["num_experts_per_tok"]),
+                norm_topk_prob=True, sliding_window=hf.get("sliding_window"))
+
+
+def _qwen3_moe_fields(hf: dict, arch: str) -> dict:
+    """Qwen3-MoE: experts of width moe_intermediate_size; renormalised if norm_topk_prob."""
+    L = hf["num_hidden_layers"]
+    step = hf.get("decoder_sparse_step") or 1
+    dense = sorted(set(hf.get("mlp_only_layers") or []) | {i for i in range(L) if (i + 1) % step})
+    if dense:
+        raise UnsupportedModelError(f"{arch} with dense MLP layers {dense}: only all-sparse layers are supported")
+    return dict(num_experts=int(hf.get("num_experts") or hf["num_local_experts"]), experts_per_token=int(hf["num_experts_per_tok"]),
+                norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+                intermediate_size=int(hf["moe_intermediate_size"]))
+
+
+# family -> its fields beyond the Llama ones, from the HF config (each a small function)
+FAMILY_FIELDS = {"gemma3": _gemma3_fields, "mixtral": _mixtral_fields, "qwen3_moe": _qwen3_moe_fields}
 
 
 def _parse_rope_scaling(rs: dict | None, arch: str) -> RopeScaling | None:
@@ -145,8 +230,10 @@ def _parse_rope_scaling(rs: dict | None, arch: str) -> RopeScaling | None:
     kind = rs.get("rope_type") or rs.get("type")
     if kind in (None, "default"):
         return None
+    if kind == "linear":
+        return RopeScaling(factor=float(rs["factor"]), kind="linear")
     if kind != "llama3":
-        raise UnsupportedModelError(f"{arch} with rope_scaling of type {kind!r}: only llama3 is supported")
+        raise UnsupportedModelError(f"{arch} with rope_scaling of type {kind!r}: only llama3 and linear are supported")
     return RopeScaling(
         factor=float(rs["factor"]),
         low_freq_factor=float(rs["low_freq_factor"]),

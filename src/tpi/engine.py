@@ -166,7 +166,8 @@ def build_runner(store: ShardStore, rank: int, opts: RuntimeOptions, devices_in_
     The budget (`opts.memory_budget`, else derived from this process's cgroup limit, shared
     by `devices_in_process`) covers the device's layer weights and its KV cache; the
     scheduler gets what the KV cache leaves."""
-    from tpi.weights.scheduler import MemoryBudgetError, SlidingWindowBlocks, default_device_budget, format_size
+    from tpi.weights.budget import MemoryBudgetError, default_device_budget, format_size
+    from tpi.weights.scheduler import SlidingWindowBlocks
 
     if not opts.scheduler:
         return load_resident_runner(store, rank, opts)
@@ -230,7 +231,7 @@ def build_inproc_engine(model: ModelSettings, opts: RuntimeOptions) -> Engine:
     n = store.plan.world_size
     if opts.scheduler and opts.memory_budget is None:
         # One process holds every device: share what the limit leaves.
-        from tpi.weights.scheduler import default_device_budget
+        from tpi.weights.budget import default_device_budget
 
         opts = replace(opts, memory_budget=default_device_budget(n))
     runners = []

@@ -9,6 +9,14 @@ Naming (Megatron/vLLM convention): q/k/v and gate/up are *column-parallel* (each
 holds some output rows of the weight, no communication); o_proj and down_proj are
 *row-parallel* (each device holds the matching input columns and produces a partial sum
 that the all-reduce adds up). A row-parallel bias is added by device 0 only.
+
+Mixture of experts (expert parallelism): attention is split as above; whole experts go to
+devices in proportion to their weights (`experts`, uneven counts; every device its own
+range), each device holding all of their columns (`mlp_cols` = the whole expert). With more
+devices than experts, each expert goes to a group of devices (groups as equal in size as
+possible) that split its columns by weight: then every device holds one expert's
+`mlp_cols`. The router is replicated. Either way a device's expert outputs are a partial sum
+of the MLP output, added by the same all-reduce a dense MLP uses.
 """
 from __future__ import annotations
 
@@ -33,6 +41,7 @@ class DeviceShard:
     mlp_cols: tuple[int, int]     # [start, end) columns of the intermediate dimension
     adds_row_bias: bool           # device 0 adds the biases of row-parallel layers
     vocab: tuple[int, int] = (0, 0)  # [start, end) token ids whose output-head rows it scores
+    experts: tuple[int, int] = (0, 0)  # [start, end) experts it holds (columns mlp_cols of each)
 
     @property
     def num_q_heads(self) -> int:
@@ -45,6 +54,13 @@ class DeviceShard:
     @property
     def mlp_width(self) -> int:
         return self.mlp_cols[1] - self.mlp_cols[0]
+
+    @property
+    def num_experts(self) -> int:
+        return self.experts[1] - self.experts[0]
+
+    def holds_expert(self, expert: int) -> bool:
+        return self.experts[0] <= expert < self.experts[1]
 
     @property
     def vocab_size(self) -> int:
@@ -73,6 +89,7 @@ class ShardPlan:
                 mlp_cols=tuple(s["mlp_cols"]),
                 adds_row_bias=s["adds_row_bias"],
                 vocab=tuple(s["vocab"]),
+                experts=tuple(s.get("experts", (0, 0))),
             )
             for s in data["shards"]
         )
@@ -92,21 +109,50 @@ def make_plan(cfg: ModelConfig, weights: list[float] | tuple[float, ...]) -> Sha
             f"every device needs at least one head (use at most {cfg.num_heads} devices)"
         )
     head_counts = proportional_split(cfg.num_heads, weights, unit=1)
-    align = MLP_ALIGN if cfg.intermediate_size >= MLP_ALIGN * n else 1
-    mlp_counts = proportional_split(cfg.intermediate_size, weights, unit=align)
+    if cfg.is_moe:
+        experts, mlp_cols = expert_placement(cfg, weights)
+    else:
+        mlp_cols = _ranges(proportional_split(cfg.intermediate_size, weights, unit=_mlp_align(cfg, n)))
+        experts = [(0, 0)] * n
     if cfg.vocab_size >= 1 << 24:
         # token ids travel as float32 in the output head's top-k exchange (exact below 2^24)
         raise PlanError(f"a vocabulary of {cfg.vocab_size} tokens is too large (at most {1 << 24})")
     vocab_counts = proportional_split(cfg.vocab_size, weights, unit=1)
     shards = []
-    h0 = c0 = v0 = 0
+    heads, vocab = _ranges(head_counts), _ranges(vocab_counts)
     for rank in range(n):
-        h1, c1, v1 = h0 + head_counts[rank], c0 + mlp_counts[rank], v0 + vocab_counts[rank]
+        h0, h1 = heads[rank]
         kv0 = h0 // cfg.group_size
         kv1 = (h1 - 1) // cfg.group_size + 1
-        shards.append(DeviceShard(rank, (h0, h1), (kv0, kv1), (c0, c1), adds_row_bias=rank == 0, vocab=(v0, v1)))
-        h0, c0, v0 = h1, c1, v1
+        shards.append(DeviceShard(rank, (h0, h1), (kv0, kv1), mlp_cols[rank], adds_row_bias=rank == 0,
+                                  vocab=vocab[rank], experts=experts[rank]))
     return ShardPlan(tuple(float(w) for w in weights), tuple(shards))
+
+
+def expert_placement(cfg: ModelConfig, weights) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """Per device: its [start, end) experts and the [start, end) columns of each it holds."""
+    n, E, width = len(weights), cfg.num_experts, cfg.intermediate_size
+    if n <= E:  # whole experts, counts in proportion to the weights
+        return _ranges(proportional_split(E, weights)), [(0, width)] * n
+    experts, cols = [], []
+    for e, (d0, d1) in enumerate(_ranges(proportional_split(n, [1.0] * E))):  # expert e's devices
+        group = weights[d0:d1]
+        experts += [(e, e + 1)] * len(group)
+        cols += _ranges(proportional_split(width, group, unit=_mlp_align(cfg, len(group))))
+    return experts, cols
+
+
+def _mlp_align(cfg: ModelConfig, n: int) -> int:
+    return MLP_ALIGN if cfg.intermediate_size >= MLP_ALIGN * n else 1
+
+
+def _ranges(counts: list[int]) -> list[tuple[int, int]]:
+    """Consecutive [start, end) ranges of these sizes from 0."""
+    out, start = [], 0
+    for c in counts:
+        out.append((start, start + c))
+        start += c
+    return out
 
 
 def proportional_split(total: int, weights, unit: int = 1) -> list[int]:

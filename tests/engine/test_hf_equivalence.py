@@ -49,3 +49,34 @@ def test_random_model_greedy_matches_transformers(tiny_model, family, weights):
     expected = hf_greedy(model_dir, prompt, NEW_TOKENS)
     assert len(set(expected)) > 3, "the reference output is degenerate; the test would prove little"
     assert tpi_greedy(model_dir, weights, prompt) == expected
+
+
+def test_gemma3_prompt_longer_than_its_sliding_window(tiny_model):
+    """Gemma 3's sliding layers must forget what lies beyond the window, its global ones not."""
+    from tpi.config import load_model_config
+
+    model_dir = tiny_model("gemma3")
+    window = load_model_config(model_dir).sliding_window
+    prompt = [1, *range(300, 300 + 3 * window)]
+    assert len(prompt) > window
+    expected = hf_greedy(model_dir, prompt, 12)
+    assert tpi_greedy(model_dir, [1.0, 3.0], prompt, new_tokens=12) == expected
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_moe_on_four_uneven_devices(tiny_model, family):
+    """4 devices: Mixtral's 7 experts go 2/1/2/2 by weight; Qwen3-MoE's 3 experts cannot go
+    whole, so the first is split by columns between the first two devices."""
+    from tpi.config import load_model_config
+    from tpi.plan import make_plan
+
+    model_dir = tiny_model(family)
+    weights = [2.0, 1.0, 1.5, 2.0]
+    placed = [(s.experts, s.mlp_cols) for s in make_plan(load_model_config(model_dir), weights).shards]
+    assert placed == {"mixtral": [((0, 2), (0, 128)), ((2, 3), (0, 128)), ((3, 5), (0, 128)), ((5, 7), (0, 128))],
+                      "qwen3_moe": [((0, 1), (0, 64)), ((0, 1), (64, 128)), ((1, 2), (0, 128)),
+                                    ((2, 3), (0, 128))]}[family]
+    prompt = [1, 504, 3458, 282, 4649, 314, 9889, 30, 57, 1000, 20000]
+    expected = hf_greedy(model_dir, prompt, NEW_TOKENS)
+    assert len(set(expected)) > 3, "the reference output is degenerate; the test would prove little"
+    assert tpi_greedy(model_dir, weights, prompt) == expected

@@ -11,7 +11,7 @@ from text_sample import DECLARATION
 from tpi.settings import RuntimeOptions
 from tpi.engine import build_inproc_engine, kv_cache_bytes, prepare_store
 from tpi.settings import ModelSettings
-from tpi.weights.scheduler import block_costs
+from tpi.weights.retention import block_costs
 from tpi.model.layers import linear
 from tpi.model.sampling import SamplingParams
 from tpi.weights.quant import (DenseWeight, Int4Weight, Int8Weight, QuantizedWeight, repack_int4, int4_kernel_bytes,

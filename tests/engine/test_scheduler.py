@@ -16,7 +16,9 @@ from tpi.engine import build_inproc_engine, kv_cache_bytes, prepare_store
 from tpi.settings import ModelSettings
 from tpi.model.blocks import ResidentBlocks
 from tpi.model.sampling import SamplingParams
-from tpi.weights.scheduler import (MemoryBudgetError, SlidingWindowBlocks, block_costs, parse_size, plan_retention)
+from tpi.weights.budget import MemoryBudgetError, parse_size
+from tpi.weights.scheduler import SlidingWindowBlocks
+from tpi.weights.retention import block_costs, plan_retention
 from tpi.weights.slicing import DEFAULT_MAX_BLOCK_BYTES
 from tpi.weights.store import StoreError
 

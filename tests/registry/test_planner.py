@@ -8,7 +8,7 @@ import pytest
 from tpi.cluster.capability import DeviceCapability, measure, probe_compute, probe_disk
 from tpi.config import parse_hf_config
 from tpi.plan import PlanError
-from tpi.weights.scheduler import MemoryBudgetError
+from tpi.weights.budget import MemoryBudgetError
 from tpi.cluster.estimate import HOPS_PER_ALL_REDUCE, Link, PlannerSettings, all_reduces_per_token, estimate
 from tpi.cluster.planner import plan_cluster, plan_weights
 
@@ -159,7 +159,7 @@ def test_streamed_bytes_match_the_scheduler_on_a_real_store(tiny_model, tmp_path
 
     from tpi.engine import prepare_store
     from tpi.cluster.estimate import piece_costs
-    from tpi.weights.scheduler import block_costs, plan_retention
+    from tpi.weights.retention import block_costs, plan_retention
 
     # Pieces of at most 256 KiB: the head slices of this tiny model (49152 x 96) are cut.
     cap = 256 << 10

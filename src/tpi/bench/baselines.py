@@ -80,7 +80,7 @@ def run_baselines(args) -> int:
     from tpi.bench import cgroup
     from tpi.bench.testbed import model_slug
     from tpi.host import drop_page_cache
-    from tpi.weights.scheduler import parse_size
+    from tpi.weights.budget import parse_size
     from tpi.weights.sources import resolve_model
 
     model_dir = str(resolve_model(args.model))

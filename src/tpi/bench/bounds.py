@@ -108,7 +108,7 @@ def disk_mbps(machine_cap: dict) -> float:
 def parse_size(text: str | None) -> int | None:
     if not text:
         return None
-    from tpi.weights.scheduler import parse_size as ps
+    from tpi.weights.budget import parse_size as ps
 
     return ps(text)
 
@@ -166,7 +166,7 @@ def bounds(cfg, run: dict, machine_cap: dict) -> dict:
         # The runtime's rule (limit - the process's RSS - headroom), with the RSS of an idle
         # worker process: the budget it derives in a container of that limit, give or take
         # what the process holds beyond the idle runtime when it builds its runner.
-        from tpi.weights.scheduler import default_device_budget
+        from tpi.weights.budget import default_device_budget
 
         def rule(limit: str) -> int:
             return default_device_budget(1, limit=docker_size(limit), rss=IDLE_RSS_BYTES)

@@ -97,7 +97,7 @@ def plot_memory(rows: list[dict], baselines: list[dict], title: str, path: Path)
 
 def derived_budget(mem_limit: str) -> int:
     from tpi.bench.bounds import IDLE_RSS_BYTES, docker_size
-    from tpi.weights.scheduler import default_device_budget
+    from tpi.weights.budget import default_device_budget
 
     return default_device_budget(1, limit=docker_size(mem_limit), rss=IDLE_RSS_BYTES)
 

@@ -11,7 +11,8 @@ from typing import Sequence
 from tpi.cluster.capability import DeviceCapability
 from tpi.config import ModelConfig
 from tpi.plan import DeviceShard, PlanError, ShardPlan
-from tpi.weights.scheduler import MemoryBudgetError, plan_retention
+from tpi.weights.budget import MemoryBudgetError
+from tpi.weights.retention import plan_with_experts
 from tpi.weights.slicing import DEFAULT_MAX_BLOCK_BYTES, block_pieces
 from tpi.weights.store import aligned_bytes, execution_order
 
@@ -232,7 +233,7 @@ def estimate(cfg: ModelConfig, plan: ShardPlan, devices: Sequence[DeviceCapabili
 
 def piece_costs(cfg: ModelConfig, shard: DeviceShard, settings: PlannerSettings) -> tuple[list[int], list[int]]:
     """(cost, file bytes) of each of the device's pieces in execution order, as the splitter
-    cuts them and the scheduler counts them (`tpi.weights.scheduler.block_costs`): the file
+    cuts them and the scheduler counts them (`tpi.weights.retention.block_costs`): the file
     rounded up to whole pages plus its dtype conversions. The header is estimated."""
     H = cfg.hidden_size
     sb, hb = DTYPE_BYTES[settings.storage_dtype], settings.held_bytes
@@ -251,6 +252,10 @@ def piece_costs(cfg: ModelConfig, shard: DeviceShard, settings: PlannerSettings)
             params = attn_params(cfg, shard.num_q_heads, shard.num_kv_heads, row_bias)
             tensors = 5 + 3 * cfg.attention_bias + (cfg.o_bias and row_bias)
             out.append(piece(params, tensors, sb, hb))
+        elif kind == "mlp" and cfg.is_moe:  # post_norm (H), router (E, H)
+            out.append(piece(H + cfg.num_experts * H, 2, sb, hb))
+        elif kind == "expert":  # gate_up (2w, H), down (H, w)
+            out.append(piece(3 * H * shard.mlp_width, 2, sb, hb))
         elif kind == "mlp":
             cols, down_bias = hi - lo, cfg.mlp_bias and row_bias and p == 0  # the row bias lives in piece 0
             params = H + 3 * H * cols + (2 * cols if cfg.mlp_bias else 0) + (H if down_bias else 0)
@@ -266,7 +271,9 @@ def _device_estimate(cfg: ModelConfig, shard: DeviceShard, d: DeviceCapability, 
     nq, nkv, cols = shard.num_q_heads, shard.num_kv_heads, shard.mlp_width
     speed = d.gflops * 1e9
     a_ms = attn_flops(cfg, nq, nkv, settings.context) / speed * 1e3
-    m_ms = mlp_flops(cfg, cols) / speed * 1e3
+    # a mixture of experts: per token each expert is chosen with probability k/E (uniform routing)
+    chosen = shard.num_experts * cfg.experts_per_token / cfg.num_experts if cfg.is_moe else 1.0
+    m_ms = mlp_flops(cfg, cols) * chosen / speed * 1e3
     h_ms = head_flops(cfg, shard.vocab_size) / speed * 1e3
     costs, files = piece_costs(cfg, shard, settings)
     kv = int(kv_bytes(cfg, nkv, settings))
@@ -274,8 +281,12 @@ def _device_estimate(cfg: ModelConfig, shard: DeviceShard, d: DeviceCapability, 
     try:
         if budget <= 0:
             raise MemoryBudgetError("the KV cache fills the budget")
-        retention = plan_retention(costs, settings.window_blocks, budget)
-        streamed, held, feasible = sum(files[i] for i in retention.streamed), retention.planned_bytes, True
+        kinds = [kind for _, kind, _ in execution_order(cfg.num_layers, block_pieces(
+            cfg, shard, settings.storage_dtype, settings.max_block_bytes))]
+        retention = plan_with_experts(costs, [k == "expert" for k in kinds], settings.window_blocks, budget)
+        streamed = sum(files[i] for i in retention.streamed) \
+            + round(sum(files[i] for i in retention.on_demand) * chosen / max(1, shard.num_experts))
+        held, feasible = retention.planned_bytes, True
     except MemoryBudgetError:
         streamed, held, feasible = sum(files), max(budget, 0), False  # cannot run: say what it would read
     disk_ms = streamed / (d.disk_mbps * 1e6) * 1e3

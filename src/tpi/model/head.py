@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tpi.config import ModelConfig
 from tpi.model.layers import linear, rms_norm
 
 DEFAULT_TOPK = 128
@@ -37,12 +38,16 @@ def head_topk(vocab_sizes: list[int], wanted: int = DEFAULT_TOPK) -> int:
     return min([wanted, *vocab_sizes])
 
 
-def piece_topk(h: torch.Tensor, blk, k: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def piece_topk(h: torch.Tensor, blk, k: int, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """h (R, H) final hidden states -> the best min(k, rows) logits of this head piece,
-    values (R, k') float32 and global token ids (R, k') int64."""
-    hn = rms_norm(h, blk["final_norm"], eps)
+    values (R, k') float32 and global token ids (R, k') int64. Softcapping (Gemma), being
+    increasing, is applied to the chosen values only: the same top k."""
+    hn = rms_norm(h, blk["final_norm"], cfg.rms_norm_eps, cfg.norm_offset)
     logits = linear(hn, blk["lm_head"]).float()                  # (R, rows of the piece)
     values, idx = torch.topk(logits, min(k, logits.shape[-1]), dim=-1)
+    cap = cfg.final_logit_softcap
+    if cap is not None:
+        values = torch.tanh(values / cap) * cap
     return values, idx + int(blk["rows"][0])
 
 

@@ -14,11 +14,14 @@ from tpi.config import ModelConfig
 from tpi.weights.quant import QUANTIZED_KINDS
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """HF LlamaRMSNorm: normalise in float32, cast back, then scale."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
+    """HF LlamaRMSNorm: normalise in float32, cast back, then scale. With an offset (Gemma):
+    scale by (offset + w) in float32, then cast back."""
     dtype = x.dtype
     h = x.to(torch.float32)
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    if offset:
+        return (h * (offset + weight.float())).to(dtype)
     return weight * h.to(dtype)
 
 
@@ -30,13 +33,19 @@ def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.T
     return F.linear(x, weight, bias)
 
 
-def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
-    """Inverse frequencies (head_dim/2,), float32, with llama3 scaling applied if configured."""
+def rope_inv_freq(cfg: ModelConfig, layer_type: str = "full") -> torch.Tensor:
+    """Inverse frequencies (head_dim/2,), float32, of the layers of `layer_type`: the model's
+    base with llama3 or linear scaling if configured; a sliding layer of a model with its own
+    local base (Gemma 3) uses that base, unscaled."""
     dim = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    rs = cfg.rope_scaling
+    local = layer_type == "sliding" and cfg.local_rope_theta is not None
+    theta = cfg.local_rope_theta if local else cfg.rope_theta
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    rs = None if local else cfg.rope_scaling
     if rs is None:
         return inv_freq
+    if rs.kind == "linear":
+        return inv_freq / rs.factor
     low_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
     high_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
     wavelen = 2 * math.pi / inv_freq
@@ -65,7 +74,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 # The gate activations of the gated MLP (ModelConfig.hidden_act).
-ACTIVATIONS = {"silu": F.silu}
+ACTIVATIONS = {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 
 def gated(gate: torch.Tensor, up: torch.Tensor, act: str = "silu") -> torch.Tensor:

@@ -18,6 +18,7 @@ from tpi.config import ModelConfig
 from tpi.model.blocks import BlockSource
 from tpi.model.head import Candidates, merge_topk, pack, piece_topk
 from tpi.model.kvcache import KVCache
+from tpi.model.moe import mix_experts, route
 from tpi.model.layers import apply_rope, gated, linear, rms_norm, rope_cos_sin, rope_inv_freq
 from tpi.plan import DeviceShard
 from tpi.weights.slicing import FUSED
@@ -29,9 +30,8 @@ class StepContext:
     slots: list[int]
     starts: list[int]
     length: int                   # keys visible after this step: max(starts) + T
-    cos: torch.Tensor             # (B, T, head_dim)
-    sin: torch.Tensor             # (B, T, head_dim)
-    mask: torch.Tensor | None     # (B, 1, T, length) bool, or None when all keys are visible
+    rope: dict                    # layer type -> (cos, sin), each (B, T, head_dim)
+    masks: dict                   # layer type -> (B, 1, T, length) bool, or None when all keys are visible
 
 
 class ShardRunner:
@@ -41,8 +41,9 @@ class ShardRunner:
         self.cfg, self.shard, self.blocks = cfg, shard, blocks
         self.head_topk = head_topk    # K: output-head candidates per device (same on every device)
         self.dtype = compute_dtype
-        self.scale = cfg.head_dim ** -0.5     # attention logits' scale
-        self.inv_freq = rope_inv_freq(cfg)
+        self.scale = cfg.attn_scale or cfg.head_dim ** -0.5  # attention logits' scale
+        self.layer_types = [cfg.layer_type(i) for i in range(cfg.num_layers)]
+        self.inv_freq = {t: rope_inv_freq(cfg, t) for t in set(self.layer_types)}
         self.cache = KVCache(cfg.num_layers, num_slots, shard.num_kv_heads, max_seq,
                              cfg.head_dim, kv_dtype or compute_dtype)
         g = cfg.group_size
@@ -89,16 +90,20 @@ class ShardRunner:
                     spent[2] += watch.lap()
                     if kind == "attn":
                         partial = self.attention_partial(layer, x, blk, step)
+                    elif self.cfg.is_moe:
+                        partial = self.moe_partial(layer, x, blk)
                     elif mlp_pieces == 1:
                         partial = self.mlp_partial(x, blk)
                     else:  # the pieces' partials are added here, in float32, before the one all-reduce
                         part = self.mlp_partial(x, blk).float()
                         partial = part if partial is None else partial.add_(part)
+                    if piece == 0:  # the output norm is used after the block is released
+                        out_norm = self._out_norm(blk, kind)
                     self.blocks.release(layer, kind, piece)
                     spent[0] += watch.lap()
                 total = comm.all_reduce(partial.to(x.dtype))
                 spent[1] += watch.lap()
-                x = x + total
+                x = x + (total if out_norm is None else self.norm(total, out_norm))
             timings.layers.append(spent)
             timings.compute_s += spent[0]
             timings.comm_s += spent[1]
@@ -117,7 +122,7 @@ class ShardRunner:
             watch.lap()
             blk = self.blocks.get(L, "head", piece)
             spent[2] += watch.lap()
-            v, i = piece_topk(h.to(self.dtype), blk, k, self.cfg.rms_norm_eps)   # (R, k') each
+            v, i = piece_topk(h.to(self.dtype), blk, k, self.cfg)   # (R, k') each
             values.append(v)
             ids.append(i)
             self.blocks.release(L, "head", piece)
@@ -135,20 +140,33 @@ class ShardRunner:
     def step_context(self, slots: list[int], starts: list[int], T: int) -> "StepContext":
         """What every layer of one forward step shares: positions, rotary tables, mask."""
         positions = torch.tensor(starts)[:, None] + torch.arange(T)[None, :]  # (B, T)
-        cos, sin = rope_cos_sin(self.inv_freq, positions, self.dtype)          # (B, T, hd)
         length = max(starts) + T
-        return StepContext(slots, starts, length, cos, sin, self._mask(positions, length))
+        rope = {t: rope_cos_sin(f, positions, self.dtype) for t, f in self.inv_freq.items()}  # (B, T, hd) x2
+        masks = {t: self._mask(positions, length, self.cfg.window(t)) for t in self.inv_freq}
+        return StepContext(slots, starts, length, rope, masks)
+
+    def norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The family's RMSNorm over the last dimension of x."""
+        return rms_norm(x, weight, self.cfg.rms_norm_eps, self.cfg.norm_offset)
+
+    def _out_norm(self, blk, kind: str) -> torch.Tensor | None:
+        """Gemma's norm of the attention / MLP output (applied after the all-reduce: it is not
+        linear), copied because a streamed block's memory is reused once released."""
+        w = blk.get("attn_out_norm" if kind == "attn" else "mlp_out_norm")
+        return None if w is None else w.clone()
 
     def attention_partial(self, layer: int, x: torch.Tensor, blk, step: "StepContext") -> torch.Tensor:
         """This device's share of the attention output (B, T, H), before the all-reduce."""
         cfg, B, T = self.cfg, x.shape[0], x.shape[1]
         hd, nq, nkv = cfg.head_dim, self.shard.num_q_heads, self.shard.num_kv_heads
-        h = rms_norm(x, blk["input_norm"], cfg.rms_norm_eps)
+        kind = self.layer_types[layer]
+        cos, sin = step.rope[kind]
+        h = self.norm(x, blk["input_norm"])
         q, k, v = self._projections(h, blk, "qkv", (nq * hd, nkv * hd, nkv * hd))       # (B, T, n*hd) each
         q = self._head_norm(q.view(B, T, nq, hd), blk.get("q_norm")).transpose(1, 2)   # (B, nq, T, hd)
         k = self._head_norm(k.view(B, T, nkv, hd), blk.get("k_norm")).transpose(1, 2)  # (B, nkv, T, hd)
         v = v.view(B, T, nkv, hd).transpose(1, 2)                                      # (B, nkv, T, hd)
-        q, k = apply_rope(q, step.cos, step.sin), apply_rope(k, step.cos, step.sin)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         self.cache.write(layer, step.slots, step.starts, k, v)
         if B > 1 and len(set(step.starts)) > 1:
             # Rows at different positions (batched decode): each row attends over its own
@@ -157,19 +175,20 @@ class ShardRunner:
             out = torch.cat([self._attend(layer, q[b:b + 1], [step.slots[b]], step.starts[b], T)
                              for b in range(B)])                                       # (B, nq, T, hd)
         else:
-            out = self._sdpa(q, *self.cache.read(layer, step.slots, step.length), step.mask)
+            out = self._sdpa(q, *self.cache.read(layer, step.slots, step.length), step.masks[kind])
         out = out.transpose(1, 2).reshape(B, T, nq * hd)                               # (B, T, nq*hd)
         return linear(out, blk["o"], blk.get("o_bias"))                                # (B, T, H) partial
 
     def _head_norm(self, x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
         """Per-head RMSNorm over head_dim of x (B, T, heads, hd) when the family has one (q/k norm)."""
-        return x if weight is None else rms_norm(x, weight, self.cfg.rms_norm_eps)
+        return x if weight is None else self.norm(x, weight)
 
     def _attend(self, layer: int, q: torch.Tensor, slots: list[int], start: int, T: int) -> torch.Tensor:
         """q (1, nq, T, hd) of one row whose first new token sits at `start` -> (1, nq, T, hd)."""
         length = start + T
         positions = start + torch.arange(T)[None, :]                                   # (1, T)
-        return self._sdpa(q, *self.cache.read(layer, slots, length), self._mask(positions, length))
+        mask = self._mask(positions, length, self.cfg.window(self.layer_types[layer]))
+        return self._sdpa(q, *self.cache.read(layer, slots, length), mask)
 
     def _sdpa(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
               mask: torch.Tensor | None) -> torch.Tensor:
@@ -178,10 +197,11 @@ class ShardRunner:
             return self._decode_attention(q, keys, values)
         keys, values = keys.to(self.dtype), values.to(self.dtype)
         if self.regular_gqa:
-            return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=False, enable_gqa=True)
+            return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=False,
+                                                  enable_gqa=True, scale=self.scale)
         keys = keys.index_select(1, self.kv_index)                                     # (B, nq, L, hd)
         values = values.index_select(1, self.kv_index)
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale)
 
     @staticmethod
     def _projections(h: torch.Tensor, blk, fused: str, sizes: tuple[int, ...] | None = None) -> list[torch.Tensor]:
@@ -194,7 +214,7 @@ class ShardRunner:
         return [linear(h, blk[p], blk.get(p + "_bias")) for p in FUSED[fused]]
 
     def _decode_attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """One query position per row (decode), every cached key visible: softmax(q k^T / sqrt(hd)) v
+        """One query position per row (decode), every cached key visible: softmax(q k^T * scale) v
         with two plain matmuls, in float32. SDPA computes the same, but its CPU kernel tiles for
         many queries and costs ~4x this for one query over a few hundred keys (measured here)."""
         B, nq, _, hd = q.shape
@@ -210,15 +230,32 @@ class ShardRunner:
 
     def mlp_partial(self, x: torch.Tensor, blk) -> torch.Tensor:
         """This device's share of the MLP output (B, T, H), before the all-reduce."""
-        h = rms_norm(x, blk["post_norm"], self.cfg.rms_norm_eps)
-        gate, up = self._projections(h, blk, "gate_up")                                # (B, T, w) each
-        return linear(gated(gate, up, self.cfg.hidden_act), blk["down"], blk.get("down_bias"))            # (B, T, H) partial
+        return self._gated_mlp(self.norm(x, blk["post_norm"]), blk)
 
-    def _mask(self, positions: torch.Tensor, length: int) -> torch.Tensor | None:
+    def moe_partial(self, layer: int, x: torch.Tensor, blk) -> torch.Tensor:
+        """This device's share (B, T, H) of a mixture-of-experts MLP, before the all-reduce:
+        `blk` holds the norm and the router; the experts the router chose among the device's
+        are asked of the block source one at a time (tpi.model.moe)."""
+        B, T, H = x.shape
+        h = self.norm(x, blk["post_norm"]).reshape(B * T, H)                           # (R, H)
+        weights, chosen = route(h, blk["router"], self.cfg.experts_per_token, self.cfg.norm_topk_prob)
+        e0 = self.shard.experts[0]
+        out = mix_experts(h, weights, chosen, range(*self.shard.experts),
+                          expert=lambda e: self.blocks.get(layer, "expert", e - e0),
+                          done=lambda e: self.blocks.release(layer, "expert", e - e0),
+                          mlp=self._gated_mlp)
+        return out.view(B, T, H)                                                       # partial
+
+    def _gated_mlp(self, h: torch.Tensor, blk) -> torch.Tensor:
+        """down(act(gate(h)) * up(h)) over the block's columns: a partial sum of the output."""
+        gate, up = self._projections(h, blk, "gate_up")                                # (..., w) each
+        return linear(gated(gate, up, self.cfg.hidden_act), blk["down"], blk.get("down_bias"))
+
+    @staticmethod
+    def _mask(positions: torch.Tensor, length: int, window: int | None) -> torch.Tensor | None:
         """Boolean (B, 1, T, L): key j is visible to the query at position p if j <= p
-        (and within the sliding window). None when every key is visible."""
+        (and p - j < window for a sliding layer). None when every key is visible."""
         B, T = positions.shape
-        window = self.cfg.sliding_window
         if B == 1 and T == 1 and (window is None or length <= window):
             return None
         keys = torch.arange(length)[None, None, :]     # (1, 1, L)

@@ -35,6 +35,7 @@ class EmbeddingRows:
         if entry is None:
             raise StoreError(f"{store.root}: manifest lists no {EMBED_PATH}")
         self.path, self.entry, self.dtype = store.root / EMBED_PATH, entry, compute_dtype
+        self.scale = store.config.embed_scale  # Gemma: rows times sqrt(hidden), in the compute dtype
         try:
             header, base = read_header(self.path)
         except FileNotFoundError:
@@ -103,4 +104,5 @@ class EmbeddingRows:
         else:  # a GGUF group form
             group = GroupWeight({n[len("embed."):]: t for n, t in parts.items()} | self.whole)
             rows = group.dequantize_rows(0, len(unique), self.dtype)                   # (U, H)
-        return rows[inverse].view(*ids.shape, rows.shape[1])
+        hidden = rows[inverse].view(*ids.shape, rows.shape[1])                       # (B, T, H)
+        return hidden if self.scale is None else hidden * torch.tensor(self.scale, dtype=self.dtype)

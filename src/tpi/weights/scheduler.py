@@ -21,6 +21,13 @@ copy. `release` hands the buffer back to the loader for the next block. The sche
 own bytes (resident blocks + window buffers + any dtype conversions) are counted, and the
 high-water mark is kept in `stats.high_water_bytes`; it never exceeds the budget.
 
+Experts. A mixture-of-experts layer's experts are blocks of their own that a token uses only
+if the router chose them, so they are not in the streamed order: `plan_with_experts` keeps
+the dense blocks' plan first (they are read every token) and gives what it leaves to
+resident experts; the others are read on demand, when the MLP step asks for a chosen one,
+into one slot of their own (the choice is known only then: nothing to prefetch). Cold
+experts are never read.
+
 Integrity policy. Every file is checked against the manifest's sha256 on its first read,
 and its (st_ino, st_size, st_mtime_ns, st_ctime_ns) remembered. Later reads compare the
 fstat of the opened file with that signature: unchanged -> no hash (steady-state streaming
@@ -35,146 +42,18 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from tpi.weights.quant import QUANTIZED_KINDS, pack_block, packed_copy_bytes
+from tpi.weights.quant import QUANTIZED_KINDS, pack_block
+from tpi.weights.retention import block_costs, plan_with_experts
 from tpi.weights.store import ShardStore, StoreError, aligned_bytes, aligned_empty, read_into, tensors_from_buffer
 from tpi.model.blocks import Block, BlockSource
 
-Key = tuple[int, str, int]  # (layer, "attn" | "mlp" | "head", piece)
-MiB = 1 << 20
-
-
-class MemoryBudgetError(ValueError):
-    """The memory budget cannot hold what the scheduler needs."""
-
-
-# --- sizes and budgets -----------------------------------------------------------------
-
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
-          "t": 10**12, "tb": 10**12, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
-
-
-def parse_size(text: str | int) -> int:
-    """'800MB' -> 800_000_000, '1.5GiB' -> 1_610_612_736, '4096' -> 4096 bytes."""
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
-    if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"cannot read the size {text!r}: use e.g. 800MB, 1.5GiB or a number of bytes")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-
-
-def format_size(n: int | None) -> str:
-    if n is None:
-        return "unlimited"
-    if abs(n) >= 100 * MiB:
-        return f"{n / MiB:.0f} MiB"
-    if abs(n) >= MiB:
-        return f"{n / MiB:.1f} MiB"
-    return f"{n / 1024:.1f} KiB"
-
-
-def default_device_budget(devices_in_process: int = 1, limit: int | None = None,
-                          rss: int | None = None) -> int | None:
-    """Memory one device may give to layer weights and its KV cache under the process's
-    memory limit (tpi.host.memory_budget: the limit minus what the process holds and a
-    headroom), shared by the devices of this process. None when there is no limit."""
-    from tpi.host import headroom_bytes, memory_budget, memory_limit_bytes, rss_bytes
-
-    limit = memory_limit_bytes() if limit is None else limit
-    if limit is None:
-        return None
-    rss = (rss_bytes() or 0) if rss is None else rss
-    free = memory_budget(limit, rss)
-    if free <= 0:
-        raise MemoryBudgetError(
-            f"the memory limit {format_size(limit)} leaves nothing for layer weights: the process "
-            f"already holds {format_size(rss)} and needs {format_size(headroom_bytes(limit))} of headroom")
-    return free // devices_in_process
-
-
-# --- the retention plan ----------------------------------------------------------------
-
-def block_costs(store: ShardStore, rank: int, compute_dtype: torch.dtype) -> list[int]:
-    """Bytes each block of the device's slice holds when loaded, in execution order: its read
-    buffer (the file rounded up to whole pages, see `aligned_empty`) plus any dtype
-    conversions. The budget is planned and accounted by this one rule."""
-    return [aligned_bytes(store.files[rel].bytes) + packed_copy_bytes(store.files[rel].tensors, compute_dtype)
-            for rel in store.block_files(rank)]
-
-
-@dataclass(frozen=True)
-class RetentionPlan:
-    resident: tuple[int, ...]     # indices (in execution order) of blocks kept for good
-    streamed: tuple[int, ...]     # indices of blocks read every token, in execution order
-    slots: int                    # window buffers actually allocated: min(window, streamed)
-    slot_cost: int                # bytes per window slot (largest streamed block, + conversions)
-    planned_bytes: int            # resident costs + slots * slot_cost (<= budget)
-
-
-def plan_retention(costs: list[int], window: int, budget: int | None) -> RetentionPlan:
-    """Choose the resident blocks. costs[i]: bytes block i holds when loaded (execution order).
-
-    Everything is resident when it fits (or there is no budget). Otherwise the plan streams
-    as few bytes per token as the budget allows: the window takes min(window, streamed) slots
-    the size of the largest streamed block, so keeping the biggest blocks resident can shrink
-    every slot. Each candidate slot size is tried (blocks above it must be resident); for each,
-    the rest of the budget holds blocks picked evenly through the order (by bytes), then
-    topped up; the candidate streaming the fewest bytes wins."""
-    n = len(costs)
-    if window < 1:
-        raise MemoryBudgetError(f"the window must hold at least one block, got {window}")
-    total = sum(costs)
-    if budget is None or total <= budget:
-        return RetentionPlan(tuple(range(n)), (), 0, 0, total)
-    plans = [p for p in (_plan_for_slot(costs, window, budget, s) for s in sorted(set(costs))) if p]
-    if not plans:
-        largest = max(costs)
-        need = min(window * s + sum(c for c in costs if c > s) for s in set(costs))
-        fits = budget // largest
-        raise MemoryBudgetError(
-            f"memory budget {format_size(budget)} cannot hold a window of {window} blocks of up to "
-            f"{format_size(largest)}; " + (f"use --window {fits} or " if fits else "")
-            + f"give a budget of at least {format_size(need)}")
-    plan = min(plans, key=lambda p: (sum(costs[i] for i in p.streamed), p.planned_bytes))
-    assert plan.planned_bytes <= budget, (plan, budget)
-    return plan
-
-
-def _plan_for_slot(costs: list[int], window: int, budget: int, slot: int) -> RetentionPlan | None:
-    """The plan whose streamed blocks all cost at most `slot`; None if that cannot fit."""
-    n = len(costs)
-    resident = {i for i in range(n) if costs[i] > slot}
-    used = sum(costs[i] for i in resident)
-    avail = budget - window * slot - used
-    if avail < 0:
-        return None
-    # Evenly by bytes: block i becomes resident when the bytes "owed" so far cover it.
-    candidates = [i for i in range(n) if i not in resident]
-    frac, owed = avail / sum(costs[i] for i in candidates), 0.0
-    for i in candidates:
-        owed += frac * costs[i]
-        if owed >= costs[i] and used + costs[i] <= budget - window * slot:
-            resident.add(i)
-            owed -= costs[i]
-            used += costs[i]
-    while True:  # top up: a smaller or shorter window can free room for more residents
-        streamed = [i for i in range(n) if i not in resident]
-        slots = min(window, len(streamed))
-        slot_cost = max(costs[i] for i in streamed)
-        room = budget - slots * slot_cost - used
-        extra = next((i for i in streamed if costs[i] <= room and len(streamed) > 1), None)
-        if extra is None:
-            break
-        resident.add(extra)
-        used += costs[extra]
-    return RetentionPlan(tuple(sorted(resident)), tuple(streamed), slots, slot_cost, used + slots * slot_cost)
+Key = tuple[int, str, int]  # (layer, "attn" | "mlp" | "expert" | "head", piece)
 
 
 # --- integrity -------------------------------------------------------------------------
@@ -253,7 +132,8 @@ class SlidingWindowBlocks(BlockSource):
         if missing:
             raise StoreError(f"{store.root}: manifest lists no {missing[0]} (device {rank} not in this store?)")
         file_bytes = [store.files[r].bytes for r in self.rels]
-        self.plan = plan_retention(block_costs(store, rank, compute_dtype), window, budget_bytes)
+        is_expert = [kind == "expert" for _, kind, _ in self.order]
+        self.plan = plan_with_experts(block_costs(store, rank, compute_dtype), is_expert, window, budget_bytes)
         self.stats = SchedulerStats(budget_bytes=budget_bytes)
         self.verifier = FileVerifier(store)
         self._lock = threading.Lock()  # guards stats
@@ -267,6 +147,11 @@ class SlidingWindowBlocks(BlockSource):
         self.slots = [_Slot(aligned_empty(slot_bytes)) for _ in range(self.plan.slots)]
         self._free = list(self.slots)
         self._account(aligned_bytes(slot_bytes) * self.plan.slots)
+        self._demand = {self.order[i]: i for i in self.plan.on_demand}   # expert key -> index
+        demand_bytes = max((file_bytes[i] for i in self.plan.on_demand), default=0)
+        self._demand_slot = _Slot(aligned_empty(demand_bytes))
+        self._demand_block: tuple[Key, Block] | None = None
+        self._account(aligned_bytes(demand_bytes) if self.plan.on_demand else 0)
         self._cond = threading.Condition()
         self._ready: dict[Key, _Pending] = {}
         self._in_use: Key | None = None
@@ -385,6 +270,8 @@ class SlidingWindowBlocks(BlockSource):
         block = self.resident.get(key)
         if block is not None:
             return block
+        if key in self._demand:
+            return self._get_on_demand(key)
         if key not in self._pos:
             raise KeyError(f"device {self.rank} has no block {key}")
         with self._cond:
@@ -408,9 +295,30 @@ class SlidingWindowBlocks(BlockSource):
             self._next_get = (pos + 1) % len(self.streamed)
             return self._ready[key].block
 
+    def _get_on_demand(self, key: Key) -> Block:
+        """A chosen expert that is not resident, read now into the experts' slot (in the
+        engine's thread: errors are raised here)."""
+        self._drop_demand()
+        block, _, copied = self._read(self._demand[key], self._demand_slot.buffer)
+        self._account(copied)
+        self._demand_slot.copied = copied
+        self._demand_block = (key, block)
+        return block
+
+    def _drop_demand(self) -> None:
+        if self._demand_block is not None:
+            self._demand_block[1].clear()
+            self._account(-self._demand_slot.copied)
+            self._demand_slot.copied = 0
+            self._demand_block = None
+
     def release(self, layer: int, kind: str, piece: int = 0) -> None:
         key = (layer, kind, piece)
         if key in self.resident:
+            return
+        if key in self._demand:
+            if self._demand_block is not None and self._demand_block[0] == key:
+                self._drop_demand()
             return
         with self._cond:
             self._release_locked(key)
@@ -435,5 +343,6 @@ class SlidingWindowBlocks(BlockSource):
         return {
             "window": self.window, "slots": self.plan.slots,
             "resident_blocks": len(self.plan.resident), "streamed_blocks": len(self.plan.streamed),
+            "on_demand_blocks": len(self.plan.on_demand),
             "planned_bytes": self.plan.planned_bytes, **self.stats.to_json(),
         }

@@ -5,10 +5,15 @@ Both the splitter (offline) and tests (sharded == unsharded) use it.
 A layer is stored per device as two blocks:
   attn: input_norm (H)          qkv ((nq + 2 nkv)*hd, H)   o (H, nq*hd)
         [qkv_bias (rows)]       [o_bias (H), device 0 only]
-        [q_norm, k_norm (hd): per-head norms, Qwen3]
+        [q_norm, k_norm (hd): per-head norms, Qwen3 / Gemma 3]   [attn_out_norm (H): Gemma 3]
   mlp:  post_norm (H)           gate_up (2w, H)   down (H, w)
-        [gate_up_bias (2w)]     [down_bias (H), device 0 only]
+        [gate_up_bias (2w)]     [down_bias (H), device 0 only]   [mlp_out_norm (H): Gemma 3]
 where nq/nkv are the device's query/KV heads, hd the head dim and w its MLP width.
+A mixture-of-experts layer stores, instead of the MLP weights,
+  mlp:    post_norm (H)   router (E, H), replicated
+  expert: one block per expert the device holds (`DeviceShard.experts`, piece p = its p-th):
+          gate, up (w, H)   down (H, w), w = the columns `mlp_cols` of that expert it holds
+so the scheduler can read just the experts the router chose.
 
 Fused projections. The table below slices q, k, v (and gate, up) one by one; `fuse_projections`
 then stacks each group's rows into one matrix (qkv = [q; k; v], gate_up = [gate; up], the
@@ -62,6 +67,31 @@ LAYER_TENSORS = {
     "mlp.down_proj.bias": ("mlp", "down_bias", "row_bias"),
 }
 
+# Families whose tensors differ from the Llama names: their rows replace or add to the table.
+# Gemma 3 norms the attention and MLP outputs ("out" norms, applied after the all-reduce);
+# its post_attention_layernorm is that output norm, pre_feedforward_layernorm the MLP's input norm.
+FAMILY_TENSORS = {
+    "gemma3": {
+        "post_attention_layernorm.weight": ("attn", "attn_out_norm", "whole"),
+        "pre_feedforward_layernorm.weight": ("mlp", "post_norm", "whole"),
+        "post_feedforward_layernorm.weight": ("mlp", "mlp_out_norm", "whole"),
+    },
+    # Expert tensors are named with the expert number replaced by "*" (see `expert_of`).
+    "qwen3_moe": {
+        "mlp.gate.weight": ("mlp", "router", "whole"),
+        "mlp.experts.*.gate_proj.weight": ("expert", "gate", "rows_mlp"),
+        "mlp.experts.*.up_proj.weight": ("expert", "up", "rows_mlp"),
+        "mlp.experts.*.down_proj.weight": ("expert", "down", "cols_mlp"),
+    },
+    "mixtral": {
+        "block_sparse_moe.gate.weight": ("mlp", "router", "whole"),
+        "block_sparse_moe.experts.*.w1.weight": ("expert", "gate", "rows_mlp"),
+        "block_sparse_moe.experts.*.w3.weight": ("expert", "up", "rows_mlp"),
+        "block_sparse_moe.experts.*.w2.weight": ("expert", "down", "cols_mlp"),
+    },
+}
+EXPERT_RE = re.compile(r"^(.*\.experts)\.(\d+)\.(.+)$")
+
 # Tensors the master keeps whole: embedding, final norm, output head.
 HEAD_TENSORS = {
     "model.embed_tokens.weight": "embed",
@@ -75,7 +105,7 @@ FUSED = {"qkv": ("q", "k", "v"), "gate_up": ("gate", "up")}
 # x.scale, x.min, each one row per output row); its bias is x_bias.
 _ROW_SUFFIXES = ("", ".qweight", ".scale", ".min", "_bias")
 
-BLOCK_KINDS = ("attn", "mlp")
+BLOCK_KINDS = ("attn", "mlp", "expert")
 HEAD_KIND = "head"            # the output head: a pseudo-layer after the last one
 DEFAULT_MAX_BLOCK_BYTES = 16 << 20  # small pieces: small window slots, fine-grained retention
 # Bytes per stored element, to size pieces before writing them (int4: two per byte; the
@@ -85,7 +115,7 @@ ELEMENT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "int4": 0
 PIECE_ALIGN = 64              # MLP piece boundaries, like plan.MLP_ALIGN (int4 groups of 32)
 
 
-def parse_layer_name(name: str) -> tuple[int, str, str, str] | None:
+def parse_layer_name(name: str, family: str = "llama") -> tuple[int, str, str, str] | None:
     """'model.layers.3.mlp.up_proj.weight' -> (3, 'mlp', 'up', 'rows_mlp'); None if not a layer tensor."""
     m = LAYER_RE.match(name)
     if not m:
@@ -93,10 +123,20 @@ def parse_layer_name(name: str) -> tuple[int, str, str, str] | None:
     suffix = m.group(2)
     if suffix.endswith("rotary_emb.inv_freq"):
         return None
-    if suffix not in LAYER_TENSORS:
-        raise ValueError(f"unexpected layer tensor {name!r}: not a Llama-family weight")
-    kind, local, rule = LAYER_TENSORS[suffix]
+    e = EXPERT_RE.match(suffix)
+    if e:
+        suffix = f"{e.group(1)}.*.{e.group(3)}"
+    table = {**LAYER_TENSORS, **FAMILY_TENSORS.get(family, {})}
+    if suffix not in table:
+        raise ValueError(f"unexpected layer tensor {name!r}: not a {family}-family weight")
+    kind, local, rule = table[suffix]
     return int(m.group(1)), kind, local, rule
+
+
+def expert_of(name: str) -> int | None:
+    """The expert number of an expert tensor's name, else None."""
+    m = EXPERT_RE.match(name)
+    return int(m.group(2)) if m else None
 
 
 def slice_for_device(tensor: torch.Tensor, rule: str, cfg: ModelConfig, shard: DeviceShard) -> torch.Tensor | None:
@@ -148,9 +188,12 @@ def block_pieces(cfg: ModelConfig, shard: DeviceShard, dtype: str, cap: int) -> 
     elem = ELEMENT_BYTES[dtype]
     head_elem = 2 if dtype in ("int8", "int4") else elem
     H = cfg.hidden_size
-    mlp = cut(shard.mlp_width, 3 * H * elem, cap, PIECE_ALIGN)
     v0 = shard.vocab[0]
     head = [(v0 + a, v0 + b) for a, b in cut(shard.vocab_size, H * head_elem, cap)]
+    if cfg.is_moe:  # the MLP block is the router; one block per expert, never cut
+        experts = [(e, e + 1) for e in range(*shard.experts)]
+        return {"attn": [(0, shard.num_q_heads)], "mlp": [(0, 0)], "expert": experts, HEAD_KIND: head}
+    mlp = cut(shard.mlp_width, 3 * H * elem, cap, PIECE_ALIGN)
     return {"attn": [(0, shard.num_q_heads)], "mlp": mlp, HEAD_KIND: head}
 
 

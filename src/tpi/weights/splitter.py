@@ -21,8 +21,8 @@ from tpi.dtypes import FLOAT_DTYPES
 from tpi.plan import ShardPlan
 from tpi.weights.checkpoint import open_source
 from tpi.weights.gguf_quant import GGUFQuantized
-from tpi.weights.slicing import (DEFAULT_MAX_BLOCK_BYTES, HEAD_KIND, HEAD_TENSORS, block_pieces, fuse_projections,
-                                 parse_layer_name, slice_for_device, slice_piece)
+from tpi.weights.slicing import (DEFAULT_MAX_BLOCK_BYTES, HEAD_KIND, HEAD_TENSORS, block_pieces, expert_of,
+                                 fuse_projections, parse_layer_name, slice_for_device, slice_piece)
 from tpi.weights.quant import QUANT_DTYPES, quant_format, quantize_tensors
 from tpi.weights.store import EMBED_PATH, FORMAT_VERSION, MANIFEST, atomic_write, block_path, write_safetensors
 
@@ -96,7 +96,7 @@ def split_checkpoint(model_dir: str | Path, plan: ShardPlan, out: str | Path, dt
     by_layer: dict[int, list[tuple[str, str, str, str]]] = {}
     head_names: dict[str, str] = {}
     for name in ckpt.names():
-        parsed = parse_layer_name(name)
+        parsed = parse_layer_name(name, cfg.family)
         if parsed is not None:
             layer, kind, local, rule = parsed
             by_layer.setdefault(layer, []).append((name, kind, local, rule))
@@ -126,9 +126,15 @@ def split_checkpoint(model_dir: str | Path, plan: ShardPlan, out: str | Path, dt
         blocks: dict[tuple[int, str, int], dict[str, torch.Tensor]] = {}
         for name, kind, local, rule in by_layer[layer]:
             source = ckpt.stored(name) if as_gguf else ckpt.get(name)
+            expert = expert_of(name)
             for shard in plan.shards:
+                if expert is not None and not shard.holds_expert(expert):
+                    continue
                 part = slice_for_device(source, rule, cfg, shard)
                 if part is None:
+                    continue
+                if expert is not None:  # one block per expert: piece p is the device's p-th expert
+                    blocks.setdefault((shard.rank, kind, expert - shard.experts[0]), {}).update(stored(local, part))
                     continue
                 if kind == "attn":
                     blocks.setdefault((shard.rank, kind, 0), {}).update(stored(local, part))

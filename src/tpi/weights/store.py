@@ -61,10 +61,11 @@ EMBED_PATH = "embed.safetensors"
 
 def execution_order(num_layers: int, pieces: dict) -> list[tuple[int, str, int]]:
     """(layer, kind, piece) in the order a device uses them each token: every layer's
-    attention then MLP pieces, then the output head's (layer = num_layers).
+    attention then MLP pieces (a mixture of experts: the router, then its experts, of which
+    a token uses only some), then the output head's (layer = num_layers).
     `pieces`: kind -> ranges, as in the manifest."""
-    order = [(layer, kind, p) for layer in range(num_layers) for kind in ("attn", "mlp")
-             for p in range(len(pieces[kind]))]
+    order = [(layer, kind, p) for layer in range(num_layers) for kind in ("attn", "mlp", "expert")
+             for p in range(len(pieces.get(kind, ())))]
     return order + [(num_layers, "head", p) for p in range(len(pieces["head"]))]
 
 

@@ -82,13 +82,21 @@ def _write_file(path: Path, tensors: list[tuple[str, tuple[int, ...], str]], see
     return 8 + len(raw) + offset
 
 
-def make_model(out: Path, layers: int) -> None:
-    """Random weights, Llama-3.1-70B shape, `layers` layers, bfloat16; a word-level tokenizer
-    with the model's 128256 tokens ("t0" ... "t128255") so that every id decodes."""
+def word_tokenizer(out: Path, vocab: int, bos: int, eos: int) -> None:
+    """A word-level tokenizer of `vocab` tokens "t0" ... so that every id of a random model decodes."""
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
     from tokenizers.pre_tokenizers import WhitespaceSplit
 
+    tok = Tokenizer(WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
+    tok.pre_tokenizer = WhitespaceSplit()
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({"bos_token": f"t{bos}", "eos_token": f"t{eos}"}))
+
+
+def make_model(out: Path, layers: int) -> None:
+    """Random weights, Llama-3.1-70B shape, `layers` layers, bfloat16; a word-level tokenizer
+    with the model's 128256 tokens ("t0" ... "t128255") so that every id decodes."""
     out.mkdir(parents=True, exist_ok=True)
     c = dict(LLAMA31_70B, num_hidden_layers=layers)
     H, I, V = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
@@ -112,10 +120,7 @@ def make_model(out: Path, layers: int) -> None:
         print(f"wrote {fname} in {time.time() - t:.0f} s", flush=True)
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
     (out / "config.json").write_text(json.dumps(c, indent=1))
-    tok = Tokenizer(WordLevel({f"t{i}": i for i in range(V)}, unk_token="t0"))
-    tok.pre_tokenizer = WhitespaceSplit()
-    tok.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps({"bos_token": "t128000", "eos_token": "t128001"}))
+    word_tokenizer(out, V, bos=c["bos_token_id"], eos=c["eos_token_id"])
     print(f"wrote {out}: {total / 1e9:.2f} GB", flush=True)
 
 

@@ -15,6 +15,7 @@ OTHER_PAGES = [  # (file, title) folded into the report when present
     ("docs/benchmarks-inproc.md", "In-process engine vs transformers"),
     ("docs/benchmarks-batching.md", "Batched decoding"),
     ("docs/benchmarks-memory.md", "Memory scheduler"),
+    ("docs/benchmarks-moe.md", "Mixture of experts on 1 GiB devices"),
     ("docs/memory-scheduler.md", "Memory scheduler"),  # a design page: linked, not copied
 ]
 LINK_ONLY = {"docs/memory-scheduler.md"}

@@ -62,7 +62,8 @@ class ShardRunner:
                 "budget_bytes": None if budget is None else budget + kv,
                 "weights_bytes": weights, "weights_high_water_bytes": blocks.get("high_water_bytes"),
                 "kv_cache_bytes": kv, "resident_blocks": blocks.get("resident_blocks"),
-                "streamed_blocks": blocks.get("streamed_blocks")}
+                "streamed_blocks": blocks.get("streamed_blocks"),
+                "on_demand_blocks": blocks.get("on_demand_blocks"), "bytes_read": blocks.get("bytes_read")}
 
     def step(self, x: torch.Tensor, comm: Communicator, slots: list[int], starts: list[int],
              every_position: bool = False) -> Candidates:

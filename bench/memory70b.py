@@ -190,6 +190,35 @@ def idle_rss(imports: str, tokenizer_dir: Path | None = None) -> int:
                               env=env).stdout.split()[-1])
 
 
+def start_product_cluster(store: Path, cgs: list[Cgroup], workdir: Path, tag: str, procs: list[subprocess.Popen],
+                          master_args: list[str]) -> str:
+    """`tpi master` (rank 0) and `tpi worker`s over loopback, device r in cgs[r], appended to
+    `procs` (master first) as they start; waits for /healthz and returns the HTTP API's URL."""
+    token, hub_port, http_port = secrets.token_hex(16), free_port(), free_port()
+    common = ["--join-token", token, "--timeout", "900"]
+    t0 = time.time()
+    for r in range(1, len(cgs)):
+        procs.append(cgs[r].spawn([sys.executable, "-m", "tpi_cli", "worker", "--master", f"ws://127.0.0.1:{hub_port}",
+                                   "--rank", str(r), "--name", f"w{r}", "--once", *common],
+                                  workdir / f"{tag}worker-{r}.log", child_env("1")))
+    procs.insert(0, cgs[0].spawn([sys.executable, "-m", "tpi_cli", "master", "--model", str(store),
+                                  "--devices", str(len(cgs)), "--listen", f"127.0.0.1:{hub_port}",
+                                  "--http", f"127.0.0.1:{http_port}", "--start-timeout", "900", *master_args,
+                                  *common], workdir / f"{tag}master.log", child_env("1")))
+    url = f"http://127.0.0.1:{http_port}"
+    while True:
+        if any(p.poll() is not None for p in procs):
+            raise SystemExit(f"a device exited: {[p.poll() for p in procs]}; see {workdir}")
+        try:
+            if requests.get(url + "/healthz", timeout=5).status_code == 200:
+                return url
+        except requests.RequestException:
+            pass
+        if time.time() - t0 > 1800:
+            raise SystemExit("the cluster did not come up in 30 minutes")
+        time.sleep(1)
+
+
 def cmd_run(args) -> None:
     from tpi.settings import RuntimeOptions
     from tpi.engine import kv_cache_bytes
@@ -208,34 +237,12 @@ def cmd_run(args) -> None:
     idle = {"worker": idle_rss(IDLE_WORKER), "master": idle_rss(IDLE_MASTER, store.model_dir)}
     print(f"idle RSS: {idle}; largest piece {max(largest) / MiB:.1f} MiB; KV {max(kv) / MiB:.1f} MiB", flush=True)
 
-    token, hub_port, http_port = secrets.token_hex(16), free_port(), free_port()
-    common = ["--join-token", token, "--timeout", "900"]
     cold_start()
     cgs = [Cgroup(f"tpi70b-{r}", limit) for r in range(world)]
     procs: list[subprocess.Popen] = []
     t0 = time.time()
     try:
-        for r in range(1, world):
-            procs.append(cgs[r].spawn([sys.executable, "-m", "tpi_cli", "worker", "--master",
-                                       f"ws://127.0.0.1:{hub_port}", "--rank", str(r), "--name", f"w{r}",
-                                       "--once", *common], workdir / f"worker-{r}.log", child_env("1")))
-        master = cgs[0].spawn([sys.executable, "-m", "tpi_cli", "master", "--model", str(store.root),
-                               "--devices", str(world), "--listen", f"127.0.0.1:{hub_port}",
-                               "--http", f"127.0.0.1:{http_port}", "--start-timeout", "900", *common],
-                              workdir / "master.log", child_env("1"))  # default flags: no dtype, budget or window
-        procs.insert(0, master)
-        url = f"http://127.0.0.1:{http_port}"
-        while True:
-            if any(p.poll() is not None for p in procs):
-                raise SystemExit(f"a device exited: {[p.poll() for p in procs]}; see {workdir}")
-            try:
-                if requests.get(url + "/healthz", timeout=5).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.time() - t0 > 1800:
-                raise SystemExit("the cluster did not come up in 30 minutes")
-            time.sleep(1)
+        url = start_product_cluster(store.root, cgs, workdir, "", procs, [])  # default flags: no dtype, budget or window
         ready_s = time.time() - t0
         t1 = time.time()
         resp = requests.post(url + "/v1/completions", timeout=3600, json={

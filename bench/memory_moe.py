@@ -19,9 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -30,8 +28,8 @@ from pathlib import Path
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from memory70b import _write_file, word_tokenizer  # noqa: E402
-from memory_run import child_env, cold_start, free_port  # noqa: E402
+from memory70b import _write_file, start_product_cluster, word_tokenizer  # noqa: E402
+from memory_run import cold_start, stop_all  # noqa: E402
 from tpi.bench.cgroup import Cgroup  # noqa: E402
 
 MiB, GiB = 1 << 20, 1 << 30
@@ -116,33 +114,11 @@ def read_bytes(url: str) -> list[int]:
 def serve(store: Path, world: int, limit: int | None, tokens: int, workdir: Path, tag: str) -> dict:
     """The product's processes, default flags, each in its own cgroup (no limit: unlimited);
     a warm-up, a 1-token and a (1 + tokens)-token greedy request of PROMPT."""
-    token, hub_port, http_port = secrets.token_hex(16), free_port(), free_port()
-    common = ["--join-token", token, "--timeout", "900"]
     cold_start()
     cgs = [Cgroup(f"tpi-moe-{tag}-{r}", limit) for r in range(world)]
     procs: list[subprocess.Popen] = []
-    t0 = time.time()
     try:
-        for r in range(1, world):
-            procs.append(cgs[r].spawn([sys.executable, "-m", "tpi_cli", "worker", "--master",
-                                       f"ws://127.0.0.1:{hub_port}", "--rank", str(r), "--name", f"w{r}",
-                                       "--once", *common], workdir / f"{tag}-worker-{r}.log", child_env("1")))
-        procs.insert(0, cgs[0].spawn([sys.executable, "-m", "tpi_cli", "master", "--model", str(store),
-                                      "--devices", str(world), "--listen", f"127.0.0.1:{hub_port}",
-                                      "--http", f"127.0.0.1:{http_port}", "--start-timeout", "900", *common],
-                                     workdir / f"{tag}-master.log", child_env("1")))
-        url = f"http://127.0.0.1:{http_port}"
-        while True:
-            if any(p.poll() is not None for p in procs):
-                raise SystemExit(f"a device exited: {[p.poll() for p in procs]}; see {workdir}")
-            try:
-                if requests.get(url + "/healthz", timeout=5).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.time() - t0 > 1800:
-                raise SystemExit("the cluster did not come up in 30 minutes")
-            time.sleep(1)
+        url = start_product_cluster(store, cgs, workdir, f"{tag}-", procs, [])
         reads, texts, seconds = [], [], []
         for n in (1, 1, 1 + tokens):
             t1 = time.time()
@@ -154,14 +130,7 @@ def serve(store: Path, world: int, limit: int | None, tokens: int, workdir: Path
             reads.append(read_bytes(url))
         seconds = seconds[1:]   # reads[0]: after the warm-up
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_all(procs)
     devices = []
     for r in range(world):
         one, more = reads[1][r] - reads[0][r], reads[2][r] - reads[1][r]

@@ -80,3 +80,25 @@ def test_moe_on_four_uneven_devices(tiny_model, family):
     expected = hf_greedy(model_dir, prompt, NEW_TOKENS)
     assert len(set(expected)) > 3, "the reference output is degenerate; the test would prove little"
     assert tpi_greedy(model_dir, weights, prompt) == expected
+
+
+def test_gemma3_softcapped_logits_match_transformers(tiny_model):
+    """Greedy tokens cannot see the final softcapping (it is increasing); the candidates'
+    logits can: every device's top-K values equal HF's softcapped logits of those tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model_dir = tiny_model("gemma3")
+    prompt = [1, 504, 3458, 282, 4649, 314, 9889, 30, 57, 1000, 20000]
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        logits = ref(torch.tensor([prompt])).logits[0]                      # (T, V), softcapped
+    assert logits.abs().max() < ref.config.final_logit_softcapping         # the cap is in effect
+    engine = build_inproc_engine(ModelSettings(str(model_dir), (1.0, 2.0)), F32)
+    try:
+        x = engine.embedder.embed(torch.tensor([prompt]))                   # (1, T, H)
+        cand = engine.cluster.forward(x, [0], [0], every_position=True)     # T rows
+    finally:
+        engine.close()
+    want = logits.gather(1, cand.ids)                                       # (T, N*K)
+    assert torch.allclose(cand.values, want, atol=2e-4, rtol=1e-4)

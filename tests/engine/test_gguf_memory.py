@@ -83,7 +83,7 @@ def test_gguf_store_greedy_matches_transformers(gguf_model, gguf_greedy_referenc
     from tpi.engine import kv_cache_bytes, prepare_store
     from tpi.model.sampling import SamplingParams
     from tpi.weights.quant import packed_copy_bytes
-    from tpi.weights.scheduler import block_costs
+    from tpi.weights.retention import block_costs
 
     path = gguf_model(family, qtype)
     prompt = [1, 504, 3458, 282, 4649, 314, 9889, 30, 57, 1000, 20000]

@@ -252,7 +252,8 @@ def piece_costs(cfg: ModelConfig, shard: DeviceShard, settings: PlannerSettings)
             # + q/k norms (hd each: Qwen3, Gemma 3), + the output norm (H: Gemma 3)
             params = attn_params(cfg, shard.num_q_heads, shard.num_kv_heads, row_bias) \
                 + 2 * cfg.head_dim * cfg.qk_norm + H * cfg.sandwich_norms
-            tensors = 5 + 3 * cfg.attention_bias + (cfg.o_bias and row_bias) + 2 * cfg.qk_norm + cfg.sandwich_norms
+            # input_norm, qkv (fused), o [, qkv_bias] [, o_bias] [, q_norm, k_norm] [, attn_out_norm]
+            tensors = 3 + cfg.attention_bias + (cfg.o_bias and row_bias) + 2 * cfg.qk_norm + cfg.sandwich_norms
             out.append(piece(params, tensors, sb, hb))
         elif kind == "mlp" and cfg.is_moe:  # post_norm (H), router (E, H)
             out.append(piece(H + cfg.num_experts * H, 2, sb, hb))
@@ -262,7 +263,8 @@ def piece_costs(cfg: ModelConfig, shard: DeviceShard, settings: PlannerSettings)
             cols, down_bias = hi - lo, cfg.mlp_bias and row_bias and p == 0  # the row bias lives in piece 0
             params = H + 3 * H * cols + (2 * cols if cfg.mlp_bias else 0) + (H if down_bias else 0) \
                 + H * cfg.sandwich_norms  # Gemma 3's output norm
-            out.append(piece(params, 4 + 2 * cfg.mlp_bias + down_bias + cfg.sandwich_norms, sb, hb))
+            # post_norm, gate_up (fused), down [, gate_up_bias] [, down_bias] [, mlp_out_norm]
+            out.append(piece(params, 3 + cfg.mlp_bias + down_bias + cfg.sandwich_norms, sb, hb))
         else:  # HEAD_KIND: final_norm (H), lm_head (rows, H), rows (2,) int64
             out.append(piece(H + (hi - lo) * H, 3, hsb, hhb, extra=16))
     return [c for c, _ in out], [f for _, f in out]

@@ -102,7 +102,7 @@ def main() -> None:
     ap.add_argument("--workdir", default="/var/tmp/tpi-bench/work7b")
     ap.add_argument("--skip-accelerate", action="store_true")
     args = ap.parse_args()
-    from tpi.weights.scheduler import parse_size
+    from tpi.weights.budget import parse_size
 
     limit, model, workdir = parse_size(args.limit), Path(args.model), Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)

@@ -70,6 +70,22 @@ def runtime_options(args, num_slots: int = 1):
     )
 
 
+def add_draft_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--draft", default="ngram", metavar="ngram|MODEL|none",
+                   help="speculative decoding: draft tokens from prompt lookup (ngram, the default), from a small "
+                        "draft model with the same vocabulary run on the master (its source), or none")
+    p.add_argument("--draft-tokens", type=int, default=4, metavar="K",
+                   help="draft tokens the cluster verifies per step, in one forward (default 4)")
+
+
+def draft_settings(args):
+    from tpi.settings import DraftSettings
+
+    if args.draft_tokens < 0:
+        raise ValueError(f"--draft-tokens must be 0 or more; got {args.draft_tokens}")
+    return DraftSettings(drafter=None if args.draft == "none" else args.draft, tokens=args.draft_tokens)
+
+
 def add_hub_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allreduce", choices=["star", "ring", "gloo"], default="star",
                    help="all-reduce over the hub (star, default), a ring of workers, or gloo (a benchmark baseline)")
@@ -189,11 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="inproc: shards as threads; ws: a master and N-1 worker processes on loopback")
     add_hub_args(g)  # with --transport ws
     g.add_argument("--json", action="store_true", help="print one JSON object")
+    add_draft_args(g)
     add_memory_args(g)
 
     m = sub.add_parser("master", help="run the master: device 0, all-reduce hub, HTTP API")
     add_model_args(m)
     add_master_args(m)
+    add_draft_args(m)
     add_memory_args(m)
 
     k = sub.add_parser("worker", help="run a worker: join a master, compute its shard")
@@ -264,9 +282,10 @@ def cmd_generate(args) -> int:
     from contextlib import nullcontext
 
     from tpi.engine import build_inproc_engine
+    from tpi.generation.draft import attach_drafter
     from tpi.model.sampling import SamplingParams
 
-    model, opts = model_settings(args), runtime_options(args)
+    model, opts, draft = model_settings(args), runtime_options(args), draft_settings(args)
     if args.transport == "ws":
         from tpi.cluster.launch import LocalCluster
 
@@ -275,6 +294,7 @@ def cmd_generate(args) -> int:
         context = nullcontext(build_inproc_engine(model, opts))
     with context as engine:
         try:
+            attach_drafter(engine, draft, opts)
             tok = engine.tokenizer
             ids = tok.encode_chat([{"role": "user", "content": args.chat}]) if args.chat else tok.encode(args.prompt)
             params = SamplingParams(
@@ -287,7 +307,8 @@ def cmd_generate(args) -> int:
             else:
                 print(result.text)
                 print(f"[{len(result.tokens)} tokens, TTFT {result.ttft_s:.3f}s, "
-                      f"{result.token_latency_s * 1000:.1f} ms/token, {engine.cluster.world_size} devices]",
+                      f"{result.token_latency_s * 1000:.1f} ms/token, {engine.cluster.world_size} devices, "
+                      f"{result.accepted} of {result.drafted} draft tokens accepted]",
                       file=sys.stderr)
         finally:
             if args.transport != "ws":
@@ -317,7 +338,9 @@ def generation_report(engine, result, transport: str) -> dict:
         "tokens": result.tokens, "text": result.text, "prompt_tokens": result.prompt_tokens,
         "ttft_s": result.ttft_s, "token_latency_s": result.token_latency_s,
         "finish_reason": result.finish_reason, "transport": transport,
-        "world_size": engine.cluster.world_size, "decode_steps": steps, "devices": devices,
+        "world_size": engine.cluster.world_size, "decode_steps": steps,
+        "draft": getattr(engine.generator.drafter, "name", None), "draft_tokens": engine.generator.draft_tokens,
+        "drafted": result.drafted, "accepted": result.accepted, "devices": devices,
     }
 
 

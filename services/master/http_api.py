@@ -94,7 +94,7 @@ def create_app(engine, scheduler: Scheduler, *, model_name: str, api_key: str | 
         try:
             f = spec.features
             seq = scheduler.submit(spec.prompt_ids, spec.params, spec.ignore_eos, logprobs=f.logprobs,
-                                   score_prompt=f.score_prompt,
+                                   score_prompt=f.score_prompt, speculative=spec.speculative,
                                    processor=JsonConstraint(vocab_index(tokenizer, engine.store.config.vocab_size), f.schema)
                                    if f.json_mode else None)
         except QueueFull as e:

@@ -53,7 +53,11 @@ def run(settings: MasterSettings) -> int:
         for a in filter(None, lan):
             a.close()
         raise
-    log.info("serving %s on http://%s:%d", engine.store.config.architecture, host, port)
+    from tpi.generation.draft import attach_drafter
+
+    attach_drafter(engine, settings.draft, settings.runtime)
+    log.info("serving %s on http://%s:%d (draft: %s, %d tokens)", engine.store.config.architecture, host, port,
+             settings.draft.drafter, settings.draft.tokens)
     try:
         serve(engine, host, port, blueprints=[shards] if shards else [], api_key=settings.api_key,
               model_name=settings.model.name,

@@ -130,6 +130,10 @@ class MasterMetrics:
             "tpi_decode_steps_total", "Batched decode steps (one cluster forward each)."))
         self.decode_rows = r.add(Counter(
             "tpi_decode_rows_total", "Sequences summed over decode steps (rows / steps = mean batch size)."))
+        self.draft_tokens = r.add(Counter(
+            "tpi_draft_tokens_total", "Draft tokens the cluster verified (speculative decoding)."))
+        self.draft_accepted = r.add(Counter(
+            "tpi_draft_accepted_tokens_total", "Draft tokens accepted (each one a token gained without its own forward)."))
         self.cluster_failures = r.add(Counter(
             "tpi_cluster_failures_total", "Cluster forwards that failed with a communication error."))
         self.cluster_recoveries = r.add(Counter(

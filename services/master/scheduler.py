@@ -74,8 +74,9 @@ class Request:
         self.ended: float | None = None
         self.finish_reason: str | None = None
         self.cancel_reason: str | None = None
-        # one entry per forward this request took part in: (wall_s, batch, prefill, per device [c, m, d])
-        self.steps: list[tuple[float, int, bool, list[list[float]]]] = []
+        # one entry per forward this request took part in:
+        # (wall_s, batch, prefill, per device [c, m, d], tokens it gained)
+        self.steps: list[tuple[float, int, bool, list[list[float]], int]] = []
 
     @property
     def done(self) -> bool:
@@ -88,7 +89,8 @@ class Request:
 
     def summary(self, per_token: bool = False) -> dict:
         end = self.ended or time.monotonic()
-        decode = [s[0] for s in self.steps if not s[2]]
+        decode = [s for s in self.steps if not s[2]]
+        decode_s, decoded = sum(s[0] for s in decode), sum(s[4] for s in decode)
         out = {
             "id": self.id,
             "finish_reason": self.finish_reason,
@@ -97,13 +99,15 @@ class Request:
             "queue_wait_s": (self.started or end) - self.arrived,
             "ttft_s": None if self.first_token is None else self.first_token - self.arrived,
             "duration_s": end - self.arrived,
-            "decode_tokens_per_s": len(decode) / sum(decode) if decode and sum(decode) > 0 else None,
+            "decode_tokens_per_s": decoded / decode_s if decode_s > 0 else None,
+            "drafted_tokens": self.seq.drafted,
+            "accepted_tokens": self.seq.accepted,
         }
         if per_token:
-            # per forward of this request: its wall time, the batch size it shared, and per
-            # device [compute_s, comm_s, disk_wait_s]; entry 0 is the prefill
-            out["per_token"] = [{"wall_s": w, "batch": b, "prefill": p, "devices": d}
-                                for w, b, p, d in self.steps]
+            # per forward of this request: its wall time, the batch size it shared, per device
+            # [compute_s, comm_s, disk_wait_s] and the tokens it gained; entry 0 is the prefill
+            out["per_token"] = [{"wall_s": w, "batch": b, "prefill": p, "devices": d, "tokens": n}
+                                for w, b, p, d, n in self.steps]
         return out
 
 
@@ -146,11 +150,14 @@ class Scheduler:
         return self._thread.is_alive()
 
     def submit(self, prompt: list[int], params: SamplingParams, ignore_eos: bool = False, *,
-               processor=None, logprobs: int | None = None, score_prompt: bool = False) -> Request:
+               processor=None, logprobs: int | None = None, score_prompt: bool = False,
+               speculative: bool = True) -> Request:
         """processor: masks logits before each choice (JSON mode); logprobs: alternatives
-        reported per token (None: none); score_prompt: the prompt's tokens scored too."""
+        reported per token (None: none); score_prompt: the prompt's tokens scored too;
+        speculative: False keeps the generator's drafter away from this request."""
         seq = self.engine.generator.sequence(prompt, params, ignore_eos=ignore_eos, processor=processor,
-                                             score_prompt=logprobs if score_prompt else None)
+                                             score_prompt=logprobs if score_prompt else None,
+                                             speculative=speculative)
         req = Request(seq, logprobs)
         with self.cond:
             if len(self.waiting) >= self.max_queue:
@@ -187,11 +194,20 @@ class Scheduler:
             waiting = [{"id": r.id, "position": max(0, i + 1 - free), "waited_s": now - r.arrived,
                         "prompt_tokens": len(r.seq.prompt)} for i, r in enumerate(self.waiting)]
             active = [{"id": r.id, "slot": r.seq.slot, "position": r.seq.pos, "prompt_tokens": len(r.seq.prompt),
-                       "completion_tokens": len(r.seq.tokens), "max_tokens": r.seq.budget} for r in self.active]
+                       "completion_tokens": len(r.seq.tokens), "max_tokens": r.seq.budget,
+                       "drafted_tokens": r.seq.drafted, "accepted_tokens": r.seq.accepted} for r in self.active]
             last = self.last.summary(per_token=True) if self.last else None
             recent = list(self.recent)
         return {"slots": self.num_slots, "queue_depth": len(waiting), "waiting": waiting,
-                "active": active, "last_request": last, "recent": recent}
+                "active": active, "last_request": last, "recent": recent, "speculative": self.speculation()}
+
+    def speculation(self) -> dict:
+        """The drafter, its tokens per step, and the draft tokens verified and accepted so far."""
+        gen, m = self.engine.generator, self.metrics
+        drafted, accepted = m.draft_tokens.get(), m.draft_accepted.get()
+        return {"drafter": getattr(gen.drafter, "name", None), "draft_tokens": gen.draft_tokens,
+                "drafted": drafted, "accepted": accepted,
+                "acceptance_rate": accepted / drafted if drafted else None}
 
     # ---- the scheduler thread ----
 
@@ -242,7 +258,7 @@ class Scheduler:
             self.metrics.decode_rows.inc(len(reqs))
             self.metrics.step_latency.observe(step.wall_s)
         for req, adv in zip(reqs, step.advances, strict=True):
-            req.steps.append((step.wall_s, len(reqs), step.prefill, devices))
+            req.steps.append((step.wall_s, len(reqs), step.prefill, devices, len(adv.tokens)))
             if adv.tokens and req.first_token is None:
                 req.first_token = time.monotonic()
                 self.metrics.ttft.observe(req.first_token - req.arrived)
@@ -250,6 +266,8 @@ class Scheduler:
                 lp = None if req.logprobs is None else from_logits(adv.logits[j], token, req.logprobs)
                 req.events.put(Token(token, lp))
             self.metrics.generated_tokens.inc(len(adv.tokens))
+            self.metrics.draft_tokens.inc(adv.drafted)
+            self.metrics.draft_accepted.inc(adv.accepted)
             if adv.finished:
                 with self.cond:
                     error = internal_error(adv.error) if adv.error else None

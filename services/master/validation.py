@@ -29,6 +29,7 @@ class GenerationSpec:
     ignore_eos: bool = False
     echo: str = ""                  # /v1/completions with echo: the prompt text, sent first
     features: Features = Features()  # tools, JSON mode, log probabilities (features.py)
+    speculative: bool = True        # false: no draft tokens for this request (plain decoding)
 
 
 def parse_body(data: bytes):
@@ -222,7 +223,8 @@ def parse_chat(body, engine, model_name: str) -> GenerationSpec:
     except TokenizerError as e:
         raise bad_request(str(e), "messages") from None
     params, ignore_eos = _sampling(b, len(ids), engine, "messages")
-    return GenerationSpec(ids, params, stop, stream, include_usage, ignore_eos, features=features)
+    return GenerationSpec(ids, params, stop, stream, include_usage, ignore_eos, features=features,
+                          speculative=b.boolean("speculative", True))
 
 
 def parse_completion(body, engine, model_name: str) -> GenerationSpec:
@@ -254,4 +256,5 @@ def parse_completion(body, engine, model_name: str) -> GenerationSpec:
     json_mode, schema = parse_response_format(b.body)
     features = Features(json_mode=json_mode, schema=schema, logprobs=logprobs,
                         score_prompt=echo and logprobs is not None)
-    return GenerationSpec(ids, params, stop, stream, include_usage, ignore_eos, text if echo else "", features)
+    return GenerationSpec(ids, params, stop, stream, include_usage, ignore_eos, text if echo else "", features,
+                          speculative=b.boolean("speculative", True))

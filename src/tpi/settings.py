@@ -5,6 +5,7 @@ Namespace or patches a setting.
   ModelSettings    which model, split over which devices, stored how
   RuntimeOptions   how one device computes and holds its shard (the master pushes these to
                    its workers, so they travel as a dict: `to_json` / `from_json`)
+  DraftSettings    speculative decoding: the drafter and its draft tokens per step
   HubSettings      the all-reduce hub the master runs and how workers reach it
   MasterSettings   `tpi master`: the model, the runtime, the hub, the HTTP API, the registry
   WorkerSettings   `tpi worker`: where the master is (or nothing: the LAN) and the join token
@@ -81,6 +82,14 @@ class RuntimeOptions:
 
 
 @dataclass(frozen=True)
+class DraftSettings:
+    """Speculative decoding on the master (tpi.generation.draft): who proposes draft tokens
+    for the cluster to verify in one forward, and how many per step."""
+    drafter: str | None = "ngram"       # "ngram" (prompt lookup), a draft model's source, or None (off)
+    tokens: int = 4                     # K: draft tokens verified per step
+
+
+@dataclass(frozen=True)
 class HubSettings:
     join_token: str                     # the shared secret workers must prove
     listen: str = "0.0.0.0:29500"       # HOST:PORT where workers connect
@@ -105,6 +114,7 @@ class MasterSettings:
     advertise: str | None = None        # host workers use to reach this master (registry)
     min_workers: int = 0                # with a registry: workers to wait for at start
     store_root: str | None = None       # where shard stores are split (default: the cache)
+    draft: DraftSettings = DraftSettings()  # speculative decoding (a request may switch it off)
     mdns: bool = True                   # without a registry: advertise the hub on the LAN (DNS-SD)
 
 

@@ -35,9 +35,9 @@ class FailingCluster(Cluster):
     def arm(self, *calls: int) -> None:
         self.calls, self.fail_at = 0, set(calls)
 
-    def forward(self, x, slots, starts):
+    def forward(self, x, slots, starts, every_position=False):
         self.calls += 1
-        out = self.inner.forward(x, slots, starts)
+        out = self.inner.forward(x, slots, starts, every_position)
         if self.calls in self.fail_at:
             raise CommError("device 1 stopped answering (injected)")
         return out

@@ -9,6 +9,18 @@ holding KV-cache slots) and `tpi generate` (a batch of one) drive this one loop:
 `prefill(seq)` once, then `decode(seqs)` until every sequence is done. Each call is ONE
 cluster forward and returns a `Step`; the caller decides what runs next (queueing,
 cancellation and recovery stay with it).
+
+With a drafter (tpi.generation.draft), a decode step is speculative: each row feeds its
+last token and up to K draft tokens, the cluster scores all K + 1 positions in the same
+forward (one pair of collectives per layer, whatever K), and `verify`
+(tpi.generation.speculative) keeps the accepted drafts plus one token of the target's own.
+Rows of one batch may keep different counts.
+
+KV-cache rollback: every device writes a row's keys and values at their positions and
+reads only positions below the current step's (`KVCache.write`/`read`, the causal mask), so
+a rejected draft's entries are dead once the sequence's `pos` is set back to the accepted
+length: the next step overwrites them before anything reads them. The rollback is that one
+assignment in `decode`; no message goes to the devices.
 """
 from __future__ import annotations
 
@@ -19,8 +31,10 @@ from typing import Iterator
 import torch
 
 from tpi.config import ModelConfig
+from tpi.generation.draft import Draft
 from tpi.generation.logprobs import prompt_logprobs
 from tpi.generation.sequence import Advance, Sequence, Step
+from tpi.generation.speculative import verify
 from tpi.model.head import Candidates
 from tpi.model.sampling import SamplingParams, choose_token
 from tpi.timing import Breakdown
@@ -39,6 +53,8 @@ class GenerationResult:
     token_latency_s: float          # mean over decoded tokens (excludes the first token)
     finish_reason: str              # "stop" | "length" | "error"
     decode_steps: int = 0           # cluster forwards after the prefill
+    drafted: int = 0                # draft tokens the cluster verified
+    accepted: int = 0               # of which it accepted
     step_times_s: list[float] = field(default_factory=list)   # wall time of each decode step
     breakdowns: list[Breakdown] = field(default_factory=list)  # per device, summed over decode
 
@@ -51,12 +67,14 @@ class TokenEvent:
 
 class Generator:
     def __init__(self, cfg: ModelConfig, embedder, cluster, tokenizer, max_seq: int,
-                 stop_ids: set[int] = frozenset()):
+                 stop_ids: set[int] = frozenset(), drafter=None, draft_tokens: int = 0):
         # embedder: .embed(ids (B, T)) -> (B, T, H), e.g. tpi.weights.embedding.EmbeddingRows
         # cluster: a tpi.cluster.Cluster (its forward returns the output head's candidates)
+        # drafter: .propose(seqs, ks) -> a Draft per row (tpi.generation.draft), or None
         self.cfg, self.embedder, self.cluster, self.tokenizer = cfg, embedder, cluster, tokenizer
         self.max_seq = max_seq
         self.stop_ids = set(stop_ids)
+        self.drafter, self.draft_tokens = drafter, draft_tokens
 
     # ---- sequences ----
 
@@ -68,7 +86,8 @@ class Generator:
                 f"prompt has {prompt_len} tokens; the context holds {self.max_seq}")
 
     def sequence(self, prompt: list[int], params: SamplingParams, slot: int = 0,
-                 ignore_eos: bool = False, processor=None, score_prompt: int | None = None) -> Sequence:
+                 ignore_eos: bool = False, processor=None, score_prompt: int | None = None,
+                 speculative: bool = True) -> Sequence:
         """A new sequence in KV-cache `slot`. The token budget is the one rule for every
         caller: max_new_tokens, capped by the context left after the prompt. `processor`
         masks its logits before each choice; `score_prompt` (alternatives per token) has the
@@ -80,7 +99,7 @@ class Generator:
         rng = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         budget = min(params.max_new_tokens, self.max_seq - len(prompt))
         return Sequence(list(prompt), params, stops, budget, rng, slot, processor=processor,
-                        score_prompt=score_prompt)
+                        score_prompt=score_prompt, speculative=speculative)
 
     # ---- one forward each ----
 
@@ -89,52 +108,73 @@ class Generator:
         of the sequence's slot, and choose its next token."""
         ids = seq.prompt + seq.tokens
         scored = seq if seq.score_prompt is not None and seq.prompt_logprobs is None else None
-        logits, wall, breakdowns = self._forward(torch.tensor([ids]), [seq.slot], [0], scored)  # (1, 1, vocab)
+        logits, wall, breakdowns = self._forward(torch.tensor([ids]), [seq.slot], [0], scored=scored)  # (1, 1, vocab)
         seq.pos = len(ids)
-        return Step([self._accept(seq, logits[0])], wall, True, breakdowns)
+        return Step([self._accept(seq, logits[0], Draft([]))], wall, True, breakdowns)
 
     def decode(self, seqs: list[Sequence]) -> Step:
         """One forward over every sequence (B rows, each in its own slot at its own position),
-        feeding each its last token; each chooses its next one."""
+        feeding each its last token and its draft tokens; each keeps its accepted drafts and
+        one more token."""
         for seq in seqs:
             if seq.done or seq.pos == 0:
                 raise ValueError("decode takes prefilled sequences that are not done")
-        ids = torch.tensor([[s.tokens[-1]] for s in seqs])                             # (B, 1)
-        logits, wall, breakdowns = self._forward(ids, [s.slot for s in seqs], [s.pos for s in seqs])
+        drafts = self._drafts(seqs)
+        T = 1 + max(len(d.tokens) for d in drafts)                  # positions per row
+        ids = torch.tensor([[s.tokens[-1], *d.tokens] + [d.tokens[-1] if d.tokens else s.tokens[-1]]
+                            * (T - 1 - len(d.tokens)) for s, d in zip(seqs, drafts)])  # (B, T), padded
+        logits, wall, breakdowns = self._forward(ids, [s.slot for s in seqs], [s.pos for s in seqs], T > 1)
         advances = []
-        for b, seq in enumerate(seqs):
-            seq.pos += 1                       # its last token is in the cache now
-            advances.append(self._accept(seq, logits[b]))
+        for b, (seq, draft) in enumerate(zip(seqs, drafts)):
+            adv = self._accept(seq, logits[b, :1 + len(draft.tokens)], draft)
+            # the rollback: positions past the last token fed and kept are dead (see above)
+            seq.pos += 1 + adv.accepted
+            advances.append(adv)
         return Step(advances, wall, False, breakdowns)
 
-    def _forward(self, ids: torch.Tensor, slots: list[int], starts: list[int], scored: Sequence | None = None):
-        """ids (B, T) -> logits (B, 1, vocab) float32 of each row's last position, the wall
-        time and each device's time split. With `scored` (B = 1) the cluster returns every
-        position's candidates and its prompt's tokens are scored from them."""
+    def _drafts(self, seqs: list[Sequence]) -> list[Draft]:
+        """Each row's draft: at most K tokens, none past its budget (the last token of the
+        budget is the target's own) and all rows' positions within the context. A row whose
+        choices are constrained (a processor: JSON mode) takes one token per step."""
+        room = min(self.max_seq - s.pos for s in seqs) - 1            # padded rows need it too
+        ks = [max(0, min(self.draft_tokens, s.budget - len(s.tokens) - 1, room))
+              if s.speculative and s.processor is None else 0 for s in seqs]
+        if self.drafter is None or not any(ks):
+            return [Draft([]) for _ in seqs]
+        return [d.clip(k) for d, k in zip(self.drafter.propose(seqs, ks), ks)]
+
+    def _forward(self, ids: torch.Tensor, slots: list[int], starts: list[int], every: bool = False,
+                 scored: Sequence | None = None):
+        """ids (B, T) -> logits (B, T', vocab) float32 (T' = T with `every` position, else 1:
+        the last), the wall time and each device's time split. With `scored` (a prefill, B = 1)
+        the cluster returns every position's candidates and its prompt's tokens are scored."""
         t0 = time.perf_counter()
-        x = self.embedder.embed(ids)
-        if scored is None:
-            candidates = self.cluster.forward(x, slots, starts)
-        else:
-            candidates = self.cluster.forward(x, slots, starts, every_position=True)     # T rows
+        B, T = ids.shape
+        candidates = self.cluster.forward(self.embedder.embed(ids), slots, starts,
+                                          every_position=every or scored is not None)
+        if scored is not None:
             scored.prompt_logprobs = prompt_logprobs(candidates.values, candidates.ids, self.cluster.world_size,
                                                      scored.prompt, scored.score_prompt)
             candidates = Candidates(candidates.values[-1:], candidates.ids[-1:], candidates.vocab_size)
-        logits = candidates.logits()[:, None]                                          # (B, 1, vocab)
+        logits = candidates.logits().view(B, T if every else 1, -1)                   # (B, T', vocab)
         return logits, time.perf_counter() - t0, self.cluster.breakdowns()
 
-    def _accept(self, seq: Sequence, logits: torch.Tensor) -> Advance:
-        """logits (n, vocab) of the positions this step scored -> the tokens the sequence
-        keeps, with the stop rules and the budget applied."""
+    def _accept(self, seq: Sequence, logits: torch.Tensor, draft: Draft) -> Advance:
+        """logits (1 + len(draft), vocab) of the positions this step scored -> the tokens the
+        sequence keeps, with the stop rules and the budget applied."""
         proc = seq.processor
         try:
-            row = logits[0] if proc is None else proc.mask(logits[0], seq.budget - len(seq.tokens))
-            chosen = [choose_token(row, seq.params, seq.rng)]
-            if proc is not None:
+            if proc is None:
+                chosen = verify(logits, draft.tokens, seq.params, seq.rng, draft.probs)
+            else:  # constrained: one token, chosen among those the processor allows
+                chosen = [choose_token(proc.mask(logits[0], seq.budget - len(seq.tokens)), seq.params, seq.rng)]
                 proc.advance(chosen[0])
         except Exception as e:  # e.g. probabilities that are not finite: only this sequence fails
             seq.finish_reason = "error"
             return Advance(seq, [], logits[:0], "error", f"sampling failed: {e}")
+        accepted = len(chosen) - 1
+        seq.drafted += len(draft.tokens)
+        seq.accepted += accepted
         kept = []
         for token in chosen:
             if token in seq.stop_ids:
@@ -148,7 +188,8 @@ class Generator:
             if len(seq.tokens) >= seq.budget:
                 seq.finish_reason = "length"
                 break
-        return Advance(seq, kept, logits[:len(chosen)], seq.finish_reason)
+        return Advance(seq, kept, logits[:len(chosen)], seq.finish_reason,
+                       drafted=len(draft.tokens), accepted=accepted)
 
     # ---- a batch of one: `tpi generate` ----
 
@@ -193,6 +234,8 @@ class Generator:
             token_latency_s=(token_times[-1] - token_times[0]) / decoded if decoded > 0 else 0.0,
             finish_reason=seq.finish_reason or "stop",
             decode_steps=decode_steps,
+            drafted=seq.drafted,
+            accepted=seq.accepted,
             step_times_s=step_times,
             breakdowns=totals,
         )

@@ -29,6 +29,9 @@ class Sequence:
     processor: object | None = None
     score_prompt: int | None = None   # score the prompt's tokens, with this many alternatives each
     prompt_logprobs: list | None = None  # set by the first prefill when score_prompt (logprobs.py)
+    speculative: bool = True        # let the generator's drafter propose for it (if it has one)
+    drafted: int = 0                # draft tokens verified for it so far
+    accepted: int = 0               # of which accepted
 
     @property
     def done(self) -> bool:
@@ -45,6 +48,8 @@ class Advance:
                                     # (n counts a stop token too); -inf outside the head's candidates
     finished: str | None = None     # "stop" | "length" | "error" when this step ended it
     error: str | None = None        # why, when finished == "error" (e.g. non-finite probabilities)
+    drafted: int = 0                # draft tokens this step verified
+    accepted: int = 0               # of which accepted (tokens gained: accepted + 1, before stop rules)
 
 
 @dataclass

@@ -86,7 +86,8 @@ class ServedCluster:
     """`tpi master --listen` and one real `tpi worker` process per further device, all on
     loopback; the HTTP API at `.master.url`. A context manager: everything stops on exit."""
 
-    def __init__(self, log_dir: Path, weights: list[float], *master_args: str, token: str = "test-join-token"):
+    def __init__(self, log_dir: Path, weights: list[float], *master_args: str,
+                 token: str = "served-cluster-test-join-token"):
         self.hub_port, http_port = free_port(), free_port()
         self.workers = [start_worker(self.hub_port, token, log_dir, f"w{r}") for r in range(1, len(weights))]
         self.master = Server("master", [

@@ -14,6 +14,7 @@ OTHER_PAGES = [  # (file, title) folded into the report when present
     ("docs/benchmarks-allreduce.md", "All-reduce latency"),
     ("docs/benchmarks-inproc.md", "In-process engine vs transformers"),
     ("docs/benchmarks-batching.md", "Batched decoding"),
+    ("docs/benchmarks-speculative.md", "Speculative decoding"),
     ("docs/benchmarks-memory.md", "Memory scheduler"),
     ("docs/benchmarks-moe.md", "Mixture of experts on 1 GiB devices"),
     ("docs/memory-scheduler.md", "Memory scheduler"),  # a design page: linked, not copied

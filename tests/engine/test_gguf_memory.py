@@ -12,7 +12,9 @@ from tpi.weights.gguf_source import GGUFCheckpoint
 from tpi.weights.slicing import HEAD_TENSORS, parse_layer_name, slice_for_device
 
 WEIGHTS = [1.0, 2.0, 1.0]
-GGUF_OPTS = RuntimeOptions(dtype="gguf", max_seq=272, scheduler=False)
+# float32 compute: these tests measure what the stored quantized weights cost in agreement, not what
+# bfloat16 arithmetic (the default since the lean defaults) adds on top of it.
+GGUF_OPTS = RuntimeOptions(dtype="gguf", compute_dtype="float32", max_seq=272, scheduler=False)
 
 
 def teacher_forced_tpi(path, ids: torch.Tensor) -> torch.Tensor:
@@ -94,8 +96,8 @@ def test_gguf_store_greedy_matches_transformers(gguf_model, gguf_greedy_referenc
     assert all(packed_copy_bytes(store.files[f].tensors, torch.float32) == 0 for f in store.block_files(rank)), \
         "a gguf store's blocks (quantized forms, float32 norms) are computed as stored, with no copies"
     budget = kv_cache_bytes(store, rank, RuntimeOptions(max_seq=64)) + max(sizes) + (sum(sizes) - max(sizes)) // 4
-    engine = build_inproc_engine(ModelSettings(str(path), weights), RuntimeOptions(dtype="gguf", max_seq=64, window=1,
-                                                                    memory_budget=budget))
+    engine = build_inproc_engine(ModelSettings(str(path), weights), RuntimeOptions(dtype="gguf", compute_dtype="float32", max_seq=64,
+                                                                    window=1, memory_budget=budget))
     try:
         engine.generator.stop_ids = set()
         got = engine.generator.generate(prompt, SamplingParams(max_new_tokens=12)).tokens

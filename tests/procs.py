@@ -25,10 +25,26 @@ MASTER_ARGS = ("--devices", "2", "--dtype", "float32")
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"   # screenshots (gitignored)
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port p whose neighbour p + 1 is free too (a hub listening on p opens its data
+    plane on p + 1), and that no earlier call of this process handed out as p or p + 1: two
+    ports picked one after the other (hub, HTTP) cannot land on each other's data port."""
+    while True:
+        with socket.socket() as a:
+            a.bind(("127.0.0.1", 0))
+            port = a.getsockname()[1]
+            if {port - 1, port, port + 1} & _HANDED_OUT or port >= 65535:
+                continue
+            try:
+                with socket.socket() as b:
+                    b.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        _HANDED_OUT.update({port, port + 1})
+        return port
 
 
 class Server:

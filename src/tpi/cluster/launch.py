@@ -39,8 +39,12 @@ def start_distributed(settings: MasterSettings, world_size: int, on_listening=No
     if on_listening is not None:  # the hub binds in build(); tell the launcher the port first
         manager.port = manager.port or _free_port(manager.host)
         on_listening(manager.port)
-    cluster = manager.build(world_size - 1, wait_timeout=settings.hub.start_timeout_s)
-    engine = build_engine(cluster.store, cluster, settings.runtime)
+    try:
+        cluster = manager.build(world_size - 1, wait_timeout=settings.hub.start_timeout_s)
+        engine = build_engine(cluster.store, cluster, settings.runtime)
+    except BaseException:
+        manager.close()  # the hub's ports go with the failed start
+        raise
     manager.engine = engine
     return engine, manager
 
@@ -86,6 +90,7 @@ class LocalCluster:
             hub=HubSettings(join_token=token, listen="127.0.0.1:0", allreduce=allreduce, link=link,
                             wire_dtype=wire_dtype, timeout_s=10.0))
         self.procs: list[subprocess.Popen] = []
+        self.port: int | None = None            # the hub's, once picked
         self.engine = self.manager = None
 
     def __enter__(self):
@@ -93,6 +98,7 @@ class LocalCluster:
         threads = configure_threads(share_of_machine=devices)
 
         def spawn_workers(port: int) -> None:
+            self.port = port
             for rank in range(1, devices):
                 cmd = [sys.executable, "-m", "tpi_cli", "worker", "--master", f"ws://127.0.0.1:{port}",
                        "--join-token", hub.join_token, "--rank", str(rank), "--name", f"local-{rank}", "--once"]
@@ -101,7 +107,13 @@ class LocalCluster:
                 env = dict(os.environ, OMP_NUM_THREADS=str(threads))  # share the cores
                 self.procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, env=env))
 
-        self.engine, self.manager = start_distributed(self.settings, devices, on_listening=spawn_workers)
+        try:
+            self.engine, self.manager = start_distributed(self.settings, devices, on_listening=spawn_workers)
+        except BaseException:
+            for p in self.procs:  # no worker outlives a failed start (it would hold our stderr open)
+                p.kill()
+                p.wait()
+            raise
         return self.engine
 
     def __exit__(self, *exc):

@@ -48,6 +48,10 @@ class ClusterManager:
         assert settings.hub is not None, "a cluster with workers needs hub settings"
         self.settings, self.hub_settings, self.opts = settings, settings.hub, settings.runtime
         self.host, self.port = split_hostport(settings.hub.listen, 29500)
+        # the star's data port: hub port + 1 when the user chose the port (so a firewall rule can
+        # name both), any free port when the hub's port is picked for us: an ephemeral port's
+        # neighbour may belong to another process
+        self.data_port: int | None = 0 if self.port == 0 else None
         self.membership, self.master_capability = membership, master_capability
         self.rejoin_timeout = rejoin_timeout
         self.http_url: str | None = None       # where workers without the shared volume download shards
@@ -75,7 +79,8 @@ class ClusterManager:
         h = self.hub_settings
         self.hub = StarHub(workers + 1, h.join_token, self.host, self.port, allreduce=h.allreduce,
                            wire_dtype=h.wire_dtype or self.opts.torch_compute_dtype(),
-                           timeout=h.timeout_s, link=h.link, ssl_context=self.ssl_context, expected_names=names)
+                           timeout=h.timeout_s, link=h.link, ssl_context=self.ssl_context, expected_names=names,
+                           data_port=self.data_port)
         self.port = self.hub.port
         log.info("hub on ws://%s:%d waiting for %d worker(s)", self.host, self.port, workers)
         self.hub.wait_for_workers(workers, timeout=wait_timeout)

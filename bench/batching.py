@@ -45,24 +45,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_ready(port: int, exited, kill) -> str:
+    """The master's URL once /healthz answers; exits if the process ends (exited() returns its
+    exit code, None while it runs) or is not ready within 5 minutes."""
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        if exited() is not None:
+            raise SystemExit(f"the master exited with {exited()}")
+        try:
+            if requests.get(url + "/healthz", timeout=2).ok:
+                return url
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    kill()
+    raise SystemExit("the master did not become ready")
+
+
 def start_master(args) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "tpi_cli", "master", "--http", f"127.0.0.1:{port}", "--devices", str(args.devices),
            "--dtype", args.dtype, "--slots", str(max(args.concurrency))]
     print("starting:", " ".join(cmd[2:]), file=sys.stderr)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        if proc.poll() is not None:
-            raise SystemExit(f"the master exited with {proc.returncode}")
-        try:
-            if requests.get(url + "/healthz", timeout=2).ok:
-                return proc, url
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise SystemExit("the master did not become ready")
+    return proc, wait_ready(port, exited=lambda: proc.poll(), kill=proc.kill)
 
 
 def _serve_budgeted(port: int, devices: int, dtype: str, slots: int, budget: str, max_seq: int) -> None:
@@ -88,18 +94,7 @@ def start_budgeted_master(args):
         target=_serve_budgeted, daemon=True,
         args=(port, args.devices, args.dtype, max(args.concurrency), args.memory_budget, args.max_seq))
     proc.start()
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        if not proc.is_alive():
-            raise SystemExit(f"the master exited with {proc.exitcode}")
-        try:
-            if requests.get(url + "/healthz", timeout=2).ok:
-                return proc, url
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise SystemExit("the master did not become ready")
+    return proc, wait_ready(port, exited=lambda: None if proc.is_alive() else proc.exitcode, kill=proc.kill)
 
 
 def metrics(url: str, headers: dict) -> dict[str, float]:

@@ -249,11 +249,7 @@ class StarClient:
             self._comm.close()
         if self._data is not None:
             self._data.shutdown("client closed")
-        try:
-            self._io.run(self._shutdown(), 5)
-        except Exception as e:  # noqa: BLE001 - best effort on shutdown
-            log.debug("client shutdown: %s", e)
-        self._io.stop()
+        self._io.stop(5, last=self._shutdown())
 
     def __enter__(self) -> StarClient:
         return self

@@ -320,11 +320,7 @@ class StarHub:
             self._comm.close()
         if self._data is not None:
             self._data.close()
-        try:
-            self._io.run(self._shutdown(), 10)
-        except Exception as e:  # noqa: BLE001 - best effort on shutdown
-            log.debug("hub shutdown: %s", e)
-        self._io.stop()
+        self._io.stop(10, last=self._shutdown())
 
     async def _shutdown(self) -> None:
         server = getattr(self, "_server", None)

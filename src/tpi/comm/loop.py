@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import threading
 from collections.abc import Coroutine
 from typing import Any, Callable
+
+log = logging.getLogger(__name__)
 
 
 class LoopThread:
@@ -40,8 +43,16 @@ class LoopThread:
     def in_loop(self) -> bool:
         return threading.current_thread() is self._thread
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """Cancel every task, stop the loop and join the thread. Idempotent."""
+    def stop(self, timeout: float = 5.0, last: Coroutine[Any, Any, Any] | None = None) -> None:
+        """Run `last` (a goodbye: close connections, stop serving; its failure is only logged),
+        then cancel every task, stop the loop and join the thread. Idempotent."""
+        if last is not None and self._thread.is_alive():
+            try:
+                self.run(last, timeout)
+            except Exception as e:  # noqa: BLE001 - best effort on shutdown
+                log.debug("%s shutdown: %s", self._thread.name, e)
+        elif last is not None:
+            last.close()  # never awaited: the loop is gone
         if not self._thread.is_alive():
             return
 

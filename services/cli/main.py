@@ -226,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the master's API key, if it requires one (default $TPI_API_KEY)")
 
     b = sub.add_parser("bench", help="benchmarks: emulated testbed, baselines, report (docs/benchmarks.md)")
-    from tpi.bench.cli import add_args as add_bench_args
+    from tpi_cli.bench import add_args as add_bench_args
 
     add_bench_args(b)
 
@@ -364,7 +364,7 @@ def cmd_webui(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from tpi.bench.cli import run
+    from tpi_cli.bench import run
 
     return run(args)
 

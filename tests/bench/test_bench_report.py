@@ -11,12 +11,11 @@ import json
 import statistics
 import subprocess
 import sys
-from argparse import Namespace
 from pathlib import Path
 
 import pytest
 
-from tpi.bench.testbed import configs_from_args
+from tpi.bench.sweep import Sweep, configs
 
 
 def tpi(*args: str, cwd: Path) -> str:
@@ -25,21 +24,19 @@ def tpi(*args: str, cwd: Path) -> str:
     return p.stdout
 
 
-def sweep_args(**kw) -> Namespace:
-    base = dict(runner="local", devices="1,2", latencies="0,5", bandwidths=None, allreduce="star,ring", window="2",
-                budget=None, no_scheduler=False, scheduler="on", dtype="bfloat16", compute_dtype=None, mem_limit=None,
-                master_mem_limit=None, cpus=None, tokens=4, prompt="x", model=None, max_seq=None)
-    return Namespace(**{**base, **kw})
+def sweep(**kw) -> Sweep:
+    return Sweep(**{**dict(runner="local", devices=(1, 2), latencies_ms=(0, 5), allreduce=("star", "ring"),
+                           tokens=4, prompt="x"), **kw})
 
 
 def test_sweep_configurations():
-    names = [c.name() for c in configs_from_args(sweep_args())]
+    names = [c.name() for c in configs(sweep())]
     # one device: no link and no all-reduce to vary
     assert names == ["smollm2-local-n1-star-lat0ms-bfloat16-w2", "smollm2-local-n2-star-lat0ms-bfloat16-w2",
                      "smollm2-local-n2-ring-lat0ms-bfloat16-w2", "smollm2-local-n2-star-lat5ms-bfloat16-w2",
                      "smollm2-local-n2-ring-lat5ms-bfloat16-w2"]
-    cs = configs_from_args(sweep_args(devices="2", latencies="0", allreduce="star", budget="none,60MB",
-                                      scheduler="on,off", mem_limit="1g,none", master_mem_limit="1536m"))
+    cs = configs(sweep(devices=(2,), latencies_ms=(0,), allreduce=("star",), budgets=(None, "60MB"),
+                       schedulers=("on", "off"), mem_limits=("1g", None), master_mem_limit="1536m"))
     off = [c for c in cs if c.no_scheduler]
     assert {c.memory_budget for c in off} == {None}  # scheduler off: no budget to vary
     assert {(c.mem_limit, c.master_mem_limit) for c in cs} == {("1g", "1536m"), (None, None)}

@@ -19,9 +19,27 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from tpi.bench import machine
+from tpi.bench.testbed import PROMPT, RESULTS
+
+
+@dataclass(frozen=True)
+class Baselines:
+    """What `tpi bench baselines` runs: each dtype x each system."""
+    dtypes: tuple[str, ...] = ("float32", "bfloat16")
+    systems: tuple[str, ...] = ("whole",)     # whole (transformers) and/or offload (+ Accelerate disk offload)
+    tokens: int = 16
+    prompt: str = PROMPT
+    model: str | None = None
+    rounds: int = 3                           # median over this many rounds
+    max_memory: int = 2**30                   # offload: Accelerate's max_memory (the per-device budget)
+    limit: int | None = None                  # offload: the cgroup memory limit (default: max_memory)
+    offload_dir: str | None = None            # offload: where the offload folder goes (default: /tmp)
+    timeout: float = 1800.0                   # seconds per system
+    out: Path = RESULTS
 
 
 def _vmhwm() -> int:
@@ -73,27 +91,22 @@ def measure_one(model_dir: str, dtype: str, prompt: str, tokens: int, rounds: in
             "device_map": sorted({str(v) for v in (getattr(model, "hf_device_map", None) or {}).values()})}
 
 
-def run_baselines(args) -> int:
+def run_baselines(args: Baselines) -> int:
     import shutil
     import tempfile
 
     from tpi.bench import cgroup
     from tpi.bench.testbed import model_slug
     from tpi.host import drop_page_cache
-    from tpi.weights.budget import parse_size
     from tpi.weights.sources import resolve_model
 
     model_dir = str(resolve_model(args.model))
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    max_memory = parse_size(args.max_memory)
-    limit = parse_size(args.limit) if args.limit else max_memory
-    systems = args.systems.split(",")
-    if args.offload and "offload" not in systems:
-        systems.append("offload")
+    max_memory, limit = args.max_memory, args.limit or args.max_memory
     failures = 0
-    for dtype in args.dtype.split(","):
-        for system in systems:
+    for dtype in args.dtypes:
+        for system in args.systems:
             offload = system == "offload"
             name = f"{model_slug(args.model)}-hf-{dtype}" + ("-offload" if offload else "")
             folder = tempfile.mkdtemp(prefix="tpi-offload-", dir=args.offload_dir) if offload else None

@@ -123,8 +123,7 @@ def model_section(name: str, runs: list[dict], baselines: list[dict], docs: Path
     return "\n".join(parts)
 
 
-def write_report(args) -> int:
-    results, out = Path(args.results), Path(args.out)
+def write_report(results: Path, out: Path) -> int:
     testbed, baselines, failed, other = load(results)
     recompute_bounds(testbed)
     docs = out.parent

@@ -14,7 +14,6 @@ Two runners, one workload (prompt, new tokens, greedy):
 """
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import re
@@ -341,39 +340,6 @@ def run_docker(cfg: RunConfig, timeout: float, image: str = "tpi:latest") -> dic
 # ---------------------------------------------------------------------------------------
 # the sweep
 
-def _none_or(text: str) -> str | None:
-    return None if text.lower() in ("none", "default", "") else text
-
-
-def configs_from_args(args) -> list[RunConfig]:
-    floats = lambda s: [float(x) for x in s.split(",")]  # noqa: E731
-    schedulers = ["off"] if args.no_scheduler else args.scheduler.split(",")
-    out = []
-    for n, lat, bw, ar, w, b, dt, sched, lim in itertools.product(
-            [int(x) for x in args.devices.split(",")], floats(args.latencies),
-            (args.bandwidths.split(",") if args.bandwidths else [None]), args.allreduce.split(","),
-            [int(x) for x in args.window.split(",")],
-            ([_none_or(x) for x in args.budget.split(",")] if args.budget else [None]),
-            args.dtype.split(","), schedulers,
-            ([_none_or(x) for x in args.mem_limit.split(",")] if args.mem_limit else [None])):
-        if n == 1 and (ar != "star" or lat or bw):
-            continue  # one device: no link, no all-reduce
-        off = sched == "off"
-        if off and (b or w != int(args.window.split(",")[0])):
-            continue  # scheduler off: no window, no budget
-        out.append(RunConfig(runner=args.runner, devices=n, latency_ms=lat, bandwidth=bw, allreduce=ar, window=w,
-                             memory_budget=b, no_scheduler=off, dtype=dt, compute_dtype=args.compute_dtype,
-                             mem_limit=lim, master_mem_limit=args.master_mem_limit if lim else None,
-                             cpus=args.cpus, tokens=args.tokens, prompt=args.prompt, model=args.model,
-                             max_seq=args.max_seq))
-    seen, unique = set(), []
-    for c in out:
-        if c not in seen:
-            seen.add(c)
-            unique.append(c)
-    return unique
-
-
 def check_prompt(model_dir: Path, prompt: str, vocab_size: int) -> None:
     """A random-weight model may carry a borrowed tokenizer (bench/memory.py's carries
     SmolLM2's): the prompt is usable only if its ids fit the model's vocabulary."""
@@ -395,16 +361,18 @@ def progress(i: int, total: int, started: float) -> str:
     return f"[{bar}] {i}/{total}, ~{int(left // 60)}m{int(left % 60):02d}s left"
 
 
-def run_sweep(args) -> int:
+def run_sweep(sweep) -> int:
+    """Run every configuration of `sweep` (tpi.bench.sweep.Sweep); one results JSON each."""
     from tpi.bench.bounds import bounds, machine_capability
+    from tpi.bench.sweep import configs
     from tpi.config import load_model_config
     from tpi.weights.sources import resolve_model
 
-    configs = configs_from_args(args) * args.repeats  # repeats interleaved: round 1 of every config, then round 2
-    out_dir = Path(args.out)
+    configs = configs(sweep) * sweep.repeats  # repeats interleaved: round 1 of every config, then round 2
+    out_dir = Path(sweep.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    cfg_model = load_model_config(resolve_model(args.model))
-    check_prompt(resolve_model(args.model), args.prompt, cfg_model.vocab_size)
+    cfg_model = load_model_config(resolve_model(sweep.model))
+    check_prompt(resolve_model(sweep.model), sweep.prompt, cfg_model.vocab_size)
     print(f"[bench] measuring the machine (load {os.getloadavg()[0]:.1f}) ...", flush=True)
     cap = machine_capability(readers=max(c.devices for c in configs))
     print(f"[bench] {cap['capability']['gflops']:.1f} GFLOP/s, {cap['capability']['disk_mbps']:.0f} MB/s disk "
@@ -417,9 +385,9 @@ def run_sweep(args) -> int:
         before = machine.snapshot()
         t = time.perf_counter()
         record = {"kind": "testbed", "config": {**asdict(cfg), "link": cfg.link}, "command": machine.command_line(),
-                  "model": model_slug(args.model), "machine": before, "machine_capability": cap}
+                  "model": model_slug(sweep.model), "machine": before, "machine_capability": cap}
         try:
-            r = run_docker(cfg, args.timeout) if cfg.runner == "docker" else run_local(cfg, args.timeout)
+            r = run_docker(cfg, sweep.timeout) if cfg.runner == "docker" else run_local(cfg, sweep.timeout)
             record["result"] = r
             record["bounds"] = bounds(cfg_model, {**asdict(cfg), "bandwidth_bytes_s": cfg.bandwidth_bytes_s}, cap)
             msg = (f"TTFT {r['ttft_s']:.2f} s, {r['token_latency_s'] * 1e3:.0f} ms/token "

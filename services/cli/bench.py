@@ -1,7 +1,9 @@
-"""`tpi bench testbed|baselines|report`: flags here, work in the modules (imported lazily)."""
+"""`tpi bench testbed|baselines|report`: the flags, made into the harness's typed settings
+(tpi.bench.sweep.Sweep, tpi.bench.baselines.Baselines) here; the work is in tpi.bench."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from tpi.bench.testbed import PROMPT, RESULTS
 
@@ -54,15 +56,48 @@ def add_args(p: argparse.ArgumentParser) -> None:
     r.add_argument("--out", default="docs/benchmarks.md")
 
 
+def _list(text: str | None, item=str, none_words: bool = False) -> tuple:
+    """'1,2,4' -> (1, 2, 4); with none_words, 'none'/'default'/'' items become None; None -> (None,)."""
+    if text is None:
+        return (None,)
+    return tuple(None if none_words and x.lower() in ("none", "default", "") else item(x) for x in text.split(","))
+
+
+def sweep_from_args(args):
+    from tpi.bench.sweep import Sweep
+
+    return Sweep(runner=args.runner, devices=_list(args.devices, int), latencies_ms=_list(args.latencies, float),
+                 bandwidths=_list(args.bandwidths), allreduce=_list(args.allreduce), windows=_list(args.window, int),
+                 budgets=_list(args.budget, none_words=True),
+                 schedulers=("off",) if args.no_scheduler else _list(args.scheduler),
+                 dtypes=_list(args.dtype), mem_limits=_list(args.mem_limit, none_words=True),
+                 compute_dtype=args.compute_dtype, master_mem_limit=args.master_mem_limit, cpus=args.cpus,
+                 max_seq=args.max_seq, tokens=args.tokens, prompt=args.prompt, model=args.model,
+                 repeats=args.repeats, timeout=args.timeout, out=Path(args.out))
+
+
+def baselines_from_args(args):
+    from tpi.bench.baselines import Baselines
+    from tpi.weights.budget import parse_size
+
+    systems = _list(args.systems)
+    if args.offload and "offload" not in systems:
+        systems += ("offload",)
+    return Baselines(dtypes=_list(args.dtype), systems=systems, tokens=args.tokens, prompt=args.prompt,
+                     model=args.model, rounds=args.rounds, max_memory=parse_size(args.max_memory),
+                     limit=parse_size(args.limit) if args.limit else None, offload_dir=args.offload_dir,
+                     timeout=args.timeout, out=Path(args.out))
+
+
 def run(args) -> int:
     if args.bench_command == "testbed":
         from tpi.bench.testbed import run_sweep
 
-        return run_sweep(args)
+        return run_sweep(sweep_from_args(args))
     if args.bench_command == "baselines":
         from tpi.bench.baselines import run_baselines
 
-        return run_baselines(args)
+        return run_baselines(baselines_from_args(args))
     from tpi.bench.report import write_report
 
-    return write_report(args)
+    return write_report(Path(args.results), Path(args.out))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from tpi.generation.json_schema import SchemaState
 from tpi_master.errors import bad_request, unsupported, wrong_type
 from tpi_master.tools import ToolFormat, template_format
 
@@ -18,7 +19,7 @@ class Features:
     tool_format: ToolFormat | None = None  # set when the reply is parsed for tool calls
     forced_tool: str | None = None        # tool_choice names this function: the reply IS its call
     json_mode: bool = False               # the reply (or the forced call's arguments) is a JSON object
-    schema: dict | None = None            # ... whose top-level keys and types this schema gives
+    schema: dict | None = None            # ... following this JSON schema (json_schema.py: what is enforced)
     logprobs: int | None = None           # alternatives per generated token (0: the chosen one only)
     score_prompt: bool = False            # /v1/completions echo + logprobs: the prompt's tokens too
 
@@ -41,6 +42,8 @@ def parse_tools(body: dict, chat_template: str | None) -> tuple[list | None, Too
         params = fn.get("parameters")
         if params is not None and (not isinstance(params, dict) or not isinstance(params.get("properties", {}), dict)):
             raise wrong_type(f"tools[{i}].function.parameters", "a JSON schema object (with 'properties' an object)")
+        if params is not None:
+            check_writable(params, f"tools[{i}].function.parameters")
         names.append(fn["name"])
     fmt = template_format(chat_template)
     if fmt is None:
@@ -89,8 +92,18 @@ def parse_response_format(body: dict) -> tuple[bool, dict | None]:
             raise unsupported("response_format", "a JSON schema whose root is not an object")
         if not isinstance(schema.get("properties", {}), dict):
             raise wrong_type("response_format.json_schema.schema.properties", "an object")
+        check_writable(schema, "response_format.json_schema.schema")
         return True, schema
     return fmt["type"] != "text", None
+
+
+def check_writable(schema: dict, param: str) -> None:
+    """Refuses a schema JSON mode cannot finish (no finite instance, e.g. an object that
+    requires itself): decoding would otherwise fail mid-reply."""
+    try:
+        SchemaState(schema).completion()
+    except ValueError as e:
+        raise bad_request(f"'{param}': {e}", param) from None
 
 
 def parse_chat_logprobs(body: dict) -> int | None:

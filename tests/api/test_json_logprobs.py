@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 
+import openai
 import pytest
 import requests
 import torch
@@ -31,6 +32,40 @@ def test_json_mode_output_always_parses(client, sampling):
             assert list(obj) == ["name", "population"], obj
             assert isinstance(obj["name"], str) and isinstance(obj["population"], int), obj
         assert r.choices[0].finish_reason == "stop"
+
+
+NESTED = {"type": "object", "required": ["name", "country", "districts", "mayor"], "properties": {
+    "name": {"type": "string"}, "country": {"enum": ["France", "Italy", "Spain"]},
+    "districts": {"type": "array", "minItems": 1, "maxItems": 3, "items": {
+        "type": "object", "required": ["name", "population"],
+        "properties": {"name": {"type": "string"}, "population": {"type": "integer"}}}},
+    "mayor": {"anyOf": [{"$ref": "#/$defs/Person"}, {"type": "null"}]}},
+    "$defs": {"Person": {"type": "object", "properties": {"name": {"type": "string"}, "since": {"type": "integer"}}}}}
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=0), dict(temperature=1.0, top_p=0.95, seed=7),
+                                      dict(temperature=1.3, seed=3)])
+def test_nested_json_schema_output_validates(client, sampling):
+    """Nested objects, an array of objects with bounds, an enum, a $ref and anyOf: the reply
+    validates against the schema (the `jsonschema` package), greedy and sampled, streamed too."""
+    jsonschema = pytest.importorskip("jsonschema")
+    fmt = {"type": "json_schema", "json_schema": {"name": "city", "schema": NESTED}}
+    for ask in ["Describe Paris and two of its districts as JSON.", "Write a poem about the sea."]:
+        r = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": ask}],
+                                           max_tokens=90, response_format=fmt, **sampling)
+        jsonschema.validate(json.loads(r.choices[0].message.content), NESTED)
+        assert r.choices[0].finish_reason == "stop"
+    parts = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="smollm2", messages=[{"role": "user", "content": "Rome as JSON."}], max_tokens=90, stream=True,
+        response_format=fmt, **sampling) if c.choices]
+    jsonschema.validate(json.loads("".join(parts)), NESTED)
+
+
+def test_a_schema_without_a_finite_instance_is_refused(client):
+    loop = {"type": "object", "required": ["next"], "properties": {"next": {"$ref": "#"}}}
+    with pytest.raises(openai.BadRequestError, match="no instance"):
+        client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Hi"}], max_tokens=8,
+                                       response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": loop}})
 
 
 def test_streamed_json_mode_parses(client):

@@ -19,7 +19,12 @@ a copy of the recognizer; ~N*K*4 characters a step), and:
 * when the tokens left (`remaining`) are no more than the completion's length, only prefixes
   of the completion are allowed (candidates first, then the fallback), so the object is
   closed within the budget: the output parses whenever max_tokens leaves room for the
-  shortest completion (1 token for "{}" once the object is open).
+  shortest completion (1 token for "{}" once the object is open);
+* a token can lengthen the completion (a `,` in an array of objects adds a whole element), so
+  from `reserve` characters before that point on, a candidate is allowed only if the
+  completion after it still fits in the tokens left (each candidate's completion computed:
+  ~40 ms a step for an 80-character completion, hence only near the budget). `reserve` is the
+  schema's shortest instance + 16 characters, more than one token adds in practice.
 
 Token texts come from `ChatTokenizer.token_texts()` (each token decoded after an anchor token,
 so a leading space is kept); special tokens and tokens that are part of a multi-byte character
@@ -67,11 +72,12 @@ class VocabIndex:
 
 class JsonConstraint:
     def __init__(self, vocab: VocabIndex, schema: dict | None = None):
-        """schema: an object JSON schema whose top-level keys and types are enforced too
-        (json_schema.SchemaState); None: any JSON object."""
+        """schema: an object JSON schema, enforced too (json_schema.SchemaState says which
+        keywords); None: any JSON object."""
         self.vocab = vocab
-        self.state = SchemaState(schema) if schema and schema.get("properties") else JsonState()
+        self.state = SchemaState(schema) if schema else JsonState()
         self.text = ""                 # what has been chosen so far
+        self.reserve = len(self.state.completion()) + 16
 
     @property
     def done(self) -> bool:
@@ -86,6 +92,8 @@ class JsonConstraint:
         candidates = torch.nonzero(torch.isfinite(logits)).flatten().tolist()
         if closing:
             allowed = [i for i in candidates if texts[i] and completion.startswith(texts[i])]
+        elif remaining <= len(completion) + self.reserve:
+            allowed = [i for i in candidates if self._fits(texts[i], remaining)]
         else:
             allowed = [i for i in candidates if self.state.accepts(texts[i])]
         out = torch.full_like(logits, float("-inf"))                                   # (vocab,)
@@ -95,6 +103,11 @@ class JsonConstraint:
         else:
             out[self.vocab.longest_prefix_of(completion)] = 0.0
         return out
+
+    def _fits(self, text: str, remaining: int) -> bool:
+        """Does `text` continue the JSON and leave a completion shorter than `remaining`?"""
+        s = self.state.copy()
+        return bool(text) and s.feed(text) and len(s.completion()) < remaining
 
     def advance(self, token: int) -> None:
         text = self.vocab.texts[token]

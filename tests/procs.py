@@ -7,6 +7,7 @@ Fixtures live here rather than in conftest.py files: several conftest.py modules
 shadow one another under the name `conftest`, which tests/engine imports by that name."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -88,6 +89,18 @@ def start_master(log_dir: Path, *extra: str) -> Server:
     port = free_port()
     return Server("master", ["master", "--http", f"127.0.0.1:{port}", *MASTER_ARGS, *extra],
                   port, log_dir).wait_ready()
+
+
+def start_templated_master(model: Path, template: Path, work: Path) -> Server:
+    """A master serving a copy of `model` whose tokenizer_config.json carries `template` as
+    its chat template (the tool-call tests: tests/data/templates)."""
+    copy = work / "model"
+    shutil.copytree(model, copy)
+    cfg_path = copy / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["chat_template"] = template.read_text()
+    cfg_path.write_text(json.dumps(cfg))
+    return start_master(work, "--model", str(copy))
 
 
 def start_worker(port: int, token: str, log_dir: Path, name: str, *extra: str) -> subprocess.Popen:

@@ -46,7 +46,7 @@ class OllamaReply:
             out["message"] = {"role": "assistant", "content": text}
             if tool_calls:
                 out["message"]["tool_calls"] = [{"function": {"name": c["function"]["name"],
-                                                              "arguments": json.loads(c["function"]["arguments"])}}
+                                                              "arguments": _arguments(c["function"]["arguments"])}}
                                                 for c in tool_calls]
         else:
             out["response"] = text
@@ -121,6 +121,15 @@ class OllamaReply:
             return
         finally:
             events.close()
+
+
+def _arguments(text: str) -> dict | str:
+    """A call's arguments as Ollama sends them (an object); the text itself if the model broke
+    their JSON mid-call (tool_stream.py)."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def _dump(obj: dict) -> str:

@@ -1,6 +1,6 @@
 """What a reply's text becomes, by the request's features: plain content; the arguments of a
 forced tool call (tool_choice named a function: the generated text IS the arguments JSON);
-or content that may turn into tool calls (tools given, tool_choice auto: tools.ToolStream).
+or content that may turn into tool calls (tools given, tool_choice auto: tool_stream.ToolStream).
 
 Events, as Completion.pieces() yields them: ("text", content), ("call", (index, id, name)),
 ("arguments", (index, json_text)), ("end", reason). A reply that made calls ends with
@@ -10,7 +10,8 @@ from __future__ import annotations
 from typing import Iterator
 
 from tpi_master.features import Features
-from tpi_master.tools import ToolStream, openai_call
+from tpi_master.tool_stream import ToolStream
+from tpi_master.tools import openai_call
 
 
 class ReplyShape:
@@ -31,19 +32,12 @@ class ReplyShape:
         if self.forced:
             yield "arguments", (0, piece)
         elif self.auto is not None:
-            shown = self.auto.push(piece)
-            if shown:
-                yield "text", shown
+            yield from self.auto.push(piece)
         else:
             yield "text", piece
 
     def end(self, reason: str) -> Iterator[tuple[str, object]]:
         if self.auto is not None:
-            rest, calls = self.auto.finish()
-            if rest:
-                yield "text", rest
-            for i, call in enumerate(calls):
-                yield "call", (i, call["id"], call["function"]["name"])
-                yield "arguments", (i, call["function"]["arguments"])
-            self.calls = len(calls)
+            yield from self.auto.finish()
+            self.calls = self.auto.calls
         yield "end", "tool_calls" if self.calls and reason == "stop" else reason

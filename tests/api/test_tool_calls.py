@@ -6,14 +6,13 @@ renders the tools and past calls, the reply parses back into a call, streamed or
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import ollama
 import openai
 import pytest
 
-from procs import start_master
+from procs import start_templated_master
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "data" / "templates" / "Qwen-Qwen2.5-7B-Instruct.jinja"
 TOOLS = [{"type": "function", "function": {
@@ -25,13 +24,7 @@ ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 @pytest.fixture(scope="module")
 def qwen_master(tiny_model, tmp_path_factory):
-    model = tmp_path_factory.mktemp("qwen-tools") / "model"
-    shutil.copytree(tiny_model("qwen2"), model)
-    cfg_path = model / "tokenizer_config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["chat_template"] = TEMPLATE.read_text()
-    cfg_path.write_text(json.dumps(cfg))
-    server = start_master(tmp_path_factory.mktemp("qwen-master"), "--model", str(model))
+    server = start_templated_master(tiny_model("qwen2"), TEMPLATE, tmp_path_factory.mktemp("qwen-master"))
     yield server
     server.stop()
 

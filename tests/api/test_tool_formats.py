@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from tpi.tokenizer import _compile
-from tpi_master.tools import ToolStream, template_format
+from tpi_master.tool_stream import ToolStream
+from tpi_master.tools import FORMATS, template_format
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "data" / "templates"
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
@@ -45,16 +46,52 @@ def test_the_rendered_call_parses_back(name, fmt, marker):
     assert json.loads(f.parse(forced)[1][0]["function"]["arguments"]) == ARGS
 
 
-def test_auto_replies_stream_content_and_hold_back_calls():
-    f = template_format((TEMPLATES / "Qwen-Qwen2.5-7B-Instruct.jinja").read_text())
-    text = 'Let me check. <tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
-    stream = ToolStream(f)
-    shown = "".join(stream.push(text[i:i + 3]) for i in range(0, len(text), 3))
-    rest, calls = stream.finish()
-    assert shown + rest == "Let me check. " and calls[0]["function"]["name"] == "get_weather"
-    plain = ToolStream(f)
-    shown = "".join(plain.push(p) for p in ["a <tool", "_ca", " nothing"]) + plain.finish()[0]
-    assert shown == "a <tool_ca nothing"
-    broken = ToolStream(f)
-    shown = "".join(broken.push(p) for p in ["<tool_call>{not json"])
-    assert shown + broken.finish()[0] == "<tool_call>{not json" and broken.finish()[1] == []
+def events(fmt_name: str, text: str, size: int = 3) -> list:
+    """The events of an auto reply fed `size` characters at a time, consecutive pieces of one
+    kind joined, with the moment (characters fed) each first arrived."""
+    stream, raw, out = ToolStream(FORMATS[fmt_name]), [], []
+    for at in range(0, len(text), size):
+        raw += [(k, v, min(at + size, len(text))) for k, v in stream.push(text[at:at + size])]
+    raw += [(k, v, len(text)) for k, v in stream.finish()]
+    for kind, value, at in raw:
+        if out and out[-1][0] == kind and kind in ("text", "arguments"):
+            joined = out[-1][1] + value if kind == "text" else (value[0], out[-1][1][1] + value[1])
+            out[-1] = (kind, joined, out[-1][2])
+        else:
+            out.append((kind, value, at))
+    return out
+
+
+@pytest.mark.parametrize("fmt, text", [
+    ("hermes", 'Let me check. <tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+               '\n<tool_call>\n{"name": "get_time", "arguments": {"zone": "CET"}}\n</tool_call>'),
+    ("llama3", ' {"name": "get_weather", "parameters": {"city": "Paris"}}; {"name": "get_time", "parameters": '
+               '{"zone": "CET"}}'),
+    ("mistral", 'Let me check. [TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris"}}, '
+                '{"name": "get_time", "arguments": {"zone": "CET"}}]'),
+])
+def test_auto_calls_stream_as_they_are_written(fmt, text):
+    """The name goes out once the call's header is complete, the arguments while they are
+    written, well before the reply ends."""
+    got = events(fmt, text)
+    kinds = [k for k, _, _ in got]
+    assert kinds == (["text"] if fmt != "llama3" else []) + ["call", "arguments"] * 2
+    if fmt != "llama3":
+        assert got[0][1] == "Let me check. "
+    calls = [(v[2], json.loads(a[1][1])) for (_, v, _), a in zip(got[-4::2], got[-3::2])]
+    assert calls == [("get_weather", {"city": "Paris"}), ("get_time", {"zone": "CET"})]
+    first_call, first_args_end = got[-4][2], text.index("Paris") + 10
+    assert first_call <= text.index("{\"city") + 3 and first_call < first_args_end < len(text)
+    assert got[-3][2] <= text.index("Paris") + 3, "the arguments start streaming as they are written"
+
+
+def test_what_is_not_a_call_stays_content():
+    assert [(k, v) for k, v, _ in events("hermes", "a <tool_call> b")] == [("text", "a <tool_call> b")]
+    assert "".join(v for _, v, _ in events("hermes", "a <tool", 1)) == "a <tool"
+    plain = events("llama3", "Hello {there}")
+    assert [k for k, _, _ in plain] == ["text"] and plain[0][1] == "Hello {there}"
+    broken = events("hermes", "<tool_call>{not json")
+    assert [(k, v) for k, v, _ in broken] == [("text", "<tool_call>{not json")]
+    swapped = '<tool_call>\n{"arguments": {"city": "Paris"}, "name": "get_weather"}\n</tool_call>'
+    parsed_whole = events("hermes", swapped)           # held to the end, then parsed whole
+    assert [k for k, _, _ in parsed_whole] == ["call", "arguments"] and parsed_whole[0][2] == len(swapped)

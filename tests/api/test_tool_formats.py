@@ -1,6 +1,7 @@
-"""Tool-call formats follow the model's own chat template: the real Qwen2.5, Qwen3 and
-Llama-3.1-style templates (tests/data/templates) render a past call, and the format detected from
-the same template parses that rendered call back; a forced call's text parses the same way."""
+"""Tool-call formats follow the model's own chat template: the real Qwen2.5 and Qwen3 templates
+and our Llama-3.1-style and Mistral-style ones (tests/data/templates) render a past call, and
+the format detected from the same template parses that rendered call back; a forced call's text
+parses the same way. An auto reply's calls stream as they are written (tool_stream.py)."""
 from __future__ import annotations
 
 import json
@@ -27,6 +28,7 @@ def render(name: str, messages: list[dict]) -> str:
     ("Qwen-Qwen2.5-7B-Instruct.jinja", "hermes", "<|im_start|>assistant\n"),
     ("Qwen-Qwen3-0.6B.jinja", "hermes", "<|im_start|>assistant\n"),
     ("llama3-style-tools.jinja", "llama3", "<|start_header_id|>assistant<|end_header_id|>\n\n"),
+    ("mistral-style-tools.jinja", "mistral", "[/INST]"),
 ])
 def test_the_rendered_call_parses_back(name, fmt, marker):
     f = template_format((TEMPLATES / name).read_text())

@@ -93,7 +93,8 @@ def tpi_generate(tokens: int) -> float:
 class HttpCluster:
     """`tpi master --devices N` and N-1 `tpi worker` processes on loopback, default flags."""
 
-    def __init__(self, devices: int):
+    def __init__(self, devices: int, env: dict | None = None):
+        """env: the processes' environment (default: this one's)."""
         import requests
 
         self.requests = requests
@@ -102,11 +103,11 @@ class HttpCluster:
         log = open(os.devnull, "wb")
         self.procs = [subprocess.Popen(tpi("master", "--devices", str(devices), "--http", f"127.0.0.1:{self.port}",
                                            "--listen", f"127.0.0.1:{hub}", "--join-token", token),
-                                       stdout=log, stderr=log)]
+                                       stdout=log, stderr=log, env=env)]
         time.sleep(1.0)
         for r in range(1, devices):
             self.procs.append(subprocess.Popen(tpi("worker", "--master", f"ws://127.0.0.1:{hub}", "--join-token", token,
-                                                   "--name", f"w{r}"), stdout=log, stderr=log))
+                                                   "--name", f"w{r}"), stdout=log, stderr=log, env=env))
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
             if self.procs[0].poll() is not None:

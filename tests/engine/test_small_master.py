@@ -36,7 +36,8 @@ def full_head(model_dir) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def distributed_candidates(store, opts, h: torch.Tensor) -> Candidates:
-    """Every device's runner scores its vocabulary slice of h (R, H); one all-reduce merges."""
+    """Every device's runner scores its vocabulary slice of h (R, H); one gather merges them
+    on the master."""
     n = store.plan.world_size
     runners = [load_resident_runner(store, r, opts) for r in range(n)]   # only their head is used
     group = InProcGroup(n, timeout_s=60)
@@ -50,9 +51,7 @@ def distributed_candidates(store, opts, h: torch.Tensor) -> Candidates:
         t.start()
     for t in threads:
         t.join(60)
-    assert all(c is not None for c in out)
-    for c in out[1:]:  # every device holds the same merged candidates
-        assert torch.equal(c.values, out[0].values) and torch.equal(c.ids, out[0].ids)
+    assert out[0] is not None and all(c is None for c in out[1:])  # the master only
     return out[0]
 
 

@@ -9,7 +9,7 @@ from tpi.cluster.capability import DeviceCapability, measure, probe_compute, pro
 from tpi.config import parse_hf_config
 from tpi.plan import PlanError
 from tpi.weights.budget import MemoryBudgetError
-from tpi.cluster.estimate import HOPS_PER_ALL_REDUCE, Link, PlannerSettings, all_reduces_per_token, estimate
+from tpi.cluster.estimate import Link, PlannerSettings, estimate, star_hops_per_token
 from tpi.cluster.planner import plan_cluster, plan_weights
 
 # SmolLM2-135M's shape: 30 layers, hidden 576, 9 query / 3 KV heads, MLP 1536, tied embeddings.
@@ -76,7 +76,7 @@ def test_estimate_formula_and_breakdown():
     slow, fast = Link(0.004, 5e6), Link(0.001, 100e6)
     result = plan_cluster(SMOLLM2, devices, [None, slow, fast])
     e = result.estimate
-    hops = all_reduces_per_token(SMOLLM2.num_layers) * HOPS_PER_ALL_REDUCE
+    hops = star_hops_per_token(SMOLLM2.num_layers)      # 2 per all-reduce, 1 for the head's gather
     assert e.latency_ms == pytest.approx(hops * 0.004 / 2 * 1e3)          # the slowest link sets the pace
     frame = 576 * 4 + 64
     assert e.transfer_ms == pytest.approx(hops * (frame / 5e6 + frame / 100e6) * 1e3)

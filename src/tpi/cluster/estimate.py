@@ -34,9 +34,16 @@ ALL_REDUCES_PER_LAYER = 2  # after attention (o_proj) and after the MLP (down_pr
 
 
 def all_reduces_per_token(layers: int) -> int:
-    """Two per layer, plus the one that merges the vocabulary-split head's top-k candidates."""
+    """Two per layer, plus the one that merges the vocabulary-split head's top-k candidates
+    (on the ring and gloo; the star gathers them instead: star_hops_per_token)."""
     return layers * ALL_REDUCES_PER_LAYER + 1
 HOPS_PER_ALL_REDUCE = 2    # star: worker -> master with the partial sum, master -> worker with the total
+
+
+def star_hops_per_token(layers: int) -> int:
+    """Star hops of one token: two per all-reduce, and one for the head's candidates (a
+    gather: workers -> master, nothing back)."""
+    return layers * ALL_REDUCES_PER_LAYER * HOPS_PER_ALL_REDUCE + 1
 
 
 @dataclass(frozen=True)
@@ -214,7 +221,7 @@ def estimate(cfg: ModelConfig, plan: ShardPlan, devices: Sequence[DeviceCapabili
     compute_ms = L * (max(attn_ms) + max(mlp_ms))
     head = max(head_ms)
     disk_ms = max(e.disk_ms for e in per)
-    hops = all_reduces_per_token(L) * HOPS_PER_ALL_REDUCE
+    hops = star_hops_per_token(L)
     worker_links = list(links or [None])[1:]
     worker_links += [None] * (len(devices) - 1 - len(worker_links))
     if len(devices) > 1 and any(x is None for x in worker_links):

@@ -7,7 +7,8 @@ answer with a Reply, until Shutdown or a lost connection.
 
 Each forward broadcasts the hidden states (never token ids) with the KV slots and start
 positions; every device then runs all layers and its slice of the output head, meeting at
-each all-reduce; the last one merges every device's output-head candidates. A worker's reply
+each all-reduce; then every device's output-head candidates are gathered to the master
+alone (a worker gets nothing back, so it never sees a token id). A worker's reply
 (its time breakdown and memory) is collected lazily, at the next step, so it costs no hop.
 """
 from __future__ import annotations

@@ -33,6 +33,20 @@ class Communicator(ABC):
         flag for the same all-reduce).
         """
 
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor | None:
+        """Every device's `tensor` to the master only, exactly (float32): rank 0 gets
+        (N, *shape) in rank order, every other rank None. The output head's candidates go
+        this way, so the chosen tokens stay on the master.
+
+        This default rides on an exact all-reduce of a zero-padded (N, *shape) tensor, so
+        every device still receives everything (the ring and gloo transports, benchmark
+        baselines); the star (the default transport) overrides it with a true gather in
+        which a worker sends and receives nothing back."""
+        stacked = torch.zeros(self.world_size, *tensor.shape, dtype=torch.float32)  # (N, *shape)
+        stacked[self.rank] = tensor
+        total = self.all_reduce(stacked, exact=True)
+        return total if self.rank == 0 else None
+
     def close(self) -> None:
         """Release sockets or threads. Idempotent."""
 

@@ -8,6 +8,10 @@ event loop and no thread hand-off on the way; every device ends with identical v
 (base.reduce_sum states the arithmetic, which the in-process group shares). Frames are
 built in preallocated buffers (`Frames`): a decode step sends the same shapes every time.
 
+The gather (the output head's candidates) is the first hop alone: each worker sends its
+tensor (Partial, float32) and returns at once; the master reads them as above and sends
+nothing back, so a worker never sees another device's candidates or the chosen token.
+
 A lost connection, a timeout or a bad frame fails the collective: the master then aborts
 the epoch on every worker (an Abort frame on each data connection), steps.py.
 """
@@ -169,18 +173,39 @@ class HubStarCommunicator(Communicator):
                 except CommError as e:
                     raise _RankFailed(rank, e) from None
         except (TimedOut, _RankFailed) as f:
-            if isinstance(f, TimedOut):
-                why = f"timed out after {hub.timeout:g}s: {f}"
-            elif isinstance(f.exc, ProtocolError):
-                why = f"rank {f.rank} sent a bad frame: {f.exc}"
-            else:
-                why = f"rank {f.rank} lost: {f.exc}"
-            err = CommError(f"star all_reduce on the master: {why}")
-            hub.collective_failed(step, err)          # every worker learns first, then
-            if isinstance(f, _RankFailed):            # the broken one is disconnected
-                hub.expel(f.rank, f"data connection: {why}")
-            raise err from f
+            raise self._failed(step, f) from f
         return out.tensor.to(tensor.dtype, copy=True)
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every worker's float32 tensor, read as it arrives; nothing is sent back."""
+        hub = self._hub
+        step, links = hub.begin_collective()          # links: rank -> DataSocket
+        shape, deadline = tuple(tensor.shape), time.monotonic() + hub.timeout
+        expect = self._frames.get(Partial, shape, torch.float32)
+        set_step(expect.buf, step)
+        out = torch.empty(self.world_size, *shape, dtype=torch.float32)  # (N, *shape)
+        out[0] = tensor.detach()
+        try:
+            for rank, part in _gather(links, expect, step, hub.max_bytes, deadline).items():
+                out[rank] = part                      # copied out of the receive buffer
+        except (TimedOut, _RankFailed) as f:
+            raise self._failed(step, f) from f
+        return out
+
+    def _failed(self, step: int, f: Exception) -> CommError:
+        """Abort the collective's epoch everywhere, expel a broken rank; the error to raise."""
+        hub = self._hub
+        if isinstance(f, TimedOut):
+            why = f"timed out after {hub.timeout:g}s: {f}"
+        elif isinstance(f.exc, ProtocolError):
+            why = f"rank {f.rank} sent a bad frame: {f.exc}"
+        else:
+            why = f"rank {f.rank} lost: {f.exc}"
+        err = CommError(f"star collective on the master: {why}")
+        hub.collective_failed(step, err)              # every worker learns first, then
+        if isinstance(f, _RankFailed):                # the broken one is disconnected
+            hub.expel(f.rank, f"data connection: {why}")
+        return err
 
 
 class ClientStarCommunicator(Communicator):
@@ -214,3 +239,17 @@ class ClientStarCommunicator(Communicator):
                 c.leave(f"data connection: {e}")
             c.collective_failed(step, e)
             raise CommError(f"star all_reduce on rank {self.rank}: {e}") from e
+
+    def gather(self, tensor: torch.Tensor) -> None:
+        """Send this worker's tensor to the master (float32) and return: no reply comes."""
+        c = self._client
+        step, links = c.begin_collective()            # links: {0: DataSocket}
+        part = self._frames.get(Partial, tuple(tensor.shape), torch.float32)
+        try:
+            part.tensor.copy_(tensor.detach())
+            links[0].send(part.stamp(step))
+        except CommError as e:                        # the master is gone
+            c.leave(f"data connection: {e}")
+            c.collective_failed(step, e)
+            raise CommError(f"star gather on rank {self.rank}: {e}") from e
+        return None

@@ -4,14 +4,14 @@ No device holds the whole output head (Llama-3.1-70B's is 128256 x 8192, 2.1 GB 
 Device r holds the rows of its token ids (`DeviceShard.vocab`), in pieces. After the last
 layer every device has the same hidden states (the result of the last all-reduce), so each
 scores its own rows locally and keeps its top K (values and global token ids). The
-candidates of all N devices meet in ONE all-reduce of a zero-padded float32 tensor
+candidates of all N devices go to the master only, in ONE gather of a float32 tensor
 
-    packed (R, N, 2, K): packed[:, r, 0] = device r's K best logits, packed[:, r, 1] = their ids
+    packed (R, 2, K): packed[:, 0] = this device's K best logits, packed[:, 1] = their ids
 
-(every device fills only its own [:, r], the others are zero, so the sum is exact; ids below
-2^24 are exact in float32; the all-reduce is asked to travel in float32 whatever the wire
-dtype). The master scatters the N*K candidates into a full-vocabulary row of -inf and samples
-from it as from full logits:
+which the master receives stacked (N, R, 2, K) (ids below 2^24 are exact in float32; a
+gather always travels in float32 whatever the wire dtype). No worker receives anything
+back, so the candidates and the chosen token stay on the master. It scatters the N*K
+candidates into a full-vocabulary row of -inf and samples from it as from full logits:
 
 * greedy, and top-k sampling with k <= K: exactly the full head's choice (the global top k
   are among the candidates: each is in its own device's top K);
@@ -58,15 +58,12 @@ def merge_topk(values: list[torch.Tensor], ids: list[torch.Tensor], k: int) -> t
     return top, i.gather(-1, where)
 
 
-def pack(values: torch.Tensor, ids: torch.Tensor, rank: int, world_size: int, k: int) -> torch.Tensor:
-    """This device's candidates (R, k) in its own slot of a zero (R, N, 2, K) float32 tensor."""
+def pack(values: torch.Tensor, ids: torch.Tensor, rank: int, k: int) -> torch.Tensor:
+    """This device's candidates (R, k) as one (R, 2, K) float32 tensor for the gather."""
     R, n = values.shape
-    if n != k:  # a zero-padded slot would read as token 0 with logit 0
+    if n != k:  # the master reads exactly K candidates from every device
         raise ValueError(f"device {rank} has {n} output-head candidates, the exchange expects {k}")
-    packed = torch.zeros(R, world_size, 2, k, dtype=torch.float32)  # (R, N, 2, K)
-    packed[:, rank, 0] = values
-    packed[:, rank, 1] = ids.to(torch.float32)
-    return packed
+    return torch.stack([values.float(), ids.to(torch.float32)], dim=1)  # (R, 2, K)
 
 
 @dataclass(frozen=True)
@@ -78,10 +75,11 @@ class Candidates:
     vocab_size: int
 
     @classmethod
-    def unpack(cls, total: torch.Tensor, vocab_size: int) -> "Candidates":
-        """From the all-reduced (R, N, 2, K) tensor."""
-        R = total.shape[0]
-        return cls(total[:, :, 0].reshape(R, -1), total[:, :, 1].reshape(R, -1).round().long(), vocab_size)
+    def unpack(cls, gathered: torch.Tensor, vocab_size: int) -> "Candidates":
+        """From the gathered (N, R, 2, K) tensor: each row's candidates in device order."""
+        rows = gathered.transpose(0, 1)                              # (R, N, 2, K)
+        R = rows.shape[0]
+        return cls(rows[:, :, 0].reshape(R, -1), rows[:, :, 1].reshape(R, -1).round().long(), vocab_size)
 
     def logits(self) -> torch.Tensor:
         """(R, vocab) float32: the candidates' logits, -inf everywhere else."""

@@ -66,9 +66,9 @@ class ShardRunner:
                 "on_demand_blocks": blocks.get("on_demand_blocks"), "bytes_read": blocks.get("bytes_read")}
 
     def step(self, x: torch.Tensor, comm: Communicator, slots: list[int], starts: list[int],
-             every_position: bool = False) -> Candidates:
-        """All layers, then the output head: the merged top-K candidates (identical on every
-        device) for the last position of each row, or for every position (B*T rows)."""
+             every_position: bool = False) -> Candidates | None:
+        """All layers, then the output head: on the master, the merged top-K candidates for
+        the last position of each row, or for every position (B*T rows); None on a worker."""
         x = self.forward(x, comm, slots, starts)                       # (B, T, H)
         h = x.reshape(-1, x.shape[-1]) if every_position else x[:, -1]  # (R, H)
         return self.head_candidates(h, comm)
@@ -112,9 +112,9 @@ class ShardRunner:
         self.last = timings
         return x
 
-    def head_candidates(self, h: torch.Tensor, comm: Communicator) -> Candidates:
-        """h (R, H) final hidden states -> every device's top-K candidates, merged by one
-        all-reduce in float32 (token ids must stay exact whatever the wire dtype)."""
+    def head_candidates(self, h: torch.Tensor, comm: Communicator) -> Candidates | None:
+        """h (R, H) final hidden states -> every device's top-K candidates, gathered to the
+        master in float32 (token ids stay exact); None on a worker, which learns nothing."""
         watch = Stopwatch()
         spent = [0.0, 0.0, 0.0]  # compute, comm, disk wait
         L, k = self.cfg.num_layers, self.head_topk
@@ -129,14 +129,14 @@ class ShardRunner:
             self.blocks.release(L, "head", piece)
             spent[0] += watch.lap()
         v, i = merge_topk(values, ids, k)                                         # (R, K) each
-        packed = pack(v, i, self.shard.rank, comm.world_size, k)                  # (R, N, 2, K)
+        packed = pack(v, i, self.shard.rank, k)                                   # (R, 2, K)
         spent[0] += watch.lap()
-        total = comm.all_reduce(packed, exact=True)
+        gathered = comm.gather(packed)                                 # (N, R, 2, K) on rank 0
         spent[1] += watch.lap()
         t = self.last
         t.head = spent
         t.compute_s, t.comm_s, t.disk_wait_s = t.compute_s + spent[0], t.comm_s + spent[1], t.disk_wait_s + spent[2]
-        return Candidates.unpack(total, self.cfg.vocab_size)
+        return None if gathered is None else Candidates.unpack(gathered, self.cfg.vocab_size)
 
     def step_context(self, slots: list[int], starts: list[int], T: int) -> "StepContext":
         """What every layer of one forward step shares: positions, rotary tables, mask."""

@@ -174,7 +174,8 @@ def ollama_blueprint(engine, start, model_name: str):
                 f"{arch}.attention.head_count_kv": cfg.num_kv_heads, f"{arch}.vocab_size": cfg.vocab_size,
                 "tpi.devices": store.plan.world_size}
         caps = ["completion"] + (["tools"] if "tools" in (tokenizer.chat_template or "") else [])
-        return jsonify({"license": "", "modelfile": "", "parameters": "", "template": tokenizer.chat_template or "",
+        return jsonify({"license": "", "modelfile": "", "parameters": engine.generation.parameter_lines(),
+                        "template": tokenizer.chat_template or "",
                         "details": model_details(store), "model_info": info, "capabilities": caps,
                         "modified_at": loaded_at})
 

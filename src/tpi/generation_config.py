@@ -1,6 +1,7 @@
 """The model's own generation settings (`generation_config.json`), read once: its extra stop
-tokens and the sampling defaults that a request which names none gets (the HTTP API, and
-through it the web UI's controls).
+tokens and the sampling defaults that a request which names none gets: every route of the
+HTTP API (OpenAI and Ollama, through services/master/validation.py), /v1/models and Ollama's
+/api/show (which show them), and through the API the web UI's controls.
 
 Read with transformers' meaning, so a model behaves here as its authors ran it:
  * `do_sample` true: sampling with the file's `temperature` (1.0 if absent), `top_p` (1.0)
@@ -31,6 +32,12 @@ class GenerationConfig:
 
     def sampling_json(self) -> dict:
         return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, "source": self.source}
+
+    def parameter_lines(self) -> str:
+        """The defaults as a Modelfile's PARAMETER lines ("temperature 0", ...): what Ollama's
+        /api/show reports as the model's `parameters`."""
+        return "\n".join(f"{k} {v:g}" for k, v in
+                         (("temperature", self.temperature), ("top_p", self.top_p), ("top_k", self.top_k)))
 
 
 def load_generation_config(model_dir: str | Path) -> GenerationConfig:

@@ -63,6 +63,22 @@ def test_generate_streamed_and_not(olla, master):
     assert lines[-1]["done"] is True and "Paris" in "".join(x["response"] for x in lines)
 
 
+def test_requests_without_options_get_the_models_defaults(olla, client):
+    """No options: the model's generation defaults (tpi.generation_config; SmolLM2's file names
+    no sampling, so greedy), as on the OpenAI routes and in the web UI, not Ollama's own
+    temperature 0.8 / top_k 40 / top_p 0.9; /api/show reports them."""
+    assert olla.show("smollm2").parameters.split("\n") == ["temperature 0", "top_p 1", "top_k 0"]
+    plain = olla.chat(model="smollm2", messages=CAPITAL, options={"num_predict": 24})
+    greedy = olla.chat(model="smollm2", messages=CAPITAL, options=GREEDY)
+    openai = client.chat.completions.create(model="smollm2", messages=CAPITAL, max_tokens=24)
+    assert plain.message.content == greedy.message.content == openai.choices[0].message.content
+    assert "Paris" in plain.message.content
+    prompt = "Once upon a time, in a land far away,"
+    texts = {olla.generate(model="smollm2", prompt=prompt, raw=True, options=opts).response
+             for opts in ({"num_predict": 24}, {"num_predict": 24, "temperature": 0})}
+    assert len(texts) == 1, texts
+
+
 def test_version_and_errors_in_ollama_shape(master, olla):
     assert requests.get(master.url + "/api/version", timeout=10).json()["version"]
     with pytest.raises(ollama.ResponseError) as e:

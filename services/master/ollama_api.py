@@ -104,8 +104,11 @@ def ollama_blueprint(engine, start, model_name: str):
         resp.status_code = e.status
         return resp
 
-    def json_body():
-        return parse_body(request.get_data())
+    def json_body() -> dict:
+        body = parse_body(request.get_data())
+        if not isinstance(body, dict):
+            raise bad_request("the request body must be a JSON object", code="invalid_json")
+        return body
 
     def reply(kind: str, spec, openai_kind: str, stream: bool):
         completion = start(openai_kind, spec)

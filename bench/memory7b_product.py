@@ -66,6 +66,7 @@ def run_product(model: Path, devices: int, tokens: int, limit: int | None, workd
                 return result
             time.sleep(1)
         result.update(started=True, ready_s=time.time() - t0)
+        before = requests.get(url + "/api/cluster", timeout=60).json()
         times, text, usage = [], "", None
         t1 = time.perf_counter()
         body = {"prompt": PROMPT, "max_tokens": tokens, "temperature": 0, "ignore_eos": True, "stream": True,
@@ -81,8 +82,10 @@ def run_product(model: Path, devices: int, tokens: int, limit: int | None, workd
                     times.append(time.perf_counter())
                     text += chunk["choices"][0]["text"]
         made = (usage or {}).get("completion_tokens") or len(times)
+        after = requests.get(url + "/api/cluster", timeout=60).json()
         result.update(text=text, completion_tokens=made, ttft_s=times[0] - t1,
                       token_latency_s=(times[-1] - times[0]) / max(1, made - 1),
+                      per_device=where_time_goes(before, after, made),
                       devices=[{"rank": r, **proc_status(p.pid), "cgroup_peak": cgs[r].peak(), "limit": limit,
                                 "oom_killed": cgs[r].oom_kills() > 0} for r, p in enumerate(procs)])
         return result
@@ -90,6 +93,21 @@ def run_product(model: Path, devices: int, tokens: int, limit: int | None, workd
         stop_all(procs)
         for cg in cgs:
             cg.remove()
+
+
+def where_time_goes(before: dict, after: dict, tokens: int) -> list[dict]:
+    """Per device, from /api/cluster before and after the request: the last forward's split
+    (compute / communication / disk wait, seconds), what its scheduler keeps resident and
+    streams, and the bytes it read from disk per generated token during the request."""
+    out = []
+    for b, a in zip(before["devices"], after["devices"]):
+        mem = a.get("memory", {})
+        read = (mem.get("bytes_read") or 0) - (b.get("memory", {}).get("bytes_read") or 0)
+        out.append({"rank": a["rank"], "last_forward": a.get("last_forward"),
+                    "bytes_read_per_token": read / max(1, tokens),
+                    **{k: mem.get(k) for k in ("budget_bytes", "kv_cache_bytes", "weights_bytes", "resident_blocks",
+                                               "streamed_blocks", "stored_weights_bytes", "rss_bytes")}})
+    return out
 
 
 def main() -> None:
@@ -129,6 +147,14 @@ def main() -> None:
                  for d in r.get("devices", [])]
         print(f"{r['system']}: started {r.get('started', r.get('exit_codes'))}, TTFT {r.get('ttft_s')}, "
               f"{(r.get('token_latency_s') or 0) * 1e3:.0f} ms/token, peaks (VmHWM MiB, cgroup MiB) {peaks}")
+    for r in runs:
+        for d in r.get("per_device", []):
+            f = d.get("last_forward") or {}
+            print(f"  {r['system']} rank {d['rank']}: last forward compute {f.get('compute_s', 0) * 1e3:.0f} ms, "
+                  f"comm {f.get('comm_s', 0) * 1e3:.0f} ms, disk wait {f.get('disk_wait_s', 0) * 1e3:.0f} ms; "
+                  f"read {d['bytes_read_per_token'] / MiB:.0f} MiB/token; blocks resident {d['resident_blocks']}, "
+                  f"streamed {d['streamed_blocks']}; budget {(d['budget_bytes'] or 0) / MiB:.0f} MiB "
+                  f"(KV {(d['kv_cache_bytes'] or 0) / MiB:.0f} MiB)")
     print(f"same greedy text with and without limits: {bool(same)}")
     if "speedup_vs_accelerate" in out:
         print(f"Accelerate / TPI token latency: {out['speedup_vs_accelerate']:.2f}x")

@@ -164,29 +164,36 @@ def build_runner(store: ShardStore, rank: int, opts: RuntimeOptions, devices_in_
     block resident with `opts.scheduler` False.
 
     The budget (`opts.memory_budget`, else derived from this process's cgroup limit, shared
-    by `devices_in_process`) covers the device's layer weights and its KV cache; the
-    scheduler gets what the KV cache leaves."""
+    by `devices_in_process`) covers the device's layer weights and its KV cache. The KV cache
+    of every slot must fit beside the streaming window (checked here, so that serving never
+    fails for it), but the scheduler starts with what ONE slot leaves: the other slots take
+    their room from resident weights when first used (ShardRunner.make_room)."""
     from tpi.weights.budget import MemoryBudgetError, default_device_budget, format_size
+    from tpi.weights.retention import block_costs, plan_with_experts
     from tpi.weights.scheduler import SlidingWindowBlocks
 
     if not opts.scheduler:
         return load_resident_runner(store, rank, opts)
     cdt = opts.torch_compute_dtype()
     kv = kv_cache_bytes(store, rank, opts)
+    one_slot = kv // max(1, opts.num_slots)
     budget = opts.memory_budget
     if budget is None:
         budget = default_device_budget(devices_in_process)
     weights_budget = None
     if budget is not None:
-        weights_budget = budget - kv
-        if weights_budget <= 0:
+        if budget - kv <= 0:
             raise MemoryBudgetError(
                 f"device {rank}: the memory budget {format_size(budget)} does not even hold the KV cache "
-                f"({format_size(kv)} for {opts.max_seq} positions); lower --max-seq or use --kv-dtype bfloat16")
+                f"({format_size(kv)} for {opts.num_slots} slot(s) of {opts.max_seq} positions); lower --max-seq "
+                f"or --slots, or use --kv-dtype bfloat16")
+        kinds = [kind for _, kind, _ in store.execution_order(rank)]
+        plan_with_experts(block_costs(store, rank, cdt), [k == "expert" for k in kinds], opts.window, budget - kv)
+        weights_budget = budget - one_slot
     blocks = SlidingWindowBlocks(store, rank, window=opts.window, budget_bytes=weights_budget, compute_dtype=cdt)
     return ShardRunner(store.config, store.plan.shards[rank], blocks, compute_dtype=cdt,
                        max_seq=opts.max_seq, num_slots=opts.num_slots, kv_dtype=opts.torch_kv_dtype(),
-                       head_topk=runner_topk(store, opts))
+                       head_topk=runner_topk(store, opts), kv_slots_planned=1)
 
 
 def max_context(store: ShardStore, opts: RuntimeOptions) -> int:

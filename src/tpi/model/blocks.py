@@ -29,6 +29,10 @@ class BlockSource(ABC):
     def pieces(self, kind: str) -> int:
         """How many pieces each block of this kind is cut into."""
 
+    def shrink(self, nbytes: int) -> None:
+        """Hold `nbytes` less from now on (the KV cache needs them). A source without a budget
+        has nothing to give back."""
+
     def close(self) -> None:
         pass
 

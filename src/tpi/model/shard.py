@@ -37,7 +37,11 @@ class StepContext:
 class ShardRunner:
     def __init__(self, cfg: ModelConfig, shard: DeviceShard, blocks: BlockSource, *,
                  compute_dtype: torch.dtype = torch.float32, max_seq: int = 2048,
-                 num_slots: int = 1, kv_dtype: torch.dtype | None = None, head_topk: int = 1):
+                 num_slots: int = 1, kv_dtype: torch.dtype | None = None, head_topk: int = 1,
+                 kv_slots_planned: int | None = None):
+        """kv_slots_planned: KV slots the block source's budget already leaves room for (default:
+        all of them); each slot allocated beyond these takes its bytes from the block source
+        (`make_room`)."""
         self.cfg, self.shard, self.blocks = cfg, shard, blocks
         self.head_topk = head_topk    # K: output-head candidates per device (same on every device)
         self.dtype = compute_dtype
@@ -46,6 +50,7 @@ class ShardRunner:
         self.inv_freq = {t: rope_inv_freq(cfg, t) for t in set(self.layer_types)}
         self.cache = KVCache(cfg.num_layers, num_slots, shard.num_kv_heads, max_seq,
                              cfg.head_dim, kv_dtype or compute_dtype)
+        self.kv_slots_planned = num_slots if kv_slots_planned is None else kv_slots_planned
         g = cfg.group_size
         q0, q1 = shard.q_heads
         # Each local query head reads local KV head (global head // group - first KV head).
@@ -58,12 +63,24 @@ class ShardRunner:
         kv = self.cache.nbytes
         blocks = self.blocks.describe()
         weights, budget = blocks.get("held_bytes"), blocks.get("budget_bytes")
+        kv_room = max(self.kv_slots_planned, self.cache.allocated) * self.cache.slot_bytes
         return {"used_bytes": None if weights is None else weights + kv,
-                "budget_bytes": None if budget is None else budget + kv,
+                "budget_bytes": None if budget is None else budget + kv_room,
                 "weights_bytes": weights, "weights_high_water_bytes": blocks.get("high_water_bytes"),
                 "kv_cache_bytes": kv, "resident_blocks": blocks.get("resident_blocks"),
                 "streamed_blocks": blocks.get("streamed_blocks"),
                 "on_demand_blocks": blocks.get("on_demand_blocks"), "bytes_read": blocks.get("bytes_read")}
+
+    def make_room(self, slots: list[int]) -> None:
+        """Allocate the KV of slots used for the first time; past the slots the budget was
+        planned with, the block source gives up resident weights for them first (it streams
+        more from then on; tpi.weights.scheduler), so the device stays within its budget."""
+        new = self.cache.missing(slots)
+        extra = self.cache.allocated + len(new) - self.kv_slots_planned
+        if extra > 0:
+            self.blocks.shrink(extra * self.cache.slot_bytes)
+            self.kv_slots_planned += extra
+        self.cache.allocate(new)
 
     def step(self, x: torch.Tensor, comm: Communicator, slots: list[int], starts: list[int],
              every_position: bool = False) -> Candidates | None:
@@ -77,6 +94,7 @@ class ShardRunner:
         """x: (B, T, H) hidden states of B sequences whose first new token sits at starts[b].
         Returns (B, T, H) after all layers (identical on every device)."""
         x = x.to(self.dtype)
+        self.make_room(slots)
         step = self.step_context(slots, starts, x.shape[1])
         timings = Breakdown()
         watch = Stopwatch()

@@ -111,3 +111,37 @@ def _plan_for_slot(costs: list[int], window: int, budget: int, slot: int) -> Ret
         resident.add(extra)
         used += costs[extra]
     return RetentionPlan(tuple(sorted(resident)), tuple(streamed), slots, slot_cost, used + slots * slot_cost)
+
+
+
+def demote(costs: list[int], is_expert: list[bool], plan: RetentionPlan, window: int, budget: int) -> RetentionPlan:
+    """`plan` under a smaller `budget` without loading anything: resident dense blocks become
+    streamed until the plan fits (experts keep their place). Each step demotes the resident
+    block farthest, in the circular execution order, from every streamed one, so the reads
+    stay spread between resident blocks' compute; blocks no bigger than the window's slots go
+    first (a bigger one grows every slot). Raises MemoryBudgetError if even streaming every
+    dense block does not fit."""
+    n = len(costs)
+    resident, streamed = set(plan.resident), set(plan.streamed)
+
+    def planned() -> tuple[int, int, int]:   # bytes, slots, slot size
+        slot = max((costs[i] for i in streamed), default=0)
+        slots = min(window, len(streamed))
+        return sum(costs[i] for i in resident) + slots * slot + plan.demand_slot, slots, slot
+
+    def distance(i: int) -> int:             # to the nearest streamed block, circularly
+        return min((min(abs(i - j), n - abs(i - j)) for j in streamed), default=n)
+
+    while planned()[0] > budget:
+        candidates = [i for i in resident if not is_expert[i]]
+        if not candidates:
+            raise MemoryBudgetError(
+                f"memory budget {format_size(budget)} cannot hold a window of {window} blocks of up to "
+                f"{format_size(max(costs))} beside the KV cache: lower --slots or --max-seq")
+        slot = planned()[2]
+        pick = min(candidates, key=lambda i: (bool(streamed) and costs[i] > slot, -distance(i), i))
+        resident.remove(pick)
+        streamed.add(pick)
+    used, slots, slot = planned()
+    return RetentionPlan(tuple(sorted(resident)), tuple(sorted(streamed)), slots, slot, used,
+                         plan.on_demand, plan.demand_slot)

@@ -21,6 +21,12 @@ copy. `release` hands the buffer back to the loader for the next block. The sche
 own bytes (resident blocks + window buffers + any dtype conversions) are counted, and the
 high-water mark is kept in `stats.high_water_bytes`; it never exceeds the budget.
 
+KV growth. The KV cache takes a slot's memory when a sequence first uses the slot
+(tpi.model.kvcache); past the slots the budget was planned with, `shrink` gives the room
+up: `retention.demote` turns resident blocks into streamed ones (never loading any), the
+loader restarts on the new order, and the device streams more from then on. So a device
+serving one request keeps the weights resident that the other slots' KV would later take.
+
 Experts. A mixture-of-experts layer's experts are blocks of their own that a token uses only
 if the router chose them, so they are not in the streamed order: `plan_with_experts` keeps
 the dense blocks' plan first (they are read every token) and gives what it leaves to
@@ -49,7 +55,8 @@ from pathlib import Path
 import torch
 
 from tpi.weights.quant import QUANTIZED_KINDS, pack_block
-from tpi.weights.retention import block_costs, plan_with_experts
+from tpi.host import release_freed_memory
+from tpi.weights.retention import block_costs, demote, plan_with_experts
 from tpi.weights.store import ShardStore, StoreError, aligned_bytes, aligned_empty, read_into, tensors_from_buffer
 from tpi.model.blocks import Block, BlockSource
 
@@ -131,39 +138,79 @@ class SlidingWindowBlocks(BlockSource):
         missing = [r for r in self.rels if r not in store.files]
         if missing:
             raise StoreError(f"{store.root}: manifest lists no {missing[0]} (device {rank} not in this store?)")
-        file_bytes = [store.files[r].bytes for r in self.rels]
-        is_expert = [kind == "expert" for _, kind, _ in self.order]
-        self.plan = plan_with_experts(block_costs(store, rank, compute_dtype), is_expert, window, budget_bytes)
+        self.file_bytes = [store.files[r].bytes for r in self.rels]
+        self.costs = block_costs(store, rank, compute_dtype)
+        self.is_expert = [kind == "expert" for _, kind, _ in self.order]
+        self.plan = plan_with_experts(self.costs, self.is_expert, window, budget_bytes)
         self.stats = SchedulerStats(budget_bytes=budget_bytes)
         self.verifier = FileVerifier(store)
         self._lock = threading.Lock()  # guards stats
         self.resident: dict[Key, Block] = {}
+        self._resident_bytes: dict[Key, int] = {}   # what each resident block is accounted at
         for i in self.plan.resident:
             self.resident[self.order[i]] = self._load_resident(i)
 
-        self.streamed: list[Key] = [self.order[i] for i in self.plan.streamed]
-        self._pos = {key: p for p, key in enumerate(self.streamed)}
-        slot_bytes = max((file_bytes[i] for i in self.plan.streamed), default=0)
-        self.slots = [_Slot(aligned_empty(slot_bytes)) for _ in range(self.plan.slots)]
-        self._free = list(self.slots)
-        self._account(aligned_bytes(slot_bytes) * self.plan.slots)
         self._demand = {self.order[i]: i for i in self.plan.on_demand}   # expert key -> index
-        demand_bytes = max((file_bytes[i] for i in self.plan.on_demand), default=0)
+        demand_bytes = max((self.file_bytes[i] for i in self.plan.on_demand), default=0)
         self._demand_slot = _Slot(aligned_empty(demand_bytes))
         self._demand_block: tuple[Key, Block] | None = None
         self._account(aligned_bytes(demand_bytes) if self.plan.on_demand else 0)
         self._cond = threading.Condition()
+        self._gen = 0                 # bumped on resync; loads of an older generation are dropped
+        self._closed = False
+        self._thread = None
+        self._start_streaming()
+
+    def _start_streaming(self) -> None:
+        """The window's slots and the loader thread for the plan's streamed blocks."""
+        self.streamed: list[Key] = [self.order[i] for i in self.plan.streamed]
+        self._pos = {key: p for p, key in enumerate(self.streamed)}
+        self._slot_bytes = max((self.file_bytes[i] for i in self.plan.streamed), default=0)
+        self.slots = [_Slot(aligned_empty(self._slot_bytes)) for _ in range(self.plan.slots)]
+        self._free = list(self.slots)
+        self._account(aligned_bytes(self._slot_bytes) * self.plan.slots)
         self._ready: dict[Key, _Pending] = {}
         self._in_use: Key | None = None
         self._next_load = 0           # position in self.streamed the loader reads next
         self._next_get = 0            # position the engine is expected to ask for next
-        self._gen = 0                 # bumped on resync; loads of an older generation are dropped
         self._error: BaseException | None = None
-        self._closed = False
         self._thread = None
         if self.streamed:
-            self._thread = threading.Thread(target=self._loader, daemon=True, name=f"blocks-{rank}")
+            self._thread = threading.Thread(target=self._loader, daemon=True, name=f"blocks-{self.rank}")
             self._thread.start()
+
+    def _stop_streaming(self) -> None:
+        """Stop the loader and give back the window's slots (what they hold is dropped)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+        with self._cond:
+            for pending in self._ready.values():
+                self._free_slot(pending.slot, pending.block)
+            self._ready.clear()
+            self._closed = False
+        self._account(-aligned_bytes(self._slot_bytes) * len(self.slots))
+        self.slots, self._free = [], []
+
+    def shrink(self, nbytes: int) -> None:
+        """Hold `nbytes` less from now on (the KV cache grew): resident blocks become streamed
+        (`retention.demote`: nothing is loaded, so the device never holds more meanwhile).
+        Called between steps, from the engine's thread."""
+        if self.stats.budget_bytes is None:
+            return
+        budget = self.stats.budget_bytes - nbytes
+        plan = demote(self.costs, self.is_expert, self.plan, self.window, budget)
+        self._stop_streaming()
+        for i in set(self.plan.resident) - set(plan.resident):
+            key = self.order[i]
+            self.resident.pop(key).clear()
+            self._account(-self._resident_bytes.pop(key))
+        self.plan = plan
+        self.stats.budget_bytes = budget
+        release_freed_memory()
+        self._start_streaming()
 
     # accounting ---------------------------------------------------------------------
 
@@ -209,7 +256,9 @@ class SlidingWindowBlocks(BlockSource):
         ptr = buf.untyped_storage().data_ptr()
         if not any(t.untyped_storage().data_ptr() == ptr for t in _tensors_of(block)):
             self._account(-held)  # every tensor was converted: the buffer goes
+            held = 0
         self._account(copied)
+        self._resident_bytes[self.order[i]] = held + copied
         return block
 
     def _loader(self) -> None:

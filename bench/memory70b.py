@@ -7,6 +7,11 @@ bound idle runtime + (W+1) x largest piece + KV cache.
     python bench/memory70b.py make-model --out /dev/shm/tpi70b-src/llama31-70b-2l
     python bench/memory70b.py split --model /dev/shm/tpi70b-src/llama31-70b-2l --out /dev/shm/tpi70b-store --delete-source
     python bench/memory70b.py run --store /dev/shm/tpi70b-store --limit 1GB --json docs/benchmarks-memory-70b.json
+    python bench/memory70b.py generate --store /dev/shm/tpi70b-store --json docs/benchmarks-memory-70b-generate.json
+
+`run` starts the master and workers itself, each in a cgroup; `generate` runs
+`tpi generate --transport ws --devices 8` (which starts its own workers, so no cgroup per
+device: no limit, every block resident) and reads each device's peak RSS from its --json.
 
 (The source, 7.6 GB, and the store, 7.6 GB, need ~15 GB side by side unless --delete-source;
 on the shared CI machine they were put on tmpfs for lack of disk: see docs/benchmarks-memory.md.)
@@ -30,7 +35,7 @@ from pathlib import Path
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from memory_run import child_env, cold_start, free_port, proc_status, stop_all  # noqa: E402
+from memory_run import cold_start, free_port, proc_status, stop_all  # noqa: E402
 from tpi.bench.cgroup import Cgroup  # noqa: E402
 
 MiB, GB = 1 << 20, 10**9
@@ -200,11 +205,11 @@ def start_product_cluster(store: Path, cgs: list[Cgroup], workdir: Path, tag: st
     for r in range(1, len(cgs)):
         procs.append(cgs[r].spawn([sys.executable, "-m", "tpi_cli", "worker", "--master", f"ws://127.0.0.1:{hub_port}",
                                    "--rank", str(r), "--name", f"w{r}", "--once", *common],
-                                  workdir / f"{tag}worker-{r}.log", child_env("1")))
+                                  workdir / f"{tag}worker-{r}.log", dict(os.environ)))
     procs.insert(0, cgs[0].spawn([sys.executable, "-m", "tpi_cli", "master", "--model", str(store),
                                   "--devices", str(len(cgs)), "--listen", f"127.0.0.1:{hub_port}",
                                   "--http", f"127.0.0.1:{http_port}", "--start-timeout", "900", *master_args,
-                                  *common], workdir / f"{tag}master.log", child_env("1")))
+                                  *common], workdir / f"{tag}master.log", dict(os.environ)))
     url = f"http://127.0.0.1:{http_port}"
     while True:
         if any(p.poll() is not None for p in procs):
@@ -231,7 +236,8 @@ def cmd_run(args) -> None:
     limit = parse_size(args.limit)
     opts = RuntimeOptions(num_slots=4)   # what `tpi master` runs with its default flags (4 slots)
     largest = [max(block_costs(store, r, opts.torch_compute_dtype())) for r in range(world)]
-    kv = [kv_cache_bytes(store, r, opts) for r in range(world)]
+    # one request: one KV slot allocated (tpi.model.kvcache), the other slots' room holds weights
+    kv = [kv_cache_bytes(store, r, opts) // opts.num_slots for r in range(world)]
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     idle = {"worker": idle_rss(IDLE_WORKER), "master": idle_rss(IDLE_MASTER, store.model_dir)}
@@ -292,6 +298,34 @@ def cmd_run(args) -> None:
               f"({'<= 1 GB' if d['within_1GB_80_layers'] else 'OVER 1 GB'})", flush=True)
 
 
+def cmd_generate(args) -> None:
+    """`tpi generate --model STORE --devices N --transport ws` with default flags, caches dropped;
+    each device's peak RSS as the product's --json reports it."""
+    from tpi.weights.store import ShardStore
+
+    store = ShardStore(args.store)
+    world = store.plan.world_size
+    prompt = " ".join(f"t{i}" for i in PROMPT)
+    argv = [sys.executable, "-m", "tpi_cli", "generate", "--model", str(store.root), "--devices", str(world),
+            "--transport", "ws", "--prompt", prompt, "--max-new-tokens", str(args.tokens), "--json"]
+    cold_start()
+    t0 = time.time()
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=3600)
+    if proc.returncode:
+        raise SystemExit(f"tpi generate exited {proc.returncode}: {proc.stderr[-3000:]}")
+    body = json.loads(proc.stdout)
+    devices = [{"rank": d["rank"], "peak_rss": d.get("peak_rss_bytes"),
+                "within_1GB": (d.get("peak_rss_bytes") or 0) <= GB} for d in body["devices"]]
+    result = {"command": " ".join([Path(sys.executable).name] + sys.argv),
+              "product_command": "tpi " + " ".join(argv[3:]), "seconds": time.time() - t0,
+              "loadavg_end": os.getloadavg(), "world": world, "flags": "defaults", "tokens": body["tokens"],
+              "ttft_s": body["ttft_s"], "token_latency_s": body["token_latency_s"], "devices": devices}
+    Path(args.json).write_text(json.dumps(result, indent=1))
+    for d in devices:
+        print(f"device {d['rank']}: peak RSS {d['peak_rss'] / MiB:.0f} MiB ({d['peak_rss'] / GB:.3f} GB, "
+              f"{'<= 1 GB' if d['within_1GB'] else 'OVER 1 GB'})", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -310,6 +344,10 @@ def main() -> None:
     r.add_argument("--tokens", type=int, default=8)
     r.add_argument("--json", required=True)
     r.add_argument("--workdir", default="/var/tmp/tpi-bench/work70b")
+    g = sub.add_parser("generate")
+    g.add_argument("--store", required=True)
+    g.add_argument("--tokens", type=int, default=8)
+    g.add_argument("--json", required=True)
     args = ap.parse_args()
     if args.cmd == "make-model":
         if shutil.disk_usage(Path(args.out).parent).free < 18 * GB:
@@ -317,7 +355,7 @@ def main() -> None:
                   file=sys.stderr)
         make_model(Path(args.out), args.layers)
     else:
-        {"split": cmd_split, "run": cmd_run}[args.cmd](args)
+        {"split": cmd_split, "run": cmd_run, "generate": cmd_generate}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,15 @@ def test_ws_tokens_equal_inproc(devices):
     assert all(d["peak_rss_bytes"] for d in ws["devices"])
 
 
+@pytest.mark.parametrize("allreduce", ["ring", "gloo"])
+def test_ring_and_gloo_tokens_equal_inproc(allreduce):
+    """The baselines' output head: the candidates' gather rides on an all-reduce of a
+    zero-padded tensor there (Communicator.gather's default), with the same tokens."""
+    inproc = generate("--devices", "3", "--transport", "inproc")
+    ws = generate("--devices", "3", "--transport", "ws", "--allreduce", allreduce)
+    assert ws["tokens"] == inproc["tokens"]
+
+
 def test_worker_killed_mid_generation_fails_fast_then_recovers(tmp_path):
     hub_port, token = free_port(), "kill-test-token-16+"
     workers = [start_worker(hub_port, token, tmp_path, f"w{i}") for i in (1, 2)]

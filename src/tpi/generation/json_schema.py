@@ -32,7 +32,7 @@ from tpi.generation.json_state import (AFTER, ARR_VALUE_OR_END, N_COMPLETE, NUMB
 FIRST = {"string": '"', "number": "-0123456789", "integer": "-0123456789", "boolean": "tf", "null": "n",
          "object": "{", "array": "["}
 DEFAULT = {"string": '"', "number": "0", "integer": "0", "boolean": "f", "null": "n", "object": "{", "array": "["}
-MAX_COMPLETION = 4096      # characters: a schema whose shortest instance is longer is refused
+MAX_COMPLETION = 20000     # characters: a schema whose shortest instance is longer is refused
 
 
 class Frame:

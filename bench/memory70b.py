@@ -1,8 +1,8 @@
 """Memory at 70B scale: a random-weight model with the shape of Llama-3.1-70B (hidden 8192,
 64 heads, 8 KV heads, MLP 28672, vocabulary 128256) truncated to a few layers, served by the
 product path on 8 devices (`tpi master` + 7 `tpi worker` processes over loopback WebSockets),
-each process in its own cgroup (v1) with a memory limit; peak memory per device against the
-bound idle runtime + (W+1) x largest piece + KV cache.
+each process in its own cgroup (v1) with a memory limit, default flags (each device's budget
+is derived from its limit); peak memory per device against the limit.
 
     python bench/memory70b.py make-model --out /dev/shm/tpi70b-src/llama31-70b-2l
     python bench/memory70b.py split --model /dev/shm/tpi70b-src/llama31-70b-2l --out /dev/shm/tpi70b-store --delete-source
@@ -265,16 +265,14 @@ def cmd_run(args) -> None:
     for r in range(world):
         role = "master" if r == 0 else "worker"
         peak = status[r]["VmHWM"]
-        bound = idle[role] + (opts.window + 1) * largest[r] + kv[r]
-        bound_worker_idle = idle["worker"] + (opts.window + 1) * largest[r] + kv[r]
-        kv80 = kv[r] * 80 // cfg.num_layers
+        # With default flags the budget is the limit's (limit - RSS - headroom): the device holds
+        # resident what fits, so its bound is the limit itself (not idle + window + KV, the bound
+        # of a streaming-only budget flag), and an 80-layer model's KV would come out of the
+        # same budget (fewer resident pieces), not on top of this peak.
         devices.append({
             "rank": r, "role": role, "idle_rss": idle[role], "peak_rss": peak, "rss_end": status[r]["VmRSS"],
             "cgroup_peak": cgs[r].peak(), "oom_killed": cgs[r].oom_kills() > 0, "limit": limit,
-            "largest_piece": largest[r], "kv_bytes": kv[r], "kv_bytes_80_layers": kv80,
-            "bound": bound, "within_bound": peak <= bound,
-            "bound_with_worker_idle": bound_worker_idle, "within_bound_with_worker_idle": peak <= bound_worker_idle,
-            "peak_80_layers": peak + (kv80 - kv[r]), "within_1GB_80_layers": peak + (kv80 - kv[r]) <= GB,
+            "largest_piece": largest[r], "kv_bytes": kv[r], "bound": limit, "within_bound": peak <= limit,
             "within_limit": max(peak, cgs[r].peak()) <= limit,
         })
         cgs[r].remove()
@@ -293,9 +291,8 @@ def cmd_run(args) -> None:
     Path(args.json).write_text(json.dumps(result, indent=1))
     for d in devices:
         print(f"device {d['rank']} ({d['role']}): idle {d['idle_rss'] / MiB:.0f} MiB, peak RSS {d['peak_rss'] / MiB:.0f} "
-              f"MiB, cgroup peak {d['cgroup_peak'] / MiB:.0f} MiB, bound {d['bound'] / MiB:.0f} MiB "
-              f"({'ok' if d['within_bound'] else 'OVER'}), 80 layers {d['peak_80_layers'] / MiB:.0f} MiB "
-              f"({'<= 1 GB' if d['within_1GB_80_layers'] else 'OVER 1 GB'})", flush=True)
+              f"MiB, cgroup peak {d['cgroup_peak'] / MiB:.0f} MiB, limit {limit / MiB:.0f} MiB "
+              f"({'within' if d['within_limit'] else 'OVER'})", flush=True)
 
 
 def cmd_generate(args) -> None:
@@ -314,10 +311,11 @@ def cmd_generate(args) -> None:
     if proc.returncode:
         raise SystemExit(f"tpi generate exited {proc.returncode}: {proc.stderr[-3000:]}")
     body = json.loads(proc.stdout)
-    devices = [{"rank": d["rank"], "peak_rss": d.get("peak_rss_bytes"),
+    devices = [{"rank": d["rank"], "role": "master" if d["rank"] == 0 else "worker", "peak_rss": d.get("peak_rss_bytes"),
                 "within_1GB": (d.get("peak_rss_bytes") or 0) <= GB} for d in body["devices"]]
     result = {"command": " ".join([Path(sys.executable).name] + sys.argv),
               "product_command": "tpi " + " ".join(argv[3:]), "seconds": time.time() - t0,
+              "model": f"random Llama-3.1-70B shape, {store.config.num_layers} layers, bfloat16, tpi generate --transport ws",
               "loadavg_end": os.getloadavg(), "world": world, "flags": "defaults", "tokens": body["tokens"],
               "ttft_s": body["ttft_s"], "token_latency_s": body["token_latency_s"], "devices": devices}
     Path(args.json).write_text(json.dumps(result, indent=1))

@@ -132,4 +132,24 @@ def test_the_70b_memory_results_fill_their_slot(tmp_path):
         for d in run["devices"]:
             assert f"| {d['rank']} | {d['role']} | {d['idle_rss'] / 2**20:.0f} | {d['peak_rss'] / 2**20:.0f} |" in text
         peak = max(d["peak_rss"] for d in run["devices"])
-        assert f"Largest peak RSS {peak / 1e9:.2f} GB" in text
+        assert f"Largest peak RSS {peak / 1e9:.3f} GB" in text
+
+
+def test_default_flag_70b_runs_are_judged_against_the_limit_or_1gb(tmp_path):
+    """bench/memory70b.py's default-flag runs: `run` (each device in a cgroup: the bound is its
+    limit, no 80-layer extrapolation) and `generate` (no limit: judged against 1.0 GB only)."""
+    from tpi.bench.other_benchmarks import memory_70b_section
+
+    docs = Path(__file__).resolve().parents[2] / "docs"
+    files = [docs / "benchmarks-memory-70b-defaults.json", docs / "benchmarks-memory-70b-generate.json"]
+    if not all(f.is_file() for f in files):
+        pytest.skip("no default-flag 70B results in docs/")
+    for f in files:
+        (tmp_path / f.name).write_text(f.read_text())
+    text = memory_70b_section([], tmp_path)
+    for f in files:
+        devs = json.loads(f.read_text())["devices"]
+        within = sum(d["peak_rss"] <= 1e9 for d in devs)
+        assert f"{within} of {len(devs)} at most 1.0 GB" in text
+    assert "no limit (every block resident)" in text
+    assert "with the 80-layer KV cache" not in text

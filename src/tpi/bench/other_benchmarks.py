@@ -89,18 +89,23 @@ def memory_70b_section(other: list[dict], docs: Path) -> str:
                        "128256, a few layers, 8 devices, window 2). No results file for it yet: a JSON in "
                        "bench/results/ or docs/ whose name contains `70b` is folded in here by `tpi bench report`.\n")
     out = [head + "Peak memory per device of the 70B-shaped model (its own benchmark, `bench/memory70b.py`, "
-                  "not re-measured here: this section reads its results file). Bound = idle RSS + (window + 1) x "
-                  "the largest piece + KV cache; \"80 layers\" = the peak with the KV cache of all 80 layers "
-                  "counted, as the full model would hold it.\n"]
+                  "not re-measured here: this section reads its results file). Bound: with a budget flag, idle RSS + "
+                  "(window + 1) x the largest piece + KV cache, and \"80 layers\" = the peak with the KV cache of all "
+                  "80 layers counted, as the full model would hold it; with default flags the budget is derived from "
+                  "the device's limit, so the bound is the limit (an 80-layer KV cache would come out of the same "
+                  "budget).\n"]
     for f, variant, r in runs:
         devs = r["devices"]
         lim = r.get("limit")
         load = r.get("loadavg_end") or r.get("loadavg")
+        conditions = [f"{r.get('world', len(devs))} devices"] + [f"{k} {r[key]}" for k, key in
+                                                                 (("window", "window"), ("context", "max_seq")) if key in r]
+        conditions.append(f"limit {mib(lim)} MiB per device" if lim else "no limit (every block resident)")
         out.append(f"### {r.get('model', '70B shape')}" + (f", {variant.replace('_', ' ')}" if variant else "") + "\n\n"
-                   + f"From `{Path(f).name}`; {r.get('world', len(devs))} devices, window {r.get('window', '?')}, "
-                   f"context {r.get('max_seq', '?')}, limit {mib(lim)} MiB per device"
+                   + f"From `{Path(f).name}`; " + ", ".join(conditions)
                    + (f", load {load[0]:.1f} at the end" if load else "") + ".\n\n"
-                   + (f"```\n{r['command']}\n```\n" if r.get("command") else ""))
+                   + (f"```\n{r['command']}\n```\n" if r.get("command") else "")
+                   + (f"(the product's command: `{r['product_command']}`)\n" if r.get("product_command") else ""))
         rows = [f"| {d.get('rank')} | {d.get('role', '')} | {mib(d.get('idle_rss'))} | {mib(d.get('peak_rss'))} | "
                 f"{mib(d.get('cgroup_peak'))} | {mib(d.get('bound'))} | {mib(d.get('peak_80_layers'))} | "
                 f"{'yes' if d.get('oom_killed') else 'no'} |" for d in devs]
@@ -108,12 +113,14 @@ def memory_70b_section(other: list[dict], docs: Path) -> str:
                    "(MiB) | OOM-killed |\n|---:|---|---:|---:|---:|---:|---:|---|\n" + "\n".join(rows) + "\n")
         peaks = [d.get("peak_rss") or 0 for d in devs]
         p80 = [d.get("peak_80_layers") or 0 for d in devs]
-        s = (f"Largest peak RSS {max(peaks) / 1e9:.2f} GB (device {peaks.index(max(peaks))}), "
-             f"{sum(p <= (d.get('bound') or 0) for p, d in zip(peaks, devs))} of {len(devs)} devices within their "
-             f"bound")
+        s = f"Largest peak RSS {max(peaks) / 1e9:.3f} GB (device {peaks.index(max(peaks))})"
+        if any(d.get("bound") for d in devs):
+            s += f", {sum(p <= (d.get('bound') or 0) for p, d in zip(peaks, devs))} of {len(devs)} devices within their bound"
+        s += f"; {sum(p <= 1e9 for p in peaks)} of {len(devs)} at most 1.0 GB"
         if lim:
-            s += (f"; every device at most {max(peaks) / lim:.0%} of its {lim / 1e9:.1f} GB limit, "
-                  f"{max(p80) / lim:.0%} with the 80-layer KV cache")
+            s += f"; every device at most {max(peaks) / lim:.0%} of its {lim / 1e9:.1f} GB limit"
+            if any(p80):
+                s += f", {max(p80) / lim:.0%} with the 80-layer KV cache"
         out.append(s + ".\n")
     if pages:
         out.append("The discussion is in " + ", ".join(f"[{p.name}]({p.name})" for p in pages) + ".\n")

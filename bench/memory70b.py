@@ -259,8 +259,11 @@ def cmd_run(args) -> None:
         gen_s = time.time() - t1
         status = [proc_status(p.pid) for p in procs]
         cluster = requests.get(url + "/api/cluster", timeout=30).json()
+        peaks = [(cg.peak(), cg.oom_kills() > 0) for cg in cgs]
     finally:
         stop_all(procs)
+        for cg in cgs:   # also when a device failed to start: no cgroup is left behind
+            cg.remove()
     devices = []
     for r in range(world):
         role = "master" if r == 0 else "worker"
@@ -271,11 +274,10 @@ def cmd_run(args) -> None:
         # same budget (fewer resident pieces), not on top of this peak.
         devices.append({
             "rank": r, "role": role, "idle_rss": idle[role], "peak_rss": peak, "rss_end": status[r]["VmRSS"],
-            "cgroup_peak": cgs[r].peak(), "oom_killed": cgs[r].oom_kills() > 0, "limit": limit,
+            "cgroup_peak": peaks[r][0], "oom_killed": peaks[r][1], "limit": limit,
             "largest_piece": largest[r], "kv_bytes": kv[r], "bound": limit, "within_bound": peak <= limit,
-            "within_limit": max(peak, cgs[r].peak()) <= limit,
+            "within_limit": max(peak, peaks[r][0]) <= limit,
         })
-        cgs[r].remove()
     import torch
 
     result = {

@@ -22,7 +22,8 @@ import time
 import torch
 
 from tpi.model.layers import linear
-from tpi.weights.quant import Int8Weight, QuantizedWeight, repack_int4, pack_block, quantize
+from tpi.weights.packing import pack_block
+from tpi.weights.quant import Int8Weight, QuantizedWeight, repack_int4, quantize
 
 
 def timed(fn, calls: int) -> float:

@@ -24,7 +24,7 @@ from tpi.settings import ModelSettings, RuntimeOptions
 from tpi.tokenizer import ChatTokenizer
 from tpi.weights.checkpoint import source_config, source_fingerprint
 from tpi.weights.sources import ModelSourceError, cache_dir, resolve_source
-from tpi.weights.quant import pack_block
+from tpi.weights.packing import pack_block
 from tpi.weights.embedding import EmbeddingRows
 from tpi.weights.slicing import DEFAULT_MAX_BLOCK_BYTES
 from tpi.weights import store_cache

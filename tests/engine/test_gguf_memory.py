@@ -84,7 +84,7 @@ def test_gguf_store_greedy_matches_transformers(gguf_model, gguf_greedy_referenc
     differently)."""
     from tpi.engine import kv_cache_bytes, prepare_store
     from tpi.model.sampling import SamplingParams
-    from tpi.weights.quant import packed_copy_bytes
+    from tpi.weights.packing import packed_copy_bytes
     from tpi.weights.retention import block_costs
 
     path = gguf_model(family, qtype)

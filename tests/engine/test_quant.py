@@ -15,7 +15,8 @@ from tpi.weights.retention import block_costs
 from tpi.model.layers import linear
 from tpi.model.sampling import SamplingParams
 from tpi.weights.quant import (DenseWeight, Int4Weight, Int8Weight, QuantizedWeight, repack_int4, int4_kernel_bytes,
-                               kernel_form, pack_block, packed_copy_bytes, quantize, quantize_tensors, unpack_int4)
+                               kernel_form, quantize, quantize_tensors, unpack_int4)
+from tpi.weights.packing import pack_block, packed_copy_bytes
 
 
 def qw(w, scheme):

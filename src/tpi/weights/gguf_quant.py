@@ -113,7 +113,7 @@ class GroupWeight:
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors())
 
-    def _scales(self, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def scales(self, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per-group scale and minimum of rows [a, b), float32 (rows, groups, 1) each."""
         p = self.parts
         scale = p["gscale"][a:b].float()                                                 # (rows, groups)
@@ -133,7 +133,7 @@ class GroupWeight:
         `with_low` the per-group minimum is left out and returned, (rows, groups, 1)."""
         q = self.parts["gq"][a:b]
         halves = [q] if self.bits == 8 else [q & 0x0F, q >> 4]
-        scale, low = self._scales(a, b)
+        scale, low = self.scales(a, b)
         out = []
         for h in halves:
             g = h.to(torch.float32).view(b - a, scale.shape[1], -1)                      # (rows, groups, per group)

@@ -22,15 +22,15 @@ On SmolLM2 (teacher-forced top-1 agreement with bfloat16 over 256 positions) sym
 int4 g32 reached 48%, this scheme 100% (SmolLM2 here is itself converted from a Q4_1 GGUF,
 whose grid this scheme reproduces exactly; see docs/quantization.md).
 
-`pack_block` turns a block's tensors into what the model's `linear` consumes: plain tensors
-stay tensors, each `x.qweight`/`x.scale`[/`x.min`] set becomes one `QuantizedWeight` under `x`.
+`tpi.weights.packing.pack_block` turns a block's tensors into what the model's `linear`
+consumes, through `kernel_form` here.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from tpi.weights.gguf_quant import GroupWeight, take_group_weights
+from tpi.weights.gguf_quant import GroupWeight
 
 QUANT_DTYPES = ("int8", "int4")
 INT4_GROUP = 32
@@ -142,7 +142,7 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 # low-nibble-first layout above and each device repacks a block once, when it loads it.
 
 _HAS_INT8_MM = hasattr(torch.ops.aten, "_weight_int8pack_mm")
-_HAS_INT4_MM = (hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+HAS_INT4_MM = (hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
                 and hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"))
 KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 INT4_KERNEL_GROUPS = (32, 64, 128, 256)
@@ -201,6 +201,21 @@ class Int4Weight(WeightTensors):
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group, self.scales_zeros)
         y = y[:, :self.out_features].reshape(*x.shape[:-1], self.out_features)     # (..., out)
         return y if bias is None else y + bias
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor | None:
+        """Rows `ids` of the weight, float32 (n, in_pad), unpacked from the kernel's layout (see
+        `_native_int4`); None if the layout is not known."""
+        block_n = _kernel_block_n()
+        if block_n is None:
+            return None
+        h, (rows, half) = block_n // 2, self.packed.shape
+        native = self.packed.view(rows // block_n, half, 2, block_n // 2)             # (NB, in/2, 2, h)
+        i = ids % block_n
+        byte = native[ids // block_n, :, :, i % h]                                    # (n, in/2, 2)
+        q = torch.where((i >= h)[:, None, None], byte >> 4, byte & 0x0F).reshape(len(ids), -1, self.group)
+        sz = self.scales_zeros[:, ids].float().transpose(0, 1)                        # (n, groups, 2)
+        w = (q.float() - 8) * sz[..., :1] + sz[..., 1:]                               # (n, groups, group)
+        return w.reshape(len(ids), -1)
 
     def __repr__(self) -> str:
         return f"Int4Weight(out={self.out_features}, in_pad={2 * self.packed.shape[1]}, group={self.group})"
@@ -313,7 +328,7 @@ def kernel_form(q: QuantizedWeight, dtype: torch.dtype) -> "Int8Weight | Int4Wei
         # a view into a block file's buffer), so such a weight is copied once.
         aligned = q.qweight if q.qweight.data_ptr() % 64 == 0 else q.qweight.clone()
         return Int8Weight(aligned, q.scale.to(dtype))
-    if _HAS_INT4_MM and q.group in INT4_KERNEL_GROUPS:
+    if HAS_INT4_MM and q.group in INT4_KERNEL_GROUPS:
         return repack_int4(q, dtype)
     return q
 
@@ -330,7 +345,7 @@ def kernel_copy_bytes(bits: int, out: int, width: int, groups: int, scale_dtype:
         fits = _int8_kernel_fits(width, dtype) and scale_dtype != dtype
         return out * torch.empty((), dtype=dtype).element_size() if fits else 0
     group = 2 * width // groups
-    if _HAS_INT4_MM and group in INT4_KERNEL_GROUPS:
+    if HAS_INT4_MM and group in INT4_KERNEL_GROUPS:
         return int4_kernel_bytes(out, 2 * width, group, dtype)
     return 0
 
@@ -391,57 +406,3 @@ def quantize_tensors(tensors: dict[str, torch.Tensor], scheme: str) -> dict[str,
         else:
             out[name] = t
     return out
-
-
-def pack_block(tensors: dict[str, torch.Tensor], compute_dtype: torch.dtype) -> tuple[dict, int]:
-    """What `linear` and the norms consume, from a block's stored tensors, plus the bytes of
-    any copies made. Quantized sets become their kernel form (int8: the stored weight and a
-    scale in the compute dtype; int4: repacked for the CPU kernel, a copy); float tensors of
-    another dtype are converted to `compute_dtype` (a copy); others are used as they are."""
-    block, tensors = take_group_weights(tensors)  # GGUF group forms: used as stored, no copy
-    copied = 0
-    quantized = {name[: -len(QWEIGHT)] for name in tensors if name.endswith(QWEIGHT)}
-    for base in quantized:
-        if base + SCALE not in tensors:
-            raise ValueError(f"quantized weight {base} has no {base}{SCALE}")
-        stored = QuantizedWeight(tensors[base + QWEIGHT], tensors[base + SCALE], tensors.get(base + MIN))
-        block[base] = kernel_form(stored, compute_dtype)
-        mine = {t.untyped_storage().data_ptr() for t in stored.tensors()}
-        copied += sum(t.nbytes for t in block[base].tensors() if t.untyped_storage().data_ptr() not in mine)
-    for name, t in tensors.items():
-        base, dot, _ = name.rpartition(".")
-        if dot and base in quantized:
-            continue
-        if t.is_floating_point() and t.dtype != compute_dtype:
-            block[name] = t.to(compute_dtype)
-            copied += block[name].nbytes
-        else:
-            block[name] = t
-    return block, copied
-
-
-def packed_copy_bytes(tensors: dict, compute_dtype: torch.dtype) -> int:
-    """Bytes `pack_block` will copy, from a manifest's {name: {"shape", "dtype"}}."""
-    size = torch.empty((), dtype=compute_dtype).element_size()
-    total = 0
-    gguf_forms = {name[: -len(".gq")] for name in tensors if name.endswith(".gq")}
-    for name, info in tensors.items():
-        if name.rpartition(".")[0] in gguf_forms:
-            continue  # a GGUF group form: computed as stored
-        if name.endswith(QWEIGHT):
-            base = name[: -len(QWEIGHT)]
-            scale = tensors[base + SCALE]
-            bits = 8 if info["dtype"] == "int8" else 4
-            groups = scale["shape"][1] if bits == 4 else 1
-            total += kernel_copy_bytes(bits, info["shape"][0], info["shape"][1], groups,
-                                       getattr(torch, scale["dtype"]), compute_dtype)
-            continue
-        if name.endswith((SCALE, MIN)):
-            continue
-        dtype = getattr(torch, info["dtype"])
-        if dtype.is_floating_point and dtype != compute_dtype:
-            n = 1
-            for d in info["shape"]:
-                n *= d
-            total += n * size
-    return total

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from tpi.weights.budget import MemoryBudgetError, format_size
-from tpi.weights.quant import packed_copy_bytes
+from tpi.weights.packing import packed_copy_bytes
 from tpi.weights.store import ShardStore, aligned_bytes
 
 def block_costs(store: ShardStore, rank: int, compute_dtype: torch.dtype) -> list[int]:

@@ -54,8 +54,9 @@ from pathlib import Path
 
 import torch
 
-from tpi.weights.quant import QUANTIZED_KINDS, pack_block
 from tpi.host import release_freed_memory
+from tpi.weights.packing import pack_block
+from tpi.weights.quant import QUANTIZED_KINDS
 from tpi.weights.retention import block_costs, demote, plan_with_experts
 from tpi.weights.store import ShardStore, StoreError, aligned_bytes, aligned_empty, read_into, tensors_from_buffer
 from tpi.model.blocks import Block, BlockSource

@@ -68,7 +68,7 @@ class SpreadInt4Weight(Int4Weight):
 
 def kernel_fits(dtype: torch.dtype) -> bool:
     """Whether GGUF forms compute through the int4 kernel in compute dtype `dtype`: bfloat16
-    only (torch 2.13's float16 and float32 paths of this kernel took 60-200x the bfloat16
+    only (torch 2.13's float16 and float32 paths of this kernel took 50-250x the bfloat16
     time on a (16384, 576) weight here, `bench/gguf_linear.py`)."""
     return HAS_INT4_MM and dtype == torch.bfloat16
 

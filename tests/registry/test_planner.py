@@ -116,6 +116,8 @@ def test_held_bytes_follow_the_scheduler_accounting():
     assert PlannerSettings("int8", "float32").held_bytes == 5.5   # dequantized to float32 at load
     assert PlannerSettings("int8", "bfloat16").held_bytes == 1.5  # the kernel uses the file's bytes
     assert PlannerSettings("int4", "bfloat16").held_bytes == 1.25  # repacked for the kernel
+    assert PlannerSettings("gguf", "bfloat16").held_bytes == 1.0625 + 1.25  # Q8_0 as the int4 kernel's form
+    assert PlannerSettings("gguf", "float32").held_bytes == 1.0625          # computed as stored
     small = dev(20, budget=150 * MiB, disk=50)
     shares = {dt: plan_weights(SMOLLM2, [dev(10), dev(10), small], PlannerSettings(storage_dtype=dt))[2]
               for dt in ("bfloat16", "int8")}

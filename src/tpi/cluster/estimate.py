@@ -23,8 +23,10 @@ from tpi.weights.store import aligned_bytes, execution_order
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1.5, "int4": 0.625, "gguf": 1.0625}
 # What a loaded quantized parameter adds in a 16-bit compute dtype (int4: repacked for the
 # kernel, 0.5, plus scale and zero in the compute dtype per 32, 0.125); in float32 compute
-# every weight is dequantized to float32 at load (tpi.weights.quant.kernel_form).
-KERNEL_COPY_BYTES = {"int8": 0, "int4": 0.625}
+# every weight is dequantized to float32 at load (tpi.weights.quant.kernel_form). gguf in
+# bfloat16: the int4 kernel's form (tpi.weights.gguf_kernels), 0.625 for 4-bit types and 1.25
+# for the others; Q8_0's 1.25 is taken, as for the file; in float32 the forms stay as stored.
+KERNEL_COPY_BYTES = {"int8": 0, "int4": 0.625, "gguf": 1.25}
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 # A shard file's safetensors header: 8 bytes of length, then ~64-72 bytes of JSON per tensor
 # (name, dtype, shape, offsets), measured on stores the splitter writes.
@@ -74,8 +76,8 @@ class PlannerSettings:
         bytes plus a converted copy when a float storage dtype differs from the compute dtype,
         or a quantized one is dequantized (float32 compute) or repacked (int4)."""
         sb = DTYPE_BYTES[self.storage_dtype]
-        if self.storage_dtype == "gguf":
-            return sb  # computed as stored, in any compute dtype (chunks dequantized per call)
+        if self.storage_dtype == "gguf":  # float32 / float16 compute: computed as stored
+            return sb + (KERNEL_COPY_BYTES["gguf"] if self.compute_dtype == "bfloat16" else 0)
         if self.storage_dtype not in FLOAT_DTYPES:
             if self.compute_dtype == "float32":
                 return sb + 4

@@ -291,6 +291,9 @@ def cmd_generate(args) -> int:
 
         context = LocalCluster(model, opts, allreduce=args.allreduce, link=args.link, wire_dtype=args.wire_dtype)
     else:
+        from tpi.host import configure_torch
+
+        configure_torch()
         context = nullcontext(build_inproc_engine(model, opts))
     with context as engine:
         try:

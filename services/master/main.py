@@ -21,10 +21,10 @@ log = logging.getLogger("tpi.master")
 
 def run(settings: MasterSettings) -> int:
     from tpi.engine import build_inproc_engine
-    from tpi.host import configure_threads
+    from tpi.host import configure_torch
     from tpi_master.http_api import serve
 
-    log.info("computing with %d thread(s)", configure_threads())
+    log.info("computing with %d thread(s)", configure_torch())
     host, port = split_hostport(settings.http, 8000)
     manager = registration = membership = None
     lan = []  # the hub's mDNS advertisement, once the hub has a port

@@ -25,10 +25,10 @@ def run(settings: WorkerSettings) -> int:
     from tpi.comm.base import CommError
     from tpi.comm.client import StarClient
     from tpi.comm.handshake import JoinRefused
-    from tpi.host import configure_threads, release_freed_memory
+    from tpi.host import configure_torch, release_freed_memory
 
     args = settings
-    log.info("computing with %d thread(s)", configure_threads())
+    log.info("computing with %d thread(s)", configure_torch())
     signal.signal(signal.SIGTERM, _exit_cleanly)  # `docker stop`: deregister, do not wait for the TTL
     registration = None
     if args.registry:

@@ -1,6 +1,6 @@
 """Facts about the host this process runs on, each read in one place: resident memory, the
-memory and CPU limits of its cgroup, the one memory-budget rule, the page cache, and how many
-threads torch may use.
+memory and CPU limits of its cgroup, the one memory-budget rule, the page cache, and how
+torch computes here (threads, matmul kernels).
 
 The budget rule (`memory_budget`) is shared by the planner (which estimates what a device
 will give TPI before anything is loaded) and the runtime (which knows what the process
@@ -12,6 +12,13 @@ host) must not each spin a full OpenMP team: idle OpenMP threads busy-wait while
 process waits for an all-reduce, stealing the cores the other devices compute on (measured
 here: 13 s instead of 0.6 s per token with 3 processes on 2 cores). So: passive waiting, and
 no more threads than the CPU quota of the container (or the share of the machine) allows.
+
+Kernels: a decode step multiplies one row by each weight matrix. For bfloat16, torch's default
+route (oneDNN) costs 40-60 us of set-up per call whatever the size, which for a shard's small
+matrices is most of the work (SmolLM2, a quarter of a layer: 576x576 in 70 us against 29 us).
+Without oneDNN, torch's bfloat16 matmul accumulates in float32 just the same (equal error,
+last-bit differences) and a decode step costs a third less CPU (docs/benchmarks-decode.md).
+Float32 matmuls do not go through oneDNN either way.
 """
 from __future__ import annotations
 
@@ -197,12 +204,14 @@ def prefer_passive_wait() -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
-def configure_threads(share_of_machine: int = 1) -> int:
-    """Set torch's intra-op threads to what this device may use; returns the number.
+def configure_torch(share_of_machine: int = 1) -> int:
+    """How this serving process computes: bfloat16 matmuls off oneDNN (see above), and torch's
+    intra-op threads set to what this device may use; returns the number of threads.
     OMP_NUM_THREADS, when set, wins; `share_of_machine` divides the cores among that many
     processes on one machine."""
     import torch
 
+    torch.backends.mkldnn.enabled = False
     if "OMP_NUM_THREADS" in os.environ:
         return torch.get_num_threads()
     n = max(1, usable_cores() // max(1, share_of_machine))

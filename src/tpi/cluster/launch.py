@@ -15,7 +15,7 @@ import subprocess
 import sys
 from dataclasses import replace
 
-from tpi.host import configure_threads
+from tpi.host import configure_torch
 from tpi.protocol import Shutdown
 from tpi.settings import HubSettings, MasterSettings, ModelSettings, RuntimeOptions, split_hostport
 
@@ -95,7 +95,7 @@ class LocalCluster:
 
     def __enter__(self):
         devices, hub = self.settings.model.devices, self.settings.hub
-        threads = configure_threads(share_of_machine=devices)
+        threads = configure_torch(share_of_machine=devices)
 
         def spawn_workers(port: int) -> None:
             self.port = port

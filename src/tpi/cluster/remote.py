@@ -19,7 +19,7 @@ from dataclasses import asdict
 
 from tpi.cluster.base import Cluster
 from tpi.comm.base import CommError
-from tpi.host import peak_rss_bytes, release_freed_memory, rss_bytes
+from tpi.host import configure_torch, host_shares, peak_rss_bytes, release_freed_memory, rss_bytes
 from tpi.model.shard import ShardRunner
 from tpi.protocol import Assignment, ForwardStep, Reply, Shutdown
 from tpi.settings import RuntimeOptions
@@ -52,14 +52,18 @@ class RemoteCluster(Cluster):
         missing = [r for r in range(1, self.world_size) if r not in workers]
         if missing:
             raise CommError(f"waiting for worker rank(s) {missing} to (re)join")
-        for rank, info in workers.items():
-            if self.assigned.get(rank) != info.address:
-                self._assign(rank, info.address)
+        if any(self.assigned.get(rank) != info.address for rank, info in workers.items()):
+            shares = host_shares({rank: info.address for rank, info in workers.items()})
+            log.info("computing with %d thread(s): %d of the cluster's processes on this machine",
+                     configure_torch(shares[0]), shares[0])
+            for rank, info in workers.items():
+                if self.assigned.get(rank) != info.address:
+                    self._assign(rank, info.address, shares[rank])
 
-    def _assign(self, rank: int, address: str) -> None:
+    def _assign(self, rank: int, address: str, host_share: int) -> None:
         self.hub.send(rank, Assignment(rank=rank, world_size=self.world_size, store=str(self.store.root.resolve()),
                                        store_id=self.store.root.name, options=self.options.to_json(),
-                                       shards_url=self.http_url))
+                                       shards_url=self.http_url, host_share=host_share))
         reply = self._next_reply(rank, -1, self.assign_timeout)
         if not reply.ok:
             raise CommError(f"worker rank {rank} could not load its shard: {reply.error}")
@@ -157,6 +161,8 @@ def serve_assignments(client, open_store) -> None:
                 runner = None
                 release_freed_memory()
             try:
+                log.info("computing with %d thread(s): %d of the cluster's processes on this machine",
+                         configure_torch(msg.host_share), msg.host_share)
                 store = open_store(msg)
                 runner = build_runner(store, msg.rank, RuntimeOptions.from_json(msg.options))
                 comm = client.communicator()

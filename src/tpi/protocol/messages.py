@@ -106,6 +106,7 @@ class Assignment(Message):
     store_id: str                   # its name, for the shard server
     options: dict[str, Any]         # tpi.settings.RuntimeOptions.to_json(), checked by from_json
     shards_url: str | None = None   # the master's shard server, for workers without the volume
+    host_share: int = 1             # cluster processes on the worker's machine (tpi.host.host_shares)
 
 
 @message(31, "control", "hub")

@@ -59,18 +59,21 @@ def rope_inv_freq(cfg: ModelConfig, layer_type: str = "full") -> torch.Tensor:
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
-    """cos, sin of shape (B, T, head_dim) for integer positions (B, T)."""
+    """The rotary tables for integer positions (B, T): cos and the signed sin that
+    `apply_rope` takes, each (B, 1, T, head_dim) (one row per position, shared by the heads)."""
     freqs = positions.to(torch.float32)[..., None] * inv_freq  # (B, T, hd/2)
     emb = torch.cat((freqs, freqs), dim=-1)                     # (B, T, hd)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    sin = emb.sin()
+    half = sin.shape[-1] // 2
+    sin[..., :half].neg_()                                      # (-sin, sin): see apply_rope
+    return emb.cos().to(dtype)[:, None], sin.to(dtype)[:, None]
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, heads, T, hd); cos/sin: (B, T, hd). HF's rotate_half layout."""
-    cos, sin = cos[:, None], sin[:, None]
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, heads, T, hd); cos, signed_sin: (B, 1, T, hd) from rope_cos_sin. HF's
+    x * cos + rotate_half(x) * sin with rotate_half(x) = (-x2, x1): here (x2, x1) (one roll)
+    times (-sin, sin), which is the same bits (negation is exact) in four operations."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
 
 
 # The gate activations of the gated MLP (ModelConfig.hidden_act).

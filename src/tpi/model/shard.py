@@ -30,7 +30,7 @@ class StepContext:
     slots: list[int]
     starts: list[int]
     length: int                   # keys visible after this step: max(starts) + T
-    rope: dict                    # layer type -> (cos, sin), each (B, T, head_dim)
+    rope: dict                    # layer type -> (cos, signed sin), each (B, 1, T, head_dim)
     masks: dict                   # layer type -> (B, 1, T, length) bool, or None when all keys are visible
 
 
@@ -56,6 +56,11 @@ class ShardRunner:
         # Each local query head reads local KV head (global head // group - first KV head).
         self.regular_gqa = q0 % g == 0 and shard.num_q_heads == shard.num_kv_heads * g
         self.kv_index = torch.tensor([h // g - shard.kv_heads[0] for h in range(q0, q1)])
+        # Decode attention needs only that every local KV head serves the same number of
+        # consecutive local query heads (SmolLM2 on 4 devices: 2 heads of one KV head).
+        nq, nkv = shard.num_q_heads, shard.num_kv_heads
+        self.grouped_decode = nq % nkv == 0 and torch.equal(
+            self.kv_index, torch.arange(nkv).repeat_interleave(nq // nkv))
         self.last = Breakdown()
 
     def memory_status(self) -> dict:
@@ -160,7 +165,7 @@ class ShardRunner:
         """What every layer of one forward step shares: positions, rotary tables, mask."""
         positions = torch.tensor(starts)[:, None] + torch.arange(T)[None, :]  # (B, T)
         length = max(starts) + T
-        rope = {t: rope_cos_sin(f, positions, self.dtype) for t, f in self.inv_freq.items()}  # (B, T, hd) x2
+        rope = {t: rope_cos_sin(f, positions, self.dtype) for t, f in self.inv_freq.items()}  # (B, 1, T, hd) x2
         masks = {t: self._mask(positions, length, self.cfg.window(t)) for t in self.inv_freq}
         return StepContext(slots, starts, length, rope, masks)
 
@@ -237,7 +242,7 @@ class ShardRunner:
         with two plain matmuls, in float32. SDPA computes the same, but its CPU kernel tiles for
         many queries and costs ~4x this for one query over a few hundred keys (measured here)."""
         B, nq, _, hd = q.shape
-        if self.regular_gqa:  # the query heads of one KV head become rows of one matmul with its keys
+        if self.grouped_decode:  # the query heads of one KV head become rows of one matmul with its keys
             nkv = keys.shape[1]
             q = q.reshape(B, nkv, nq // nkv, hd)                                      # (B, nkv, group, hd)
         else:

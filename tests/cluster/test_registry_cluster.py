@@ -66,22 +66,27 @@ def chat(master, stream: bool, max_tokens: int = 64, on_chunk=None) -> str:
     return text
 
 
-def start_registry_master(registry: str, log_dir) -> Server:
+def start_registry_master(registry: str, log_dir, dtype: tuple[str, ...] = ("--dtype", "float32")) -> Server:
     """A master that finds its (two or more) workers through the registry; not yet ready."""
     hub, http = free_port(), free_port()
     return Server("master", ["master", "--registry", registry, "--join-token", TOKEN,
                              "--listen", f"127.0.0.1:{hub}", "--advertise", "127.0.0.1",
-                             "--http", f"127.0.0.1:{http}", "--min-workers", "2", "--dtype", "float32",
+                             "--http", f"127.0.0.1:{http}", "--min-workers", "2", *dtype,
                              "--timeout", "3"], http, log_dir)
 
 
+# The embedded SmolLM2 is a GGUF source: dequantized to float32, or kept in its own types (the
+# quantized group forms in the store, in the download and in memory), computed in float32.
+STORES = {"float32": ("--dtype", "float32"), "gguf": ("--dtype", "gguf", "--compute-dtype", "float32")}
+
+
 @pytest.fixture
-def cluster(tmp_path):
+def cluster(tmp_path, request):
     rport = free_port()
     redis_proc = start_redis(rport)
     registry = f"redis://127.0.0.1:{rport}/0"
     workers = [start_worker(registry, tmp_path, f"w{i}") for i in (1, 2)]
-    master = start_registry_master(registry, tmp_path)
+    master = start_registry_master(registry, tmp_path, STORES[getattr(request, "param", "float32")])
     state = {"redis": redis_proc, "rport": rport, "registry": registry, "workers": workers,
              "master": master, "dir": tmp_path}
     try:
@@ -94,6 +99,7 @@ def cluster(tmp_path):
         state["redis"].kill()
 
 
+@pytest.mark.parametrize("cluster", list(STORES), indirect=True)
 def test_join_kill_recover_rejoin(cluster):
     master = cluster["master"]
     assert plan_devices(master) == ["master", "w1", "w2"]

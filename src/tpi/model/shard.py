@@ -99,7 +99,6 @@ class ShardRunner:
         """x: (B, T, H) hidden states of B sequences whose first new token sits at starts[b].
         Returns (B, T, H) after all layers (identical on every device)."""
         x = x.to(self.dtype)
-        self.make_room(slots)
         step = self.step_context(slots, starts, x.shape[1])
         timings = Breakdown()
         watch = Stopwatch()
@@ -162,7 +161,9 @@ class ShardRunner:
         return None if gathered is None else Candidates.unpack(gathered, self.cfg.vocab_size)
 
     def step_context(self, slots: list[int], starts: list[int], T: int) -> "StepContext":
-        """What every layer of one forward step shares: positions, rotary tables, mask."""
+        """What every layer of one forward step shares: positions, rotary tables, mask; the
+        rows' KV slots hold memory from here on (make_room)."""
+        self.make_room(slots)
         positions = torch.tensor(starts)[:, None] + torch.arange(T)[None, :]  # (B, T)
         length = max(starts) + T
         rope = {t: rope_cos_sin(f, positions, self.dtype) for t, f in self.inv_freq.items()}  # (B, 1, T, hd) x2

@@ -233,6 +233,20 @@ def host_shares(worker_addresses: dict[int, str]) -> dict[int, int]:
     return {rank: counts[h] for rank, h in hosts.items()}
 
 
+def threads_for(share_of_machine: int) -> int:
+    """Torch threads for one of `share_of_machine` processes on this machine."""
+    return max(1, usable_cores() // max(1, share_of_machine))
+
+
+def use_threads(n: int) -> None:
+    """Set the calling thread's torch thread count (torch keeps it per thread: a master's
+    compute thread is not the one that learns its share) unless OMP_NUM_THREADS decides."""
+    import torch
+
+    if "OMP_NUM_THREADS" not in os.environ and torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
 def configure_torch(share_of_machine: int = 1) -> int:
     """How this serving process computes: bfloat16 matmuls off oneDNN (see above), and torch's
     intra-op threads set to what this device may use; returns the number of threads.
@@ -243,6 +257,6 @@ def configure_torch(share_of_machine: int = 1) -> int:
     torch.backends.mkldnn.enabled = False
     if "OMP_NUM_THREADS" in os.environ:
         return torch.get_num_threads()
-    n = max(1, usable_cores() // max(1, share_of_machine))
+    n = threads_for(share_of_machine)
     torch.set_num_threads(n)
     return n

@@ -19,7 +19,7 @@ from dataclasses import asdict
 
 from tpi.cluster.base import Cluster
 from tpi.comm.base import CommError
-from tpi.host import configure_torch, host_shares, peak_rss_bytes, release_freed_memory, rss_bytes
+from tpi.host import configure_torch, host_shares, threads_for, use_threads, peak_rss_bytes, release_freed_memory, rss_bytes
 from tpi.model.shard import ShardRunner
 from tpi.protocol import Assignment, ForwardStep, Reply, Shutdown
 from tpi.settings import RuntimeOptions
@@ -42,6 +42,7 @@ class RemoteCluster(Cluster):
         self.stats: dict[int, Reply] = {}           # rank -> its last successful reply
         self.seq = 0
         self._pending: list[int] = []               # ranks whose reply to self.seq is due
+        self._threads: int | None = None            # torch threads of this process's share of its machine
         self._lock = threading.Lock()
 
     # ---- membership ---------------------------------------------------------------------
@@ -54,8 +55,9 @@ class RemoteCluster(Cluster):
             raise CommError(f"waiting for worker rank(s) {missing} to (re)join")
         if any(self.assigned.get(rank) != info.address for rank, info in workers.items()):
             shares = host_shares({rank: info.address for rank, info in workers.items()})
+            self._threads = threads_for(shares[0])
             log.info("computing with %d thread(s): %d of the cluster's processes on this machine",
-                     configure_torch(shares[0]), shares[0])
+                     self._threads, shares[0])
             for rank, info in workers.items():
                 if self.assigned.get(rank) != info.address:
                     self._assign(rank, info.address, shares[rank])
@@ -83,6 +85,8 @@ class RemoteCluster(Cluster):
         with self._lock:
             self._collect()
             self.ensure_assigned()
+            if self._threads:
+                use_threads(self._threads)  # in the thread that computes
             self.seq += 1
             sent = self.hub.broadcast(ForwardStep(seq=self.seq, slots=list(slots), starts=list(starts),
                                                   hidden=x.contiguous(), every_position=every_position))

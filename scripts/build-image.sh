@@ -5,6 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 IMAGE=${IMAGE:-tpi:latest}
-mkdir -p build/wheelhouse
+if ! ls build/wheelhouse/torch-*.whl >/dev/null 2>&1; then
+  bash scripts/wheelhouse.sh   # a fresh checkout: torch's CPU wheel from local disk, not the network
+fi
 docker build -f Dockerfile.worker -t "$IMAGE" "$@" .
 docker image ls "$IMAGE"

@@ -61,10 +61,25 @@ TINY_FAMILIES = {
         head_dim=16, num_experts=3, num_experts_per_tok=2, norm_topk_prob=False,
         tie_word_embeddings=False, max_position_embeddings=512,
     ),
+    # Qwen3-MoE with dense MLP layers (of intermediate_size, wider than the experts): layer 1 by
+    # mlp_only_layers, 5 experts (2, 3 and 4 devices do not divide them); and every other layer
+    # by decoder_sparse_step 2 (layers 0 and 2 dense), 3 experts, renormalised weights.
+    "qwen3_moe_mlp_only": dict(
+        architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", hidden_size=96, intermediate_size=320,
+        moe_intermediate_size=128, num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=2,
+        head_dim=16, num_experts=5, num_experts_per_tok=2, norm_topk_prob=False, mlp_only_layers=[1],
+        tie_word_embeddings=False, max_position_embeddings=512,
+    ),
+    "qwen3_moe_sparse_step": dict(
+        architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", hidden_size=96, intermediate_size=192,
+        moe_intermediate_size=128, num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=2,
+        head_dim=16, num_experts=3, num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=2,
+        tie_word_embeddings=False, max_position_embeddings=512,
+    ),
 }
 # Families whose norm weights get random values (HF initialises them to 1, or 0 for Gemma's
 # (1 + w)): a norm applied in the wrong place or not at all must change the tokens.
-RANDOM_NORMS = {"qwen3", "gemma3", "qwen3_moe"}
+RANDOM_NORMS = {"qwen3", "gemma3", "qwen3_moe", "qwen3_moe_mlp_only", "qwen3_moe_sparse_step"}
 
 
 def make_tiny_model(family: str, out: Path, smollm2: Path, init_range: float = 0.2) -> Path:

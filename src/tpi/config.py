@@ -69,11 +69,15 @@ class ModelConfig:
     final_logit_softcap: float | None = None  # logits -> cap * tanh(logits / cap)
     layer_types: tuple[str, ...] = ()  # per layer "sliding" | "full"; () : all "sliding" if sliding_window
     local_rope_theta: float | None = None  # RoPE base of the sliding layers (no scaling there)
-    # Mixture of experts (Mixtral, Qwen3-MoE): every layer's MLP is `num_experts` gated MLPs of
+    # Mixture of experts (Mixtral, Qwen3-MoE): a sparse layer's MLP is `num_experts` gated MLPs of
     # width `intermediate_size`, of which a router picks `experts_per_token` per token.
     num_experts: int = 0
     experts_per_token: int = 0
     norm_topk_prob: bool = False  # the chosen experts' weights are renormalised to sum to 1
+    # Layers of a mixture of experts whose MLP is one dense gated MLP of width
+    # `dense_intermediate_size` (Qwen3-MoE's mlp_only_layers and decoder_sparse_step).
+    dense_layers: tuple[int, ...] = ()
+    dense_intermediate_size: int = 0
 
     @property
     def group_size(self) -> int:
@@ -90,6 +94,10 @@ class ModelConfig:
     def is_moe(self) -> bool:
         return self.num_experts > 0
 
+    def is_sparse(self, layer: int) -> bool:
+        """Whether `layer`'s MLP is the mixture of experts (else a dense gated MLP)."""
+        return self.is_moe and layer not in self.dense_layers
+
     def window(self, layer_type: str) -> int | None:
         return self.sliding_window if layer_type == "sliding" else None
 
@@ -103,6 +111,7 @@ class ModelConfig:
             data["rope_scaling"] = RopeScaling(**data["rope_scaling"])
         data["eos_token_ids"] = tuple(data.get("eos_token_ids", ()))
         data["layer_types"] = tuple(data.get("layer_types", ()))
+        data["dense_layers"] = tuple(data.get("dense_layers", ()))
         return cls(**data)
 
 
@@ -209,15 +218,23 @@ def _mixtral_fields(hf: dict, arch: str) -> dict:
 
 
 def _qwen3_moe_fields(hf: dict, arch: str) -> dict:
-    """Qwen3-MoE: experts of width moe_intermediate_size; renormalised if norm_topk_prob."""
+    """Qwen3-MoE: experts of width moe_intermediate_size; renormalised if norm_topk_prob.
+    Layer i is sparse as transformers' Qwen3MoeDecoderLayer decides: i not in mlp_only_layers
+    and (i + 1) % decoder_sparse_step == 0; the others have a dense MLP of intermediate_size
+    (all of them: the model is a dense one)."""
     L = hf["num_hidden_layers"]
-    step = hf.get("decoder_sparse_step") or 1
-    dense = sorted(set(hf.get("mlp_only_layers") or []) | {i for i in range(L) if (i + 1) % step})
-    if dense:
-        raise UnsupportedModelError(f"{arch} with dense MLP layers {dense}: only all-sparse layers are supported")
-    return dict(num_experts=int(hf.get("num_experts") or hf["num_local_experts"]), experts_per_token=int(hf["num_experts_per_tok"]),
+    step = hf.get("decoder_sparse_step", 1)
+    if not isinstance(step, int) or step < 1:
+        raise UnsupportedModelError(f"{arch} with decoder_sparse_step={step!r}: it must be a positive integer")
+    experts = int(hf.get("num_experts", hf.get("num_local_experts")) or 0)
+    only = set(hf.get("mlp_only_layers") or [])
+    dense = tuple(i for i in range(L) if i in only or (i + 1) % step or not experts)
+    if len(dense) == L:  # no sparse layer: every MLP is the dense one, as in a dense Qwen3
+        return {}
+    return dict(num_experts=experts, experts_per_token=int(hf["num_experts_per_tok"]),
                 norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
-                intermediate_size=int(hf["moe_intermediate_size"]))
+                intermediate_size=int(hf["moe_intermediate_size"]),
+                dense_layers=dense, dense_intermediate_size=int(hf["intermediate_size"]) if dense else 0)
 
 
 # family -> its fields beyond the Llama ones, from the HF config (each a small function)

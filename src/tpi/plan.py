@@ -16,7 +16,9 @@ range), each device holding all of their columns (`mlp_cols` = the whole expert)
 devices than experts, each expert goes to a group of devices (groups as equal in size as
 possible) that split its columns by weight: then every device holds one expert's
 `mlp_cols`. The router is replicated. Either way a device's expert outputs are a partial sum
-of the MLP output, added by the same all-reduce a dense MLP uses.
+of the MLP output, added by the same all-reduce a dense MLP uses. The dense MLP layers of a
+mixture of experts (Qwen3-MoE's mlp_only_layers) are split by columns as in a dense model
+(`dense_cols`).
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ class DeviceShard:
     adds_row_bias: bool           # device 0 adds the biases of row-parallel layers
     vocab: tuple[int, int] = (0, 0)  # [start, end) token ids whose output-head rows it scores
     experts: tuple[int, int] = (0, 0)  # [start, end) experts it holds (columns mlp_cols of each)
+    dense_cols: tuple[int, int] = (0, 0)  # [start, end) columns of a mixture's dense MLP layers
 
     @property
     def num_q_heads(self) -> int:
@@ -54,6 +57,10 @@ class DeviceShard:
     @property
     def mlp_width(self) -> int:
         return self.mlp_cols[1] - self.mlp_cols[0]
+
+    @property
+    def dense_width(self) -> int:
+        return self.dense_cols[1] - self.dense_cols[0]
 
     @property
     def num_experts(self) -> int:
@@ -90,6 +97,7 @@ class ShardPlan:
                 adds_row_bias=s["adds_row_bias"],
                 vocab=tuple(s["vocab"]),
                 experts=tuple(s.get("experts", (0, 0))),
+                dense_cols=tuple(s.get("dense_cols", (0, 0))),
             )
             for s in data["shards"]
         )
@@ -112,8 +120,9 @@ def make_plan(cfg: ModelConfig, weights: list[float] | tuple[float, ...]) -> Sha
     if cfg.is_moe:
         experts, mlp_cols = expert_placement(cfg, weights)
     else:
-        mlp_cols = _ranges(proportional_split(cfg.intermediate_size, weights, unit=_mlp_align(cfg, n)))
+        mlp_cols = _column_ranges(cfg.intermediate_size, weights)
         experts = [(0, 0)] * n
+    dense = _column_ranges(cfg.dense_intermediate_size, weights) if cfg.dense_layers else [(0, 0)] * n
     if cfg.vocab_size >= 1 << 24:
         # token ids travel as float32 in the output head's top-k exchange (exact below 2^24)
         raise PlanError(f"a vocabulary of {cfg.vocab_size} tokens is too large (at most {1 << 24})")
@@ -125,7 +134,7 @@ def make_plan(cfg: ModelConfig, weights: list[float] | tuple[float, ...]) -> Sha
         kv0 = h0 // cfg.group_size
         kv1 = (h1 - 1) // cfg.group_size + 1
         shards.append(DeviceShard(rank, (h0, h1), (kv0, kv1), mlp_cols[rank], adds_row_bias=rank == 0,
-                                  vocab=vocab[rank], experts=experts[rank]))
+                                  vocab=vocab[rank], experts=experts[rank], dense_cols=dense[rank]))
     return ShardPlan(tuple(float(w) for w in weights), tuple(shards))
 
 
@@ -138,12 +147,14 @@ def expert_placement(cfg: ModelConfig, weights) -> tuple[list[tuple[int, int]], 
     for e, (d0, d1) in enumerate(_ranges(proportional_split(n, [1.0] * E))):  # expert e's devices
         group = weights[d0:d1]
         experts += [(e, e + 1)] * len(group)
-        cols += _ranges(proportional_split(width, group, unit=_mlp_align(cfg, len(group))))
+        cols += _column_ranges(width, group)
     return experts, cols
 
 
-def _mlp_align(cfg: ModelConfig, n: int) -> int:
-    return MLP_ALIGN if cfg.intermediate_size >= MLP_ALIGN * n else 1
+def _column_ranges(width: int, weights) -> list[tuple[int, int]]:
+    """[0, width) MLP columns split by weights, on multiples of MLP_ALIGN when the width allows."""
+    unit = MLP_ALIGN if width >= MLP_ALIGN * len(weights) else 1
+    return _ranges(proportional_split(width, weights, unit=unit))
 
 
 def _ranges(counts: list[int]) -> list[tuple[int, int]]:

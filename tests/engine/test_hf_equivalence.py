@@ -63,19 +63,35 @@ def test_gemma3_prompt_longer_than_its_sliding_window(tiny_model):
     assert tpi_greedy(model_dir, [1.0, 3.0], prompt, new_tokens=12) == expected
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+# (experts, their columns, the dense layers' columns) per device, weights 2 : 1 : 1.5 : 2
+FOUR_DEVICE_PLACEMENT = {
+    "mixtral": [((0, 2), (0, 128), (0, 0)), ((2, 3), (0, 128), (0, 0)), ((3, 5), (0, 128), (0, 0)),
+                ((5, 7), (0, 128), (0, 0))],
+    "qwen3_moe": [((0, 1), (0, 64), (0, 0)), ((0, 1), (64, 128), (0, 0)), ((1, 2), (0, 128), (0, 0)),
+                  ((2, 3), (0, 128), (0, 0))],
+    "qwen3_moe_mlp_only": [((0, 2), (0, 128), (0, 128)), ((2, 3), (0, 128), (128, 192)),
+                           ((3, 4), (0, 128), (192, 256)), ((4, 5), (0, 128), (256, 320))],
+    "qwen3_moe_sparse_step": [((0, 1), (0, 64), (0, 59)), ((0, 1), (64, 128), (59, 89)),
+                              ((1, 2), (0, 128), (89, 133)), ((2, 3), (0, 128), (133, 192))],
+}
+
+
+@pytest.mark.parametrize("family", sorted(FOUR_DEVICE_PLACEMENT))
 def test_moe_on_four_uneven_devices(tiny_model, family):
     """4 devices: Mixtral's 7 experts go 2/1/2/2 by weight; Qwen3-MoE's 3 experts cannot go
-    whole, so the first is split by columns between the first two devices."""
+    whole, so the first is split by columns between the first two devices. The dense MLP
+    layers of the Qwen3-MoE variants (mlp_only_layers, decoder_sparse_step) are split by
+    columns in proportion to the weights, as in a dense model (the other variants have none:
+    the other tests with N in {1, 2, 3, 5} run them all through test_random_model_greedy_...)."""
     from tpi.config import load_model_config
     from tpi.plan import make_plan
 
     model_dir = tiny_model(family)
     weights = [2.0, 1.0, 1.5, 2.0]
-    placed = [(s.experts, s.mlp_cols) for s in make_plan(load_model_config(model_dir), weights).shards]
-    assert placed == {"mixtral": [((0, 2), (0, 128)), ((2, 3), (0, 128)), ((3, 5), (0, 128)), ((5, 7), (0, 128))],
-                      "qwen3_moe": [((0, 1), (0, 64)), ((0, 1), (64, 128)), ((1, 2), (0, 128)),
-                                    ((2, 3), (0, 128))]}[family]
+    cfg = load_model_config(model_dir)
+    placed = [(s.experts, s.mlp_cols, s.dense_cols) for s in make_plan(cfg, weights).shards]
+    assert placed == FOUR_DEVICE_PLACEMENT[family]
+    assert cfg.dense_layers == {"qwen3_moe_mlp_only": (1,), "qwen3_moe_sparse_step": (0, 2)}.get(family, ())
     prompt = [1, 504, 3458, 282, 4649, 314, 9889, 30, 57, 1000, 20000]
     expected = hf_greedy(model_dir, prompt, NEW_TOKENS)
     assert len(set(expected)) > 3, "the reference output is degenerate; the test would prove little"

@@ -15,7 +15,7 @@ from tpi.model.blocks import ResidentBlocks
 from tpi.model.shard import ShardRunner
 from tpi.plan import make_plan
 from tpi.weights.checkpoint import Checkpoint
-from tpi.weights.slicing import expert_of, fuse_projections, parse_layer_name, slice_for_device
+from tpi.weights.slicing import expert_of, fuse_projections, layer_kinds, parse_model_tensor, slice_for_device
 
 TOLERANCE = {"float32": 2e-5, "bfloat16": 3e-2}
 
@@ -24,7 +24,7 @@ def shard_blocks(model_dir, cfg, shard, layer, dtype):
     ckpt = Checkpoint(model_dir)
     blocks: dict = {}
     for name in ckpt.names():
-        parsed = parse_layer_name(name, cfg.family)
+        parsed = parse_model_tensor(name, cfg)
         if parsed and parsed[0] == layer:
             _, kind, local, rule = parsed
             expert = expert_of(name)
@@ -48,13 +48,14 @@ def hf_layer(model_dir, layer):
 @pytest.mark.parametrize("family,weights", [
     ("qwen2", [1, 1]), ("qwen2", [1, 2, 3]), ("llama3", [3, 1, 1, 1, 1]), ("mistral", [1, 1, 1]),
     ("qwen3", [1, 2, 1]), ("gemma3", [2, 1]), ("mixtral", [1, 3, 1]), ("qwen3_moe", [2, 1]),
-    ("qwen3_moe", [1, 1, 2, 1]),
+    ("qwen3_moe", [1, 1, 2, 1]), ("qwen3_moe_mlp_only", [2, 1, 1]), ("qwen3_moe_sparse_step", [1, 2, 1, 1]),
 ])
 def test_sharded_layer_sums_to_unsharded(tiny_model, family, weights, dtype):
     model_dir = tiny_model(family)
     cfg = load_model_config(model_dir)
     plan = make_plan(cfg, weights)
-    layer = cfg.num_layers - 1 if cfg.layer_types else 1  # Gemma: a global layer (HF is given no mask)
+    # Gemma: a global layer (HF is given no mask); Qwen3-MoE: mlp_only's layer 1 is dense, sparse_step's sparse
+    layer = cfg.num_layers - 1 if cfg.layer_types else 1
     torch.manual_seed(0)
     x = torch.randn(1, 7, cfg.hidden_size)                         # (B, T, H)
     base, ref_layer = hf_layer(model_dir, layer)
@@ -76,8 +77,9 @@ def test_sharded_layer_sums_to_unsharded(tiny_model, family, weights, dtype):
         step = runner.step_context([0], [0], 7)
         xs = x.to(tdt)
         attn_sum += runner.attention_partial(layer, xs, blocks[(layer, "attn", 0)], step).float()
-        mlp = runner.moe_partial(layer, xs, blocks[(layer, "mlp", 0)]) if cfg.is_moe \
-            else runner.mlp_partial(xs, blocks[(layer, "mlp", 0)])
+        mlp_kind = layer_kinds(cfg, layer)[1]  # "mlp", or a mixture's dense layer's "dense"
+        mlp = runner.moe_partial(layer, xs, blocks[(layer, mlp_kind, 0)]) if cfg.is_sparse(layer) \
+            else runner.mlp_partial(xs, blocks[(layer, mlp_kind, 0)])
         mlp_sum += mlp.float()
 
     tol = TOLERANCE[dtype]

@@ -155,7 +155,7 @@ def test_70b_on_eight_1gb_devices_streams_and_the_master_is_not_charged_the_head
     assert result.estimate.head_ms == pytest.approx(2 * 16032 * 8192 / 10e9 * 1e3, rel=0.01)
 
 
-@pytest.mark.parametrize("family", ["llama3", "qwen3_moe", "gemma3"])
+@pytest.mark.parametrize("family", ["llama3", "qwen3_moe", "gemma3", "qwen3_moe_mlp_only", "qwen3_moe_sparse_step"])
 def test_streamed_bytes_match_the_scheduler_on_a_real_store(tiny_model, tmp_path, family):
     """The estimate's pieces, costs and streamed set are the scheduler's own, on a real store;
     a mixture of experts' on-demand experts count at k/E of their bytes per token."""

@@ -50,6 +50,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from tpi.comm import auth
+from tpi.config import ModelConfig
 from tpi.weights.store import EMBED_PATH, FORMAT_VERSION, MANIFEST, ShardStore, execution_order, piece_file
 
 log = logging.getLogger("tpi.shards")
@@ -210,11 +211,14 @@ class ShardClient:
         world = len(manifest["plan"]["shards"])
         if not 0 <= rank < world:
             raise DeliveryError(f"store {store_id} has ranks 0..{world - 1}, not {rank}")
-        layers = manifest["model_config"]["num_layers"]
+        try:
+            cfg = ModelConfig.from_json(manifest["model_config"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise DeliveryError(f"store {store_id}: manifest's model_config is unreadable: {e!r}") from None
         pieces = manifest.get("pieces", {}).get(str(rank))
         if pieces is None:
             raise DeliveryError(f"store {store_id}: manifest has no pieces for rank {rank}")
-        wanted = [piece_file(rank, *key, pieces) for key in execution_order(layers, pieces)]
+        wanted = [piece_file(rank, *key, pieces) for key in execution_order(cfg, pieces)]
         if include_head:
             wanted.append(EMBED_PATH)
         files = manifest["files"]

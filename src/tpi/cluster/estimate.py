@@ -13,7 +13,7 @@ from tpi.config import ModelConfig
 from tpi.plan import DeviceShard, PlanError, ShardPlan
 from tpi.weights.budget import MemoryBudgetError
 from tpi.weights.retention import plan_with_experts
-from tpi.weights.slicing import DEFAULT_MAX_BLOCK_BYTES, block_pieces
+from tpi.weights.slicing import DEFAULT_MAX_BLOCK_BYTES, DENSE_KIND, block_pieces
 from tpi.weights.store import aligned_bytes, execution_order
 
 # Bytes per parameter in a shard file (int4: 4 bits + a float16 scale and min per 32; int8:
@@ -207,20 +207,22 @@ def estimate(cfg: ModelConfig, plan: ShardPlan, devices: Sequence[DeviceCapabili
     per: list[DeviceEstimate] = []
     attn_ms: list[float] = []
     mlp_ms: list[float] = []
+    dense_ms: list[float] = []
     head_ms: list[float] = []
     for shard, d in zip(plan.shards, devices):
-        e, a_ms, m_ms, h_ms = _device_estimate(cfg, shard, d, plan.weights, settings)
+        e, a_ms, m_ms, d_ms, h_ms = _device_estimate(cfg, shard, d, plan.weights, settings)
         per.append(e)
         attn_ms.append(a_ms)
         mlp_ms.append(m_ms)
+        dense_ms.append(d_ms)
         head_ms.append(h_ms)
         if not e.feasible:
             notes.append(f"device {shard.rank}: budget cannot hold its KV cache and streaming window")
         elif not e.fits:
             notes.append(f"device {shard.rank}: slice exceeds budget, streams "
                          f"{e.streamed_bytes / 1e6:.1f} MB/token from disk")
-    L = cfg.num_layers
-    compute_ms = L * (max(attn_ms) + max(mlp_ms))
+    L, D = cfg.num_layers, len(cfg.dense_layers)
+    compute_ms = L * max(attn_ms) + (L - D) * max(mlp_ms) + D * max(dense_ms)
     head = max(head_ms)
     disk_ms = max(e.disk_ms for e in per)
     hops = star_hops_per_token(L)
@@ -255,7 +257,7 @@ def piece_costs(cfg: ModelConfig, shard: DeviceShard, settings: PlannerSettings)
         return aligned_bytes(file) + round(params * (held - stored)), file
 
     out = []
-    for layer, kind, p in execution_order(cfg.num_layers, pieces):
+    for layer, kind, p in execution_order(cfg, pieces):
         lo, hi = pieces[kind][p]
         if kind == "attn":
             # + q/k norms (hd each: Qwen3, Gemma 3), + the output norm (H: Gemma 3)
@@ -268,7 +270,7 @@ def piece_costs(cfg: ModelConfig, shard: DeviceShard, settings: PlannerSettings)
             out.append(piece(H + cfg.num_experts * H, 2, sb, hb))
         elif kind == "expert":  # gate_up (2w, H), down (H, w)
             out.append(piece(3 * H * shard.mlp_width, 2, sb, hb))
-        elif kind == "mlp":
+        elif kind in ("mlp", DENSE_KIND):  # a dense model's MLP, or a mixture's dense layers'
             cols, down_bias = hi - lo, cfg.mlp_bias and row_bias and p == 0  # the row bias lives in piece 0
             params = H + 3 * H * cols + (2 * cols if cfg.mlp_bias else 0) + (H if down_bias else 0) \
                 + H * cfg.sandwich_norms  # Gemma 3's output norm
@@ -280,14 +282,16 @@ def piece_costs(cfg: ModelConfig, shard: DeviceShard, settings: PlannerSettings)
 
 
 def _device_estimate(cfg: ModelConfig, shard: DeviceShard, d: DeviceCapability, weights, settings: PlannerSettings):
-    """One device's estimate, and its ms per layer's attention, per layer's MLP and for its head."""
-    L = cfg.num_layers
+    """One device's estimate, and its ms per layer's attention, per (sparse) layer's MLP, per
+    dense layer's MLP of a mixture and for its head."""
+    L, D = cfg.num_layers, len(cfg.dense_layers)
     nq, nkv, cols = shard.num_q_heads, shard.num_kv_heads, shard.mlp_width
     speed = d.gflops * 1e9
     a_ms = attn_flops(cfg, nq, nkv, settings.context) / speed * 1e3
     # a mixture of experts: per token each expert is chosen with probability k/E (uniform routing)
     chosen = shard.num_experts * cfg.experts_per_token / cfg.num_experts if cfg.is_moe else 1.0
     m_ms = mlp_flops(cfg, cols) * chosen / speed * 1e3
+    d_ms = mlp_flops(cfg, shard.dense_width) / speed * 1e3  # a mixture's dense layers: every column
     h_ms = head_flops(cfg, shard.vocab_size) / speed * 1e3
     costs, files = piece_costs(cfg, shard, settings)
     kv = int(kv_bytes(cfg, nkv, settings))
@@ -295,7 +299,7 @@ def _device_estimate(cfg: ModelConfig, shard: DeviceShard, d: DeviceCapability, 
     try:
         if budget <= 0:
             raise MemoryBudgetError("the KV cache fills the budget")
-        kinds = [kind for _, kind, _ in execution_order(cfg.num_layers, block_pieces(
+        kinds = [kind for _, kind, _ in execution_order(cfg, block_pieces(
             cfg, shard, settings.storage_dtype, settings.max_block_bytes))]
         retention = plan_with_experts(costs, [k == "expert" for k in kinds], settings.window_blocks, budget)
         streamed = sum(files[i] for i in retention.streamed) \
@@ -306,7 +310,7 @@ def _device_estimate(cfg: ModelConfig, shard: DeviceShard, d: DeviceCapability, 
     disk_ms = streamed / (d.disk_mbps * 1e6) * 1e3
     share = weights[shard.rank] / sum(weights)
     e = DeviceEstimate(rank=shard.rank, share=share, q_heads=nq, kv_heads=nkv, mlp_cols=cols,
-                       gflops=d.gflops, compute_ms=L * (a_ms + m_ms) + h_ms,
+                       gflops=d.gflops, compute_ms=L * a_ms + (L - D) * m_ms + D * d_ms + h_ms,
                        resident_bytes=kv + held, budget_bytes=d.mem_budget_bytes,
                        streamed_bytes=streamed, disk_ms=disk_ms, fits=streamed == 0, feasible=feasible)
-    return e, a_ms, m_ms, h_ms
+    return e, a_ms, m_ms, d_ms, h_ms

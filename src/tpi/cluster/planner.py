@@ -128,19 +128,23 @@ class _Shape:
 
 def _shape(cfg: ModelConfig, settings: PlannerSettings) -> _Shape:
     L, H, V = cfg.num_layers, cfg.hidden_size, cfg.vocab_size
+    D = len(cfg.dense_layers)                       # a mixture's dense layers (the rest are sparse)
     hb, sb = settings.held_bytes, DTYPE_BYTES[settings.storage_dtype]
     hhb, hsb = settings.head_held_bytes, DTYPE_BYTES[settings.head_storage_dtype]
     attn = attn_params(cfg, cfg.num_heads, cfg.num_kv_heads, False) - H  # norms excluded
     mlp = (mlp_params(cfg, cfg.intermediate_size, False) - H) * max(1, cfg.num_experts)  # every expert held
+    dense = mlp_params(cfg, cfg.dense_intermediate_size, False) - H if D else 0
     cap = settings.max_block_bytes                  # stored bytes; block_pieces cuts by these
     elem, head_elem = ELEMENT_BYTES[settings.storage_dtype], ELEMENT_BYTES[settings.head_storage_dtype]
-    held = L * (attn + mlp) * hb + V * H * hhb
-    stored = L * (attn + mlp) * sb + V * H * hsb
+    layers = L * attn + (L - D) * mlp + D * dense
+    held = layers * hb + V * H * hhb
+    stored = layers * sb + V * H * hsb
     return _Shape(
-        flops=L * (attn_flops(cfg, cfg.num_heads, cfg.num_kv_heads, settings.context)
-                   + mlp_flops(cfg, cfg.intermediate_size) * max(1, cfg.experts_per_token)) + head_flops(cfg),
+        flops=L * attn_flops(cfg, cfg.num_heads, cfg.num_kv_heads, settings.context)
+        + (L - D) * mlp_flops(cfg, cfg.intermediate_size) * max(1, cfg.experts_per_token)
+        + D * mlp_flops(cfg, cfg.dense_intermediate_size) + head_flops(cfg),
         held=held, kv=kv_bytes(cfg, cfg.num_kv_heads, settings), ratio=stored / held,
-        attn=attn * hb, mlp=mlp * hb, head=V * H * hhb,
+        attn=attn * hb, mlp=max(mlp, dense) * hb, head=V * H * hhb,
         mlp_piece=cap / elem * hb, head_piece=cap / head_elem * hhb,
         window_blocks=settings.window_blocks)
 

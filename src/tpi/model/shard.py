@@ -2,7 +2,8 @@
 
 Each layer: attention over the device's query heads, then an explicit all-reduce of the
 row-parallel partial sum; then the device's MLP columns (summed over the block's pieces on
-the device), then another all-reduce. After the last layer (`step`): the device's
+the device) or, in a mixture of experts' sparse layer, its share of the experts, then
+another all-reduce. After the last layer (`step`): the device's
 vocabulary slice of the output head, its top K, and one all-reduce that merges every
 device's candidates (tpi.model.head).
 """
@@ -21,7 +22,7 @@ from tpi.model.kvcache import KVCache
 from tpi.model.moe import mix_experts, route
 from tpi.model.layers import apply_rope, gated, linear, rms_norm, rope_cos_sin, rope_inv_freq
 from tpi.plan import DeviceShard
-from tpi.weights.slicing import FUSED
+from tpi.weights.slicing import FUSED, layer_kinds
 from tpi.timing import Breakdown, Stopwatch
 
 
@@ -47,6 +48,8 @@ class ShardRunner:
         self.dtype = compute_dtype
         self.scale = cfg.attn_scale or cfg.head_dim ** -0.5  # attention logits' scale
         self.layer_types = [cfg.layer_type(i) for i in range(cfg.num_layers)]
+        # the blocks each layer is run from: attention, then its MLP (whose experts moe_partial asks for)
+        self.kinds = [layer_kinds(cfg, i)[:2] for i in range(cfg.num_layers)]
         self.inv_freq = {t: rope_inv_freq(cfg, t) for t in set(self.layer_types)}
         self.cache = KVCache(cfg.num_layers, num_slots, shard.num_kv_heads, max_seq,
                              cfg.head_dim, kv_dtype or compute_dtype)
@@ -102,20 +105,21 @@ class ShardRunner:
         step = self.step_context(slots, starts, x.shape[1])
         timings = Breakdown()
         watch = Stopwatch()
-        mlp_pieces = self.blocks.pieces("mlp")
         for layer in range(self.cfg.num_layers):
             spent = [0.0, 0.0, 0.0]  # compute, comm, disk wait
-            for kind in ("attn", "mlp"):
+            sparse = self.cfg.is_sparse(layer)
+            for kind in self.kinds[layer]:
                 partial = None
-                for piece in range(mlp_pieces if kind == "mlp" else 1):
+                pieces = 1 if kind == "attn" else self.blocks.pieces(kind)
+                for piece in range(pieces):
                     watch.lap()
                     blk = self.blocks.get(layer, kind, piece)
                     spent[2] += watch.lap()
                     if kind == "attn":
                         partial = self.attention_partial(layer, x, blk, step)
-                    elif self.cfg.is_moe:
+                    elif sparse:
                         partial = self.moe_partial(layer, x, blk)
-                    elif mlp_pieces == 1:
+                    elif pieces == 1:
                         partial = self.mlp_partial(x, blk)
                     else:  # the pieces' partials are added here, in float32, before the one all-reduce
                         part = self.mlp_partial(x, blk).float()

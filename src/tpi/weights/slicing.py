@@ -13,7 +13,9 @@ A mixture-of-experts layer stores, instead of the MLP weights,
   mlp:    post_norm (H)   router (E, H), replicated
   expert: one block per expert the device holds (`DeviceShard.experts`, piece p = its p-th):
           gate, up (w, H)   down (H, w), w = the columns `mlp_cols` of that expert it holds
-so the scheduler can read just the experts the router chose.
+so the scheduler can read just the experts the router chose. A mixture's dense layers
+(`ModelConfig.dense_layers`) store their MLP as a "dense" block instead: an "mlp" block of a
+dense model, columns `DeviceShard.dense_cols`, cut into pieces the same way.
 
 Fused projections. The table below slices q, k, v (and gate, up) one by one; `fuse_projections`
 then stacks each group's rows into one matrix (qkv = [q; k; v], gate_up = [gate; up], the
@@ -105,7 +107,9 @@ FUSED = {"qkv": ("q", "k", "v"), "gate_up": ("gate", "up")}
 # x.scale, x.min, each one row per output row); its bias is x_bias.
 _ROW_SUFFIXES = ("", ".qweight", ".scale", ".min", "_bias")
 
-BLOCK_KINDS = ("attn", "mlp", "expert")
+BLOCK_KINDS = ("attn", "mlp", "expert", "dense")
+DENSE_KIND = "dense"          # the MLP block of a mixture's dense layer
+DENSE_RULES = {"rows_mlp": "rows_dense", "cols_mlp": "cols_dense"}  # its columns: DeviceShard.dense_cols
 HEAD_KIND = "head"            # the output head: a pseudo-layer after the last one
 DEFAULT_MAX_BLOCK_BYTES = 16 << 20  # small pieces: small window slots, fine-grained retention
 # Bytes per stored element, to size pieces before writing them (int4: two per byte; the
@@ -133,6 +137,33 @@ def parse_layer_name(name: str, family: str = "llama") -> tuple[int, str, str, s
     return int(m.group(1)), kind, local, rule
 
 
+def layer_kinds(cfg: ModelConfig, layer: int) -> tuple[str, ...]:
+    """The blocks of `layer` in the order a device uses them: attention, then the MLP, which
+    is a dense model's "mlp", a mixture's router ("mlp") and experts, or a mixture's dense MLP."""
+    if cfg.is_moe and not cfg.is_sparse(layer):
+        return ("attn", DENSE_KIND)
+    return ("attn", "mlp", "expert")
+
+
+def parse_model_tensor(name: str, cfg: ModelConfig) -> tuple[int, str, str, str] | None:
+    """parse_layer_name for this model: the MLP tensors of a mixture's dense layer belong to
+    its "dense" block (sliced by `dense_cols`); a tensor of the other kind of MLP than the
+    config gives its layer is refused, naming both."""
+    parsed = parse_layer_name(name, cfg.family)
+    if parsed is None or not cfg.is_moe or parsed[1] == "attn":
+        return parsed
+    layer, kind, local, rule = parsed
+    if cfg.is_sparse(layer):
+        if kind == "mlp" and rule != "whole":
+            raise ValueError(f"{name} is a dense MLP weight, but the config makes layer {layer} a mixture of "
+                             f"experts (mlp_only_layers {list(cfg.dense_layers)} are the dense ones)")
+        return parsed
+    if kind == "expert" or local == "router":
+        raise ValueError(f"{name} is a mixture-of-experts weight, but the config makes layer {layer} a dense "
+                         f"MLP (mlp_only_layers / decoder_sparse_step)")
+    return layer, DENSE_KIND, local, DENSE_RULES.get(rule, rule)
+
+
 def expert_of(name: str) -> int | None:
     """The expert number of an expert tensor's name, else None."""
     m = EXPERT_RE.match(name)
@@ -156,6 +187,10 @@ def slice_for_device(tensor: torch.Tensor, rule: str, cfg: ModelConfig, shard: D
         return tensor[shard.mlp_cols[0] : shard.mlp_cols[1]]
     if rule == "cols_mlp":
         return tensor[:, shard.mlp_cols[0] : shard.mlp_cols[1]]
+    if rule == "rows_dense":
+        return tensor[shard.dense_cols[0] : shard.dense_cols[1]]
+    if rule == "cols_dense":
+        return tensor[:, shard.dense_cols[0] : shard.dense_cols[1]]
     raise ValueError(f"unknown slicing rule {rule!r}")
 
 
@@ -192,7 +227,10 @@ def block_pieces(cfg: ModelConfig, shard: DeviceShard, dtype: str, cap: int) -> 
     head = [(v0 + a, v0 + b) for a, b in cut(shard.vocab_size, H * head_elem, cap)]
     if cfg.is_moe:  # the MLP block is the router; one block per expert, never cut
         experts = [(e, e + 1) for e in range(*shard.experts)]
-        return {"attn": [(0, shard.num_q_heads)], "mlp": [(0, 0)], "expert": experts, HEAD_KIND: head}
+        out = {"attn": [(0, shard.num_q_heads)], "mlp": [(0, 0)], "expert": experts, HEAD_KIND: head}
+        if cfg.dense_layers:  # the dense layers' MLP, cut by columns as a dense model's
+            out[DENSE_KIND] = cut(shard.dense_width, 3 * H * elem, cap, PIECE_ALIGN)
+        return out
     mlp = cut(shard.mlp_width, 3 * H * elem, cap, PIECE_ALIGN)
     return {"attn": [(0, shard.num_q_heads)], "mlp": mlp, HEAD_KIND: head}
 
@@ -220,9 +258,9 @@ def fuse_projections(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
 def slice_piece(part: torch.Tensor, rule: str, lo: int, hi: int, first: bool) -> torch.Tensor | None:
     """Piece [lo, hi) (local MLP columns) of a device's MLP tensor `part` (as slice_for_device
     returns it); None where the piece stores none of it (row biases live in piece 0)."""
-    if rule == "rows_mlp":
+    if rule in ("rows_mlp", "rows_dense"):
         return part[lo:hi]
-    if rule == "cols_mlp":
+    if rule in ("cols_mlp", "cols_dense"):
         return part[:, lo:hi]
     if rule == "row_bias":
         return part if first else None

@@ -22,7 +22,7 @@ from tpi.plan import ShardPlan
 from tpi.weights.checkpoint import open_source
 from tpi.weights.gguf_quant import GGUFQuantized
 from tpi.weights.slicing import (DEFAULT_MAX_BLOCK_BYTES, HEAD_KIND, HEAD_TENSORS, block_pieces, expert_of,
-                                 fuse_projections, parse_layer_name, slice_for_device, slice_piece)
+                                 fuse_projections, parse_model_tensor, slice_for_device, slice_piece)
 from tpi.weights.quant import QUANT_DTYPES, quant_format, quantize_tensors
 from tpi.weights.store import EMBED_PATH, FORMAT_VERSION, MANIFEST, atomic_write, block_path, write_safetensors
 
@@ -96,7 +96,7 @@ def split_checkpoint(model_dir: str | Path, plan: ShardPlan, out: str | Path, dt
     by_layer: dict[int, list[tuple[str, str, str, str]]] = {}
     head_names: dict[str, str] = {}
     for name in ckpt.names():
-        parsed = parse_layer_name(name, cfg.family)
+        parsed = parse_model_tensor(name, cfg)
         if parsed is not None:
             layer, kind, local, rule = parsed
             by_layer.setdefault(layer, []).append((name, kind, local, rule))

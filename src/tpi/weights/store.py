@@ -40,6 +40,7 @@ from tpi.config import ModelConfig
 from tpi.dtypes import SAFETENSORS_DTYPES, SAFETENSORS_NAMES
 from tpi.host import drop_file_cache
 from tpi.plan import ShardPlan
+from tpi.weights.slicing import layer_kinds
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 3  # 2: embedding file, vocabulary-split output head, block pieces; 3: fused qkv, gate_up
@@ -59,14 +60,15 @@ def block_path(rank: int, layer: int, kind: str, piece: int | None = None) -> st
 EMBED_PATH = "embed.safetensors"
 
 
-def execution_order(num_layers: int, pieces: dict) -> list[tuple[int, str, int]]:
+def execution_order(cfg: ModelConfig, pieces: dict) -> list[tuple[int, str, int]]:
     """(layer, kind, piece) in the order a device uses them each token: every layer's
     attention then MLP pieces (a mixture of experts: the router, then its experts, of which
-    a token uses only some), then the output head's (layer = num_layers).
-    `pieces`: kind -> ranges, as in the manifest."""
-    order = [(layer, kind, p) for layer in range(num_layers) for kind in ("attn", "mlp", "expert")
+    a token uses only some; its dense layers: their "dense" pieces), then the output head's
+    (layer = num_layers). `pieces`: kind -> ranges, as in the manifest."""
+    L = cfg.num_layers
+    order = [(layer, kind, p) for layer in range(L) for kind in layer_kinds(cfg, layer)
              for p in range(len(pieces.get(kind, ())))]
-    return order + [(num_layers, "head", p) for p in range(len(pieces["head"]))]
+    return order + [(L, "head", p) for p in range(len(pieces["head"]))]
 
 
 def piece_file(rank: int, layer: int, kind: str, piece: int, pieces: dict) -> str:
@@ -189,7 +191,7 @@ class ShardStore:
         return piece_file(rank, layer, kind, piece, self.pieces(rank))
 
     def execution_order(self, rank: int) -> list[tuple[int, str, int]]:
-        return execution_order(self.config.num_layers, self.pieces(rank))
+        return execution_order(self.config, self.pieces(rank))
 
     def block_files(self, rank: int) -> list[str]:
         """The device's files in execution order."""

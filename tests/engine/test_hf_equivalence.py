@@ -81,8 +81,8 @@ def test_moe_on_four_uneven_devices(tiny_model, family):
     """4 devices: Mixtral's 7 experts go 2/1/2/2 by weight; Qwen3-MoE's 3 experts cannot go
     whole, so the first is split by columns between the first two devices. The dense MLP
     layers of the Qwen3-MoE variants (mlp_only_layers, decoder_sparse_step) are split by
-    columns in proportion to the weights, as in a dense model (the other variants have none:
-    the other tests with N in {1, 2, 3, 5} run them all through test_random_model_greedy_...)."""
+    columns in proportion to the weights, as in a dense model. (N = 1, 2, 3 and 5, uneven:
+    test_random_model_greedy_matches_transformers, which runs every family.)"""
     from tpi.config import load_model_config
     from tpi.plan import make_plan
 

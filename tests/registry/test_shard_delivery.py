@@ -1,5 +1,5 @@
-"""Shard delivery over real HTTP: stores made by the splitter from a tiny random Llama,
-served by the library's blueprint in its own server process."""
+"""Shard delivery over real HTTP: stores made by the splitter from a tiny random Llama (and a
+Qwen3-MoE with a dense MLP layer), served by the library's blueprint in its own server process."""
 from __future__ import annotations
 
 import json
@@ -30,6 +30,8 @@ def stores(tiny_model, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("served")
     split_checkpoint(model, make_plan(cfg, [1, 1, 1]), root / "store-a", "float32")
     split_checkpoint(model, make_plan(cfg, [2, 1]), root / "store-b", "float32")
+    moe = tiny_model("qwen3_moe_mlp_only")  # a mixture of experts with a dense MLP layer
+    split_checkpoint(moe, make_plan(load_model_config(moe), [2, 1]), root / "store-moe", "float32")
     return root
 
 
@@ -66,6 +68,21 @@ def test_full_download_is_a_working_store(server, stores, tmp_path):
     # The materialised directory holds only this rank; the files are links into the cache.
     assert not (got.root / "rank-0").exists()
     assert (got.root / block_path(1, 0, "attn")).stat().st_nlink >= 2
+
+
+def test_moe_with_dense_layers_downloads_its_dense_and_expert_blocks(server, stores, tmp_path):
+    """Rank 1 of a Qwen3-MoE whose layer 1 is dense: its sparse layers' router and experts
+    and its dense layer's MLP pieces arrive, byte for byte, and nothing else."""
+    url, _ = server()
+    served = ShardStore(stores / "store-moe")
+    got = ShardClient(url, TOKEN, tmp_path / "cache").fetch("store-moe", 1).store
+    files = served.block_files(1)
+    assert [rel for rel in files if ".dense" in rel] == [block_path(1, 1, "dense")]
+    assert any(".expert" in rel for rel in files) and not any(".expert" in rel and "layer-001" in rel for rel in files)
+    for layer, kind, piece in served.execution_order(1):
+        mine, ref = got.load_block(1, layer, kind, piece), served.load_block(1, layer, kind, piece)
+        assert mine.keys() == ref.keys() and all(torch.equal(mine[k], ref[k]) for k in ref)
+    assert sorted(p.name for p in (got.root / "rank-1").iterdir()) == sorted(Path(rel).name for rel in files)
 
 
 def test_resume_after_interrupted_transfers(server, stores, tmp_path):

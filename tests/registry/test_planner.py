@@ -134,6 +134,26 @@ LLAMA70B = parse_hf_config(dict(
 ))
 
 
+def test_moe_with_dense_layers_is_costed_per_layer_kind():
+    """Qwen3-MoE whose layers 1 and 3 of 4 are dense (mlp_only_layers): every device's compute,
+    and the total, is half that of the all-sparse model and half that of the dense Qwen3 with
+    the same attention and an MLP of intermediate_size, the layers each kind of model has."""
+    from tpi.plan import make_plan
+
+    spec = dict(architectures=["Qwen3MoeForCausalLM"], hidden_size=1024, intermediate_size=3072,
+                moe_intermediate_size=512, num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=4,
+                head_dim=64, num_experts=8, num_experts_per_tok=2, vocab_size=32000)
+    models = {"mixed": parse_hf_config(dict(spec, mlp_only_layers=[1, 3])), "sparse": parse_hf_config(spec),
+              "dense": parse_hf_config(dict(spec, architectures=["Qwen3ForCausalLM"]))}
+    devices = [dev(10), dev(20), dev(15)]
+    result = plan_cluster(models["mixed"], devices, [None, LAN, LAN])
+    assert all(e.feasible and e.fits for e in result.estimate.devices)
+    e = {name: estimate(cfg, make_plan(cfg, result.weights), devices) for name, cfg in models.items()}
+    assert e["mixed"].compute_ms == pytest.approx((e["sparse"].compute_ms + e["dense"].compute_ms) / 2)
+    for mixed, sparse, dense in zip(*(e[name].devices for name in ("mixed", "sparse", "dense"))):
+        assert mixed.compute_ms == pytest.approx((sparse.compute_ms + dense.compute_ms) / 2)
+
+
 def test_70b_on_eight_1gb_devices_streams_and_the_master_is_not_charged_the_head():
     # docs/benchmarks-memory.md (70B section): 8 devices in 1 GB each, bfloat16, window 2,
     # a 4096-token KV cache. The whole head (embedding + LM head) is 4.2 GB in bfloat16: the

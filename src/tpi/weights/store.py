@@ -6,6 +6,8 @@ Layout of a store directory (format 2):
   model/                        config.json, tokenizer files (the master reads these)
   embed.safetensors             embed (vocab, H): the master reads the rows it embeds, on demand
   rank-R/layer-LLL.attn.safetensors, rank-R/layer-LLL.mlp.safetensors
+                                (a mixture of experts: also layer-LLL.expert.pE per expert held,
+                                and a dense layer's layer-LLL.dense; tpi.weights.slicing)
   rank-R/head.safetensors       final_norm (H,), lm_head (rows, H), rows (2,): the device's
                                 vocabulary slice of the output head
 A block cut into pieces (see tpi.weights.slicing) has one file per piece, `.pN` before the

@@ -1,8 +1,10 @@
 """Where a shard's weights come from: a `BlockSource` hands out one block piece at a time
 (a dict of tensors: the attention, part of the MLP, or part of the output head).
 
-Blocks are keyed (layer, kind, piece): kind "attn" or "mlp" of layers 0..L-1, and "head" (the
-device's vocabulary slice of the output head) as pseudo-layer L. A block bigger than the
+Blocks are keyed (layer, kind, piece): kind "attn" or "mlp" of layers 0..L-1 (a mixture of
+experts: also "expert", piece p = the device's p-th expert, and a dense layer's "dense"
+instead of "mlp"; tpi.weights.slicing.layer_kinds), and "head" (the device's vocabulary slice
+of the output head) as pseudo-layer L. A block bigger than the
 store's cap is cut into pieces (tpi.weights.slicing); `pieces(kind)` says how many.
 
 `ResidentBlocks` holds them all in memory; the sliding-window scheduler in

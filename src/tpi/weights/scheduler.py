@@ -61,7 +61,7 @@ from tpi.weights.retention import block_costs, demote, plan_with_experts
 from tpi.weights.store import ShardStore, StoreError, aligned_bytes, aligned_empty, read_into, tensors_from_buffer
 from tpi.model.blocks import Block, BlockSource
 
-Key = tuple[int, str, int]  # (layer, "attn" | "mlp" | "expert" | "head", piece)
+Key = tuple[int, str, int]  # (layer, "attn" | "mlp" | "expert" | "dense" | "head", piece)
 
 
 # --- integrity -------------------------------------------------------------------------

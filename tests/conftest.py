@@ -77,7 +77,7 @@ def gguf_greedy_reference(gguf_model):
     def get(family: str, qtype: str, prompt: list[int], new_tokens: int) -> list[int]:
         key = (family, qtype, tuple(prompt), new_tokens)
         if key not in cache:
-            cache[key] = hf_greedy_gguf(gguf_model(family, qtype), prompt, new_tokens)
+            cache[key] = hf_greedy_gguf(gguf_model(family, qtype), prompt, new_tokens, gguf_model.hf_dir(family))
         return cache[key]
 
     return get

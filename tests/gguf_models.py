@@ -1,5 +1,6 @@
 """Write a Hugging Face checkpoint as a GGUF file the way llama.cpp's converter does, with
-the `gguf` package (metadata, permuted q/k rows of llama models, F16 / Q8_0 / Q4_K tensors),
+the `gguf` package (tests/gguf_convert.py: metadata, names, permuted q/k rows of llama models,
+stacked experts, Gemma's shifted norms; F16 / Q8_0 / Q4_K tensors),
 and load a GGUF with transformers (the reference). Imported by tests (like reference.py).
 
 `gguf.quants` quantizes F16 and Q8_0 but has no Q4_K quantizer, so `quantize_q4_k` below
@@ -14,29 +15,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tpi.weights.gguf_source import HEAD_NAMES, LAYER_NAMES
+from gguf_convert import gguf_arch, gguf_metadata, gguf_tensors
 
-# Hugging Face name -> GGUF name: the inverse of the reader's table (a wrong row would still
-# show: the reference is transformers reading the same file with its own table).
-GGUF_NAMES = {hf: g for g, hf in LAYER_NAMES.items()}
-HEAD = {hf: g for g, hf in HEAD_NAMES.items()}
-ARCH = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
 TOKENIZER_KEYS = ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
                   "tokenizer.ggml.merges", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
                   "tokenizer.ggml.unknown_token_id", "tokenizer.ggml.padding_token_id",
                   "tokenizer.ggml.add_bos_token", "tokenizer.chat_template")
-
-
-def gguf_name(hf: str) -> str:
-    if hf in HEAD:
-        return HEAD[hf]
-    _, _, layer, suffix = hf.split(".", 3)
-    return f"blk.{layer}.{GGUF_NAMES[suffix]}"
-
-
-def permute(w: np.ndarray, heads: int) -> np.ndarray:
-    """llama.cpp's convert_hf_to_gguf LlamaModel.permute: rotate-half rows -> interleaved pairs."""
-    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def quantize_q4_k(w: np.ndarray) -> np.ndarray:
@@ -69,8 +53,8 @@ def quantized(w: np.ndarray, qtype: str):
     from gguf.quants import quant_shape_to_byte_shape
 
     t = GGMLQuantizationType[qtype]
-    if qtype == "Q4_K":
-        return quantize_q4_k(w), t
+    if qtype == "Q4_K":  # a stack of experts (E, rows, width) as E * rows rows
+        return quantize_q4_k(w.reshape(-1, w.shape[-1])).reshape(*w.shape[:-1], -1), t
     try:
         return quantize(w, t), t
     except NotImplementedError:  # a type gguf cannot write: zero blocks of the right size (for refusals)
@@ -89,30 +73,17 @@ def write_gguf(hf_dir: Path, out: Path, qtype: str, tokenizer_from: Path, norms:
     from tpi.weights.gguf_file import GGUFFile
 
     cfg = json.loads((hf_dir / "config.json").read_text())
-    arch = ARCH[cfg["architectures"][0]]
-    heads, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
-    meta = {f"{arch}.block_count": cfg["num_hidden_layers"], f"{arch}.context_length": cfg["max_position_embeddings"],
-            f"{arch}.embedding_length": cfg["hidden_size"], f"{arch}.feed_forward_length": cfg["intermediate_size"],
-            f"{arch}.attention.head_count": heads, f"{arch}.attention.head_count_kv": kv,
-            f"{arch}.attention.layer_norm_rms_epsilon": float(cfg["rms_norm_eps"]),
-            f"{arch}.rope.freq_base": float(cfg.get("rope_theta", 10000.0)),
-            f"{arch}.rope.dimension_count": head_dim, f"{arch}.vocab_size": cfg["vocab_size"]}
-    if cfg.get("head_dim"):  # llama.cpp writes an explicit head dim as the key / value length
-        meta[f"{arch}.attention.key_length"] = meta[f"{arch}.attention.value_length"] = cfg["head_dim"]
+    arch = gguf_arch(cfg)
+    meta = gguf_metadata(cfg)
     tok_meta = GGUFFile(tokenizer_from).metadata
     meta.update({k: tok_meta[k] for k in TOKENIZER_KEYS if k in tok_meta})
     meta.update(metadata or {})
     w = gguf.GGUFWriter(str(out), meta.pop("general.architecture", arch), split_max_tensors=split_max_tensors)
     for key, value in meta.items():
         _add(w, key, value)
-    tensors = load_file(str(hf_dir / "model.safetensors"))
-    for hf, t in tensors.items():
-        name = gguf_name(hf)
-        data = t.float().numpy()
-        if arch == "llama" and (".attn_q." in name or ".attn_k." in name):
-            data = permute(data, heads if ".attn_q." in name else kv)
-        kind = (types or {}).get(name, qtype if data.ndim == 2 else norms)
+    for name, data in gguf_tensors(cfg, load_file(str(hf_dir / "model.safetensors"))).items():
+        # llama.cpp keeps 1-D tensors and the router (ffn_gate_inp) in F32
+        kind = (types or {}).get(name, norms if data.ndim == 1 else "F32" if ".ffn_gate_inp." in name else qtype)
         if kind == "F32":
             w.add_tensor(name, data.astype(np.float32))
         elif kind == "F16":
@@ -140,16 +111,40 @@ def _add(w, key: str, value) -> None:
         w.add_array(key, list(value))
 
 
-def hf_from_gguf(path: Path):
-    """transformers' own GGUF loader: the model dequantized, float32 (the reference)."""
+# Families transformers cannot load from a GGUF file: a Mixtral file is a llama file with
+# experts, which transformers' GGUF loader reads as a dense Llama (it maps no expert tensors).
+NO_HF_GGUF_LOADER = {"MixtralForCausalLM"}
+
+
+def hf_from_gguf(path: Path, hf_dir: Path | None = None):
+    """The reference, dequantized, float32: transformers' own GGUF loader; for an architecture
+    it cannot load (NO_HF_GGUF_LOADER), transformers' own model class (config from `hf_dir`, the
+    model the file was written from) with the state dict the `gguf` package dequantizes from
+    the file, converted back by tests/gguf_convert.py."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    cfg = json.loads((hf_dir / "config.json").read_text()) if hf_dir else {}
+    if cfg.get("architectures", [None])[0] not in NO_HF_GGUF_LOADER:
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        return model.eval()
+    import tempfile
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from gguf_convert import hf_state_from_gguf
+
+    with safe_open(str(hf_dir / "model.safetensors"), "pt") as f:
+        names = list(f.keys())
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "config.json").write_text(json.dumps(cfg))
+        save_file(hf_state_from_gguf(path, cfg, names), str(Path(d) / "model.safetensors"))
+        model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
     return model.eval()
 
 
-def hf_greedy_gguf(path: Path, prompt: list[int], new_tokens: int) -> list[int]:
-    model = hf_from_gguf(path)
+def hf_greedy_gguf(path: Path, prompt: list[int], new_tokens: int, hf_dir: Path | None = None) -> list[int]:
+    model = hf_from_gguf(path, hf_dir)
     ids = torch.tensor([prompt])
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
@@ -172,6 +167,25 @@ GGUF_FAMILIES = {
     "qwen3": dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", hidden_size=256, intermediate_size=512,
                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=128,
                   tie_word_embeddings=True, use_sliding_window=False),
+    # Gemma 3 as llama.cpp runs it: every 6th layer global, local RoPE base 10000, attention
+    # scaled by head_dim (transformers' GGUF loader takes the default query_pre_attn_scalar,
+    # 256: so head_dim 256, as Gemma 3 1B-12B have); a window of 8, shorter than the prompts.
+    "gemma3": dict(architectures=["Gemma3ForCausalLM"], model_type="gemma3_text", hidden_size=256,
+                   intermediate_size=512, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
+                   head_dim=256, query_pre_attn_scalar=256, sliding_window=8,
+                   hidden_activation="gelu_pytorch_tanh",
+                   rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+                                    "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}),
+    # Experts: 3 (more devices than experts on 4: split by columns; 2 do not divide it) and 5
+    # (no device count here divides it). Qwen3-MoE's expert width is 30B-A3B's, 768, because
+    # transformers' GGUF loader reads no expert_feed_forward_length (its default is 768).
+    "mixtral": dict(architectures=["MixtralForCausalLM"], model_type="mixtral", hidden_size=256,
+                    intermediate_size=512, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
+                    num_local_experts=3, num_experts_per_tok=2, tie_word_embeddings=False),
+    "qwen3_moe": dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", hidden_size=256,
+                      intermediate_size=512, moe_intermediate_size=768, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_experts=5,
+                      num_experts_per_tok=2, norm_topk_prob=True, tie_word_embeddings=False),
 }
 
 
@@ -180,8 +194,10 @@ def make_hf_model(family: str, out: Path, init_range: float = 0.1) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     spec = dict(GGUF_FAMILIES[family])
-    spec.update(vocab_size=49152, rms_norm_eps=1e-5, hidden_act="silu", initializer_range=init_range,
-                bos_token_id=1, eos_token_id=2, max_position_embeddings=512, rope_theta=10000.0)
+    spec.update(vocab_size=49152, rms_norm_eps=1e-5, initializer_range=init_range,
+                bos_token_id=1, eos_token_id=2, max_position_embeddings=512)
+    if "hidden_activation" not in spec:
+        spec.update(hidden_act="silu", rope_theta=10000.0)
     config = AutoConfig.for_model(spec.pop("model_type"), **spec)
     torch.manual_seed(4321)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

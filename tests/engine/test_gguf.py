@@ -17,6 +17,14 @@ PROMPT = [1, 504, 3458, 282, 4649, 314, 9889, 30, 57, 1000, 20000]
 SPLITS = [[1.0], [1.0, 2.0], [1.0, 1.0, 3.0], [2.0, 1.0, 1.0, 3.0]]
 CASES = [("llama", "F16"), ("llama", "Q8_0"), ("llama", "Q4_K"), ("qwen2", "Q4_K"), ("qwen3", "Q4_K"),
          ("llama-tied", "Q8_0")]
+# Gemma 3, Mixtral and Qwen3-MoE files, each type. The Gemma 3 prompt (PROMPT, 11 tokens, then
+# 16 more) is longer than its sliding window (8); the experts (3 and 5) are not divided by 2, 3
+# or 4 devices. The Mixtral reference is transformers' MixtralForCausalLM with the state dict
+# the gguf package dequantizes from the file (transformers' GGUF loader has no Mixtral; see
+# tests/gguf_models.hf_from_gguf); Gemma 3 and Qwen3-MoE are transformers' GGUF loader's.
+# Q4_K on every split; F16 and Q8_0 (slower to write, same reading path) on 2 and 4 devices.
+FAMILY_CASES = [(f, w, q) for f in ("gemma3", "mixtral", "qwen3_moe") for q in ("F16", "Q8_0", "Q4_K")
+                for w in (SPLITS if q == "Q4_K" else SPLITS[1::2])]
 
 
 def tpi_greedy(source, weights, prompt, opts, new_tokens=NEW_TOKENS):
@@ -33,14 +41,30 @@ def reference(gguf_greedy_reference):
     return lambda family, qtype: gguf_greedy_reference(family, qtype, PROMPT, NEW_TOKENS)
 
 
-@pytest.mark.parametrize("family,qtype", CASES, ids=lambda c: str(c))
-@pytest.mark.parametrize("weights", SPLITS, ids=lambda w: f"N{len(w)}")
+@pytest.mark.parametrize("family,weights,qtype", [(f, w, q) for f, q in CASES for w in SPLITS] + FAMILY_CASES,
+                         ids=lambda c: f"N{len(c)}" if isinstance(c, list) else str(c))
 def test_gguf_greedy_matches_transformers(gguf_model, reference, family, qtype, weights):
     """Dequantized exactly (float32 store and compute): token for token transformers' answer."""
     expected = reference(family, qtype)
     assert len(set(expected)) > 3, "the reference output is degenerate; the test would prove little"
     got = tpi_greedy(gguf_model(family, qtype), weights, PROMPT, RuntimeOptions(dtype="float32", max_seq=128))
     assert got == expected
+
+
+def test_family_files_read_as_their_families(gguf_model):
+    """What the three families' files are read as: the window is shorter than the prompt, the
+    expert counts are not multiples of the device counts above."""
+    from tpi.weights.gguf_source import GGUFCheckpoint
+
+    gemma = GGUFCheckpoint(gguf_model("gemma3", "Q8_0")).config
+    assert gemma.family == "gemma3" and gemma.sliding_window < len(PROMPT)
+    assert gemma.layer_types == ("sliding",) * 5 + ("full",) and gemma.local_rope_theta == 10000.0
+    assert gemma.attn_scale == 256 ** -0.5 and gemma.norm_offset == 1.0
+    mixtral = GGUFCheckpoint(gguf_model("mixtral", "Q8_0")).config
+    qwen = GGUFCheckpoint(gguf_model("qwen3_moe", "Q8_0")).config
+    assert (mixtral.family, mixtral.num_experts, mixtral.experts_per_token) == ("mixtral", 3, 2)
+    assert (qwen.family, qwen.num_experts, qwen.intermediate_size, qwen.norm_topk_prob) == ("qwen3_moe", 5, 768, True)
+    assert all(e % n for e in (3, 5) for n in (2, 4)) and 5 % 3
 
 
 def test_split_gguf_reads_as_the_single_file(gguf_model, reference, smollm2_gguf):

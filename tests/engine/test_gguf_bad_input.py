@@ -25,9 +25,10 @@ def refused(path, tmp_path, error, match):
 def variant(gguf_model, smollm2_gguf, tmp_path_factory):
     gguf_model("llama", "Q8_0")  # makes the Hugging Face model too
 
-    def make(name, **kw):
+    def make(name, family="llama", **kw):
+        gguf_model(family, "Q8_0")
         out = tmp_path_factory.mktemp("bad") / f"{name}.gguf"
-        return write_gguf(gguf_model.hf_dir("llama"), out, "Q8_0", smollm2_gguf, **kw)
+        return write_gguf(gguf_model.hf_dir(family), out, "Q8_0", smollm2_gguf, **kw)
 
     return make
 
@@ -59,3 +60,20 @@ def test_missing_split_part(gguf_model, tmp_path):
     part = tmp_path / "model-00001-of-00002.gguf"
     shutil.copyfile(gguf_model("llama", "Q8_0"), part)
     refused(part, tmp_path, GGUFError, r"model-00002-of-00002\.gguf missing")
+
+
+def test_expert_count_disagreeing_with_the_stacked_experts(variant, tmp_path):
+    bad = variant("experts", family="mixtral", metadata={"llama.expert_count": 4})
+    refused(bad, tmp_path, GGUFError, r"metadata disagrees with the tensors: blk\.0\.ffn_\w+\.weight "
+            r"has 3 experts, llama\.expert_count is 4")
+
+
+def test_expert_width_disagreeing_with_the_stacked_experts(variant, tmp_path):
+    bad = variant("width", family="qwen3_moe", metadata={"qwen3moe.expert_feed_forward_length": 512})
+    refused(bad, tmp_path, GGUFError, r"metadata disagrees with the tensors: blk\.0\.ffn_\w+_exps\.weight has "
+            r"shape \(5, \d+, \d+\), the metadata \(qwen3moe\.\*\) implies")
+
+
+def test_gemma3_head_dim_disagreeing_with_the_tensors(variant, tmp_path):
+    bad = variant("gemma", family="gemma3", metadata={"gemma3.attention.key_length": 128})
+    refused(bad, tmp_path, GGUFError, r"metadata disagrees with the tensors: blk\.0\.attn_\w+\.weight has shape")

@@ -12,7 +12,14 @@ llama-architecture models, inside each head, from Hugging Face's rotate-half lay
 adjacent pairs): GGUF row 2i + j of a head is HF row j * hd/2 + i. `get` and `raw` undo it
 (as transformers' GGUF loader does), so everything downstream sees Hugging Face's layout.
 It is a permutation of whole rows, and a row of a quantized tensor is a run of whole blocks,
-so it is exact on quantized tensors too. Qwen2- and Qwen3-architecture files are not permuted.
+so it is exact on quantized tensors too. Qwen2-, Qwen3(-MoE)- and Gemma 3-architecture files
+are not permuted.
+
+Families (tpi.weights.gguf_families): a mixture-of-experts file stacks each layer's experts in
+one 3-D tensor per kind (`ffn_gate_exps`: experts, rows, width); it is read as one Hugging Face
+tensor per expert (`...experts.E.w1.weight`), each a row range of the stacked tensor, so the
+splitter reads only the experts a device holds. Gemma 3's norm weights come back without the
+1 llama.cpp's converter added to them.
 """
 from __future__ import annotations
 
@@ -25,30 +32,14 @@ import numpy as np
 import torch
 
 from tpi.config import ModelConfig, UnsupportedModelError, parse_hf_config
+from tpi.weights.gguf_families import EXPERT_KINDS, FAMILIES, LAYER_NAMES, Meta, family_of
 from tpi.weights.gguf_file import SUPPORTED_TYPES, GGUFError, GGUFFile, dequantize
-
-# general.architecture -> (Hugging Face architecture, q/k rows permuted by llama.cpp)
-ARCHITECTURES = {
-    "llama": ("LlamaForCausalLM", True),
-    "qwen2": ("Qwen2ForCausalLM", False),
-    "qwen3": ("Qwen3ForCausalLM", False),
-}
 
 HEAD_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
               "output.weight": "lm_head.weight"}
 BLOCK_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
-# GGUF tensor suffix in a block -> Hugging Face suffix in model.layers.N
-LAYER_NAMES = {
-    "attn_norm.weight": "input_layernorm.weight",
-    "attn_q.weight": "self_attn.q_proj.weight", "attn_q.bias": "self_attn.q_proj.bias",
-    "attn_k.weight": "self_attn.k_proj.weight", "attn_k.bias": "self_attn.k_proj.bias",
-    "attn_v.weight": "self_attn.v_proj.weight", "attn_v.bias": "self_attn.v_proj.bias",
-    "attn_output.weight": "self_attn.o_proj.weight", "attn_output.bias": "self_attn.o_proj.bias",
-    "attn_q_norm.weight": "self_attn.q_norm.weight", "attn_k_norm.weight": "self_attn.k_norm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-    "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
-    "ffn_down.weight": "mlp.down_proj.weight",
-}
+EXPERTS_RE = re.compile(r"^ffn_(gate|up|down)_exps\.weight$")
+ROUTER = "ffn_gate_inp.weight"
 FLOAT_OF = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 IGNORED = {"rope_freqs.weight"}  # llama3 RoPE factors: checked against the config (see _rope_scaling)
 
@@ -56,15 +47,6 @@ IGNORED = {"rope_freqs.weight"}  # llama3 RoPE factors: checked against the conf
 def is_gguf(path: str | Path) -> bool:
     p = Path(path)
     return p.suffix == ".gguf" and p.is_file()
-
-
-def hf_name(gguf_name: str) -> str | None:
-    if gguf_name in HEAD_NAMES:
-        return HEAD_NAMES[gguf_name]
-    m = BLOCK_RE.match(gguf_name)
-    if m and m.group(2) in LAYER_NAMES:
-        return f"model.layers.{m.group(1)}.{LAYER_NAMES[m.group(2)]}"
-    return None
 
 
 class GGUFCheckpoint:
@@ -75,24 +57,48 @@ class GGUFCheckpoint:
         self.file = GGUFFile(self.path)
         meta = self.file.metadata
         self.arch = meta.get("general.architecture")
-        if self.arch not in ARCHITECTURES:
+        self.family = family_of(self.arch, meta)
+        if self.family is None:
             raise UnsupportedModelError(f"{self.path.name}: GGUF architecture {self.arch!r} is not supported; "
-                                        f"TPI reads {', '.join(sorted(ARCHITECTURES))}")
-        self.hf_architecture, self.permuted = ARCHITECTURES[self.arch]
-        self.gguf_of: dict[str, str] = {}   # HF name -> GGUF name
+                                        f"TPI reads {', '.join(sorted(FAMILIES))}")
+        self.hf_architecture, self.permuted = self.family.hf_architecture, self.family.permuted
+        self.meta = Meta(meta, self.arch, self.path.name, GGUFError)
+        self.gguf_of: dict[str, str] = {}     # HF name -> GGUF name
+        self.expert_of: dict[str, int] = {}   # HF name of an expert's tensor -> its index in the stack
         for name, info in self.file.tensors.items():
             if name in IGNORED:
                 continue
-            hf = hf_name(name)
-            if hf is None:
+            hf = self._hf_names(name, info.shape)
+            if not hf:
                 raise UnsupportedModelError(f"{self.path.name}: tensor {name} is not part of a {self.arch} model TPI runs")
             if info.type_name not in SUPPORTED_TYPES:
                 raise GGUFError(f"{self.path.name}: tensor {name} has GGML type {info.type_name}, which TPI does "
                                 f"not read (supported: {', '.join(SUPPORTED_TYPES)})")
-            self.gguf_of[hf] = name
+            for e, h in enumerate(hf):
+                self.gguf_of[h] = name
+                if EXPERTS_RE.match(name.split(".", 2)[-1]):
+                    self.expert_of[h] = e
         self.hf_config = self._hf_config()
         self.config = parse_hf_config(self.hf_config)
         self._check_shapes()
+
+    def _hf_names(self, name: str, shape: tuple[int, ...]) -> list[str]:
+        """The Hugging Face name(s) of a GGUF tensor: one per expert of a stacked expert tensor."""
+        if name in HEAD_NAMES:
+            return [HEAD_NAMES[name]]
+        m = BLOCK_RE.match(name)
+        if not m:
+            return []
+        prefix, suffix, fam = f"model.layers.{m.group(1)}.", m.group(2), self.family
+        if suffix == ROUTER and fam.router:
+            return [prefix + fam.router]
+        stacked = EXPERTS_RE.match(suffix)
+        if stacked and fam.experts:
+            if len(shape) != 3:
+                raise GGUFError(f"{self.path.name}: {name} has shape {tuple(shape)}, not (experts, rows, width)")
+            return [prefix + fam.experts[stacked.group(1)].format(e=e) for e in range(shape[0])]
+        names = fam.layer_names()
+        return [prefix + names[suffix]] if suffix in names else []
 
     # --- the checkpoint interface (tpi.weights.splitter) ---------------------------------
 
@@ -104,7 +110,13 @@ class GGUFCheckpoint:
 
     def raw(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
         """The tensor's raw GGUF bytes, uint8 (rows, row_bytes), rows in Hugging Face order."""
-        raw = self.file.read(self.gguf_of[name], rows)
+        expert = self.expert_of.get(name)
+        if expert is None:
+            raw = self.file.read(self.gguf_of[name], rows)
+        else:  # rows [a, b) of expert e: rows e * per + [a, b) of the stack
+            per = self.file.tensors[self.gguf_of[name]].shape[1]
+            a, b = rows if rows is not None else (0, per)
+            raw = self.file.read(self.gguf_of[name], (expert * per + a, expert * per + b))
         perm = self._row_permutation(name)
         if perm is not None:
             if rows is not None:
@@ -115,7 +127,10 @@ class GGUFCheckpoint:
     def get(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """The tensor dequantized to float32 (its rows [a, b) only, if given)."""
         info = self.file.tensors[self.gguf_of[name]]
-        return torch.from_numpy(dequantize(self.raw(name, rows), info.type_name, info.shape[-1]))  # its own buffer
+        out = dequantize(self.raw(name, rows), info.type_name, info.shape[-1])
+        if self.family.norm_shift and name.endswith("norm.weight"):  # Gemma: undo the converter's + 1
+            out = out - np.float32(self.family.norm_shift)
+        return torch.from_numpy(out)  # its own buffer
 
     def stored(self, name: str, rows: tuple[int, int] | None = None):
         """The tensor as a `--dtype gguf` store keeps it: a quantized matrix as its group form
@@ -123,7 +138,7 @@ class GGUFCheckpoint:
         from tpi.weights.gguf_quant import GROUP_TYPES, from_gguf
 
         info = self.file.tensors[self.gguf_of[name]]
-        if info.type_name in GROUP_TYPES and len(info.shape) == 2:
+        if info.type_name in GROUP_TYPES and len(info.shape) >= 2:  # a matrix, or one expert's
             return from_gguf(self.raw(name, rows), info.type_name, info.shape[-1])
         return self.get(name, rows).to(FLOAT_OF.get(info.type_name, torch.float32))
 
@@ -162,44 +177,40 @@ class GGUFCheckpoint:
 
     # --- metadata ------------------------------------------------------------------------
 
-    def _meta(self, key: str, default=None):
-        return self.file.metadata.get(f"{self.arch}.{key}", default)
-
-    def _required(self, key: str):
-        value = self._meta(key)
-        if value is None:
-            raise GGUFError(f"{self.path.name}: metadata {self.arch}.{key} is missing")
-        return value
-
     def _hf_config(self) -> dict:
         meta = self.file.metadata
-        hidden, heads = int(self._required("embedding_length")), int(self._required("attention.head_count"))
-        kv = self._meta("attention.head_count_kv", heads)
-        if isinstance(kv, list) or isinstance(self._meta("feed_forward_length"), list):
+        hidden, heads = int(self.meta.required("embedding_length")), int(self.meta.required("attention.head_count"))
+        kv = self.meta.get("attention.head_count_kv", heads)
+        if isinstance(kv, list) or isinstance(self.meta.get("feed_forward_length"), list):
             raise UnsupportedModelError(f"{self.path.name}: per-layer head counts or widths are not supported")
         embed = self.file.tensors["token_embd.weight"] if "token_embd.weight" in self.file.tensors else None
-        vocab = self._meta("vocab_size") or len(meta.get("tokenizer.ggml.tokens", ())) or (embed and embed.shape[0])
-        head_dim = self._meta("attention.key_length") or self._meta("rope.dimension_count") or hidden // heads
+        vocab = self.meta.get("vocab_size") or len(meta.get("tokenizer.ggml.tokens", ())) or (embed and embed.shape[0])
+        head_dim = self.meta.get("attention.key_length") or self.meta.get("rope.dimension_count") or hidden // heads
         hf = {
             "architectures": [self.hf_architecture],
-            "model_type": self.arch,
+            "model_type": self.family.model_type,
             "hidden_size": hidden,
-            "intermediate_size": int(self._required("feed_forward_length")),
-            "num_hidden_layers": int(self._required("block_count")),
+            "intermediate_size": int(self.meta.required("feed_forward_length")),
+            "num_hidden_layers": int(self.meta.required("block_count")),
             "num_attention_heads": heads,
             "num_key_value_heads": int(kv),
             "head_dim": int(head_dim),
             "vocab_size": int(vocab),
-            "rms_norm_eps": float(self._meta("attention.layer_norm_rms_epsilon", 1e-5)),
-            "rope_theta": float(self._meta("rope.freq_base", 10000.0)),
-            "max_position_embeddings": int(self._meta("context_length", 2048)),
+            "rms_norm_eps": float(self.meta.get("attention.layer_norm_rms_epsilon", 1e-5)),
+            "rope_theta": float(self.meta.get("rope.freq_base", 10000.0)),
+            "max_position_embeddings": int(self.meta.get("context_length", 2048)),
             "tie_word_embeddings": "output.weight" not in self.file.tensors,
             "hidden_act": "silu",
             "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
             "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
         }
-        if self._meta("rope.scaling.type") not in (None, "none"):
-            raise UnsupportedModelError(f"{self.path.name}: RoPE scaling {self._meta('rope.scaling.type')!r} "
+        if self.family.config:
+            hf.update(self.family.config(self.meta, hf["num_hidden_layers"]))
+        dense = self._dense_layers(hf["num_hidden_layers"])
+        if dense:  # Qwen3-MoE blocks with a plain MLP (no router)
+            hf["mlp_only_layers"] = dense
+        if self.meta.get("rope.scaling.type") not in (None, "none") and "rope_parameters" not in hf:
+            raise UnsupportedModelError(f"{self.path.name}: RoPE scaling {self.meta.get('rope.scaling.type')!r} "
                                         "is not supported")
         if "rope_freqs.weight" in self.file.tensors:
             hf["rope_scaling"] = self._rope_scaling(hf)
@@ -224,33 +235,59 @@ class GGUFCheckpoint:
                                         "with Meta's parameters; TPI cannot reproduce it")
         return rs
 
-    def _check_shapes(self) -> None:
-        """Every tensor's shape as the metadata implies it: a file whose metadata disagrees
-        with its tensors is refused, naming both."""
-        c = self.config
+    def _dense_layers(self, layers: int) -> list[int]:
+        """The blocks of a mixture-of-experts file without a router (plain MLP layers)."""
+        if not self.family.router:
+            return []
+        return [i for i in range(layers) if f"blk.{i}.{ROUTER}" not in self.file.tensors
+                and f"blk.{i}.ffn_gate.weight" in self.file.tensors]
+
+    def _expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        """HF layer suffix (experts as '*') -> the shape the metadata implies."""
+        c, hf = self.config, self.hf_config
         q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-        H, inter = c.hidden_size, c.intermediate_size
+        H, inter = c.hidden_size, int(hf["intermediate_size"])
         want = {"input_layernorm.weight": (H,), "post_attention_layernorm.weight": (H,),
+                "pre_feedforward_layernorm.weight": (H,), "post_feedforward_layernorm.weight": (H,),
                 "self_attn.q_proj.weight": (q, H), "self_attn.k_proj.weight": (kv, H),
                 "self_attn.v_proj.weight": (kv, H), "self_attn.o_proj.weight": (H, q),
                 "self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,),
                 "self_attn.o_proj.bias": (H,), "self_attn.q_norm.weight": (c.head_dim,),
                 "self_attn.k_norm.weight": (c.head_dim,), "mlp.gate_proj.weight": (inter, H),
                 "mlp.up_proj.weight": (inter, H), "mlp.down_proj.weight": (H, inter)}
-        head = {"model.embed_tokens.weight": (c.vocab_size, H), "model.norm.weight": (H,),
-                "lm_head.weight": (c.vocab_size, H)}
+        fam = self.family
+        if fam.router:
+            w = int(hf.get("moe_intermediate_size") or inter)
+            want[fam.router] = (c.num_experts, H)
+            per = {"gate": (w, H), "up": (w, H), "down": (H, w)}
+            want.update({fam.experts[k].format(e="*"): (c.num_experts, *per[k]) for k in EXPERT_KINDS})
+        return want
+
+    def _check_shapes(self) -> None:
+        """Every tensor's shape as the metadata implies it: a file whose metadata disagrees
+        with its tensors is refused, naming both."""
+        c = self.config
+        want = self._expected_shapes()
+        head = {"model.embed_tokens.weight": (c.vocab_size, c.hidden_size), "model.norm.weight": (c.hidden_size,),
+                "lm_head.weight": (c.vocab_size, c.hidden_size)}
         layers = set()
         for hf, name in self.gguf_of.items():
-            shape = self.file.tensors[name].shape
+            shape = tuple(self.file.tensors[name].shape)
             if hf in head:
                 expected = head[hf]
             else:
                 layer, suffix = hf.split(".", 3)[2], hf.split(".", 3)[3]
                 layers.add(int(layer))
+                if hf in self.expert_of:
+                    suffix = suffix.replace(f".{self.expert_of[hf]}.", ".*.", 1)
                 expected = want[suffix]
-            if tuple(shape) != expected:
-                raise GGUFError(f"{self.path.name}: the metadata disagrees with the tensors: {name} has shape "
-                                f"{tuple(shape)}, the metadata ({self.arch}.*) implies {expected}")
+            if shape == expected:
+                continue
+            if (hf in self.expert_of or name.endswith(ROUTER)) and shape[1:] == expected[1:]:
+                raise GGUFError(f"{self.path.name}: the metadata disagrees with the tensors: {name} has "
+                                f"{shape[0]} experts, {self.arch}.expert_count is {c.num_experts}")
+            raise GGUFError(f"{self.path.name}: the metadata disagrees with the tensors: {name} has shape "
+                            f"{shape}, the metadata ({self.arch}.*) implies {expected}")
         if layers != set(range(c.num_layers)):
             raise GGUFError(f"{self.path.name}: the metadata disagrees with the tensors: "
                             f"{self.arch}.block_count is {c.num_layers}, the file has blocks "

@@ -220,10 +220,10 @@ def _mixtral_fields(hf: dict, arch: str) -> dict:
 def _qwen3_moe_fields(hf: dict, arch: str) -> dict:
     """Qwen3-MoE: experts of width moe_intermediate_size; renormalised if norm_topk_prob.
     Layer i is sparse as transformers' Qwen3MoeDecoderLayer decides: i not in mlp_only_layers
-    and (i + 1) % decoder_sparse_step == 0; the others have a dense MLP of intermediate_size
-    (all of them: the model is a dense one)."""
+    and (i + 1) % decoder_sparse_step == 0; the others have a dense MLP of intermediate_size.
+    With no sparse layer at all (or no experts) the model is a dense one."""
     L = hf["num_hidden_layers"]
-    step = hf.get("decoder_sparse_step", 1)
+    step = 1 if hf.get("decoder_sparse_step") is None else hf["decoder_sparse_step"]
     if not isinstance(step, int) or step < 1:
         raise UnsupportedModelError(f"{arch} with decoder_sparse_step={step!r}: it must be a positive integer")
     experts = int(hf.get("num_experts", hf.get("num_local_experts")) or 0)

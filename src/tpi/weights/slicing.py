@@ -156,7 +156,7 @@ def parse_model_tensor(name: str, cfg: ModelConfig) -> tuple[int, str, str, str]
     if cfg.is_sparse(layer):
         if kind == "mlp" and rule != "whole":
             raise ValueError(f"{name} is a dense MLP weight, but the config makes layer {layer} a mixture of "
-                             f"experts (mlp_only_layers {list(cfg.dense_layers)} are the dense ones)")
+                             f"experts (its dense layers are {list(cfg.dense_layers)})")
         return parsed
     if kind == "expert" or local == "router":
         raise ValueError(f"{name} is a mixture-of-experts weight, but the config makes layer {layer} a dense "

@@ -1,6 +1,6 @@
 """Facts about the host this process runs on, each read in one place: resident memory, the
 memory and CPU limits of its cgroup, the one memory-budget rule, the page cache, and how
-torch computes here (threads, matmul kernels).
+torch computes here (threads, matmul kernels) and how the allocator returns large blocks.
 
 The budget rule (`memory_budget`) is shared by the planner (which estimates what a device
 will give TPI before anything is loaded) and the runtime (which knows what the process
@@ -35,6 +35,7 @@ MiB = 1 << 20
 # with slack: the planner's stand-in for the runtime's measured RSS.
 IDLE_RUNTIME_BYTES = 320 * MiB
 MIN_HEADROOM_BYTES = 128 * MiB
+MMAP_THRESHOLD_BYTES = MiB   # allocations this large get pages of their own (fix_mmap_threshold)
 
 
 # --- this process's memory ---------------------------------------------------------------
@@ -247,12 +248,30 @@ def use_threads(n: int) -> None:
         torch.set_num_threads(n)
 
 
+def fix_mmap_threshold(nbytes: int = MMAP_THRESHOLD_BYTES) -> None:
+    """Every allocation of at least `nbytes` on pages of its own, unmapped when freed.
+
+    glibc starts at 128 KiB but raises its threshold to the size of each such block freed (up
+    to 32 MiB), so after a few frees, tensors of up to 32 MiB come from the heap, and a heap
+    that held them keeps their pages: per-token transients of a few MiB grew a 70B-shaped
+    device's heap 40-60 MiB past its weights (docs/benchmarks-memory.md), and a long prompt's
+    activations would do the same. A fixed threshold stops the raising. (Not glibc: nothing.)"""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, nbytes)   # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def configure_torch(share_of_machine: int = 1) -> int:
-    """How this serving process computes: bfloat16 matmuls off oneDNN (see above), and torch's
-    intra-op threads set to what this device may use; returns the number of threads.
-    OMP_NUM_THREADS, when set, wins; `share_of_machine` divides the cores among that many
-    processes on one machine."""
+    """How this serving process computes: bfloat16 matmuls off oneDNN (see above), torch's
+    intra-op threads set to what this device may use (returns their number), and large
+    tensors on pages of their own (`fix_mmap_threshold`). OMP_NUM_THREADS, when set, wins;
+    `share_of_machine` divides the cores among that many processes on one machine."""
     import torch
+
+    fix_mmap_threshold()
 
     torch.backends.mkldnn.enabled = False
     if "OMP_NUM_THREADS" in os.environ:

@@ -92,6 +92,26 @@ def test_head_topk_is_capped_by_the_smallest_vocab_slice(tiny_model):
     assert all(len(set(row.tolist())) == 10 for row in cands.ids)
 
 
+@pytest.mark.parametrize("chunk_rows", [5, 128])
+def test_bfloat16_candidates_are_rescored_in_float32_chunk_by_chunk(smollm2_dir, monkeypatch, chunk_rows):
+    """A bfloat16 head picks its candidates from bfloat16 logits and rescores them in float32
+    a few rows of the head at a time (head.RESCORE_BYTES): 5 rows per chunk (26 chunks per
+    row of h, the last one partial) must give the float32 logits of the full head's rows."""
+    from tpi.model import head
+
+    monkeypatch.setattr(head, "RESCORE_BYTES", chunk_rows * 4 * 576)
+    store = prepare_store(str(smollm2_dir), [1.0, 2.0], "bfloat16", max_block_bytes=1 << 20)
+    cfg = store.config
+    torch.manual_seed(3)
+    h = (torch.randn(6, cfg.hidden_size) * 3).to(torch.bfloat16)              # (R, H) final hidden states
+    norm, table = full_head(smollm2_dir)
+    hn = rms_norm(h, norm.to(torch.bfloat16), cfg.rms_norm_eps)                # (R, H) bfloat16, as the head has it
+    logits = hn.float() @ table.to(torch.bfloat16).float().T                   # (R, vocab) float32
+    cands = distributed_candidates(store, RuntimeOptions(dtype="bfloat16", max_seq=32), h)
+    torch.testing.assert_close(cands.values, logits.gather(-1, cands.ids), rtol=1e-5, atol=1e-4)
+    assert torch.equal(cands.argmax(), logits.argmax(-1))
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_embedding_rows_equal_the_full_table(smollm2_dir, dtype):
     store = prepare_store(str(smollm2_dir), [1.0, 1.0], dtype)

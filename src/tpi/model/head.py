@@ -29,6 +29,7 @@ from tpi.config import ModelConfig
 from tpi.model.layers import linear, rms_norm
 
 DEFAULT_TOPK = 128
+RESCORE_BYTES = 1 << 19  # float32 head rows one rescoring step converts (see `rescored`)
 
 
 def head_topk(vocab_sizes: list[int], wanted: int = DEFAULT_TOPK) -> int:
@@ -57,12 +58,25 @@ def rescored(hn: torch.Tensor, weight, idx: torch.Tensor, values: torch.Tensor) 
     """The candidates' logits in float32: hn (R, H) against their rows of the head (R, k').
     A 16-bit logit keeps 8 (bfloat16) significant bits: 0.125 apart at 25, where a model's
     two best tokens can lie closer (SmolLM2 on "What is the capital of France?": 0.08), so
-    rounded logits tie and the lower id wins. Weights that cannot give rows keep `values`."""
-    rows = weight[idx.flatten()] if isinstance(weight, torch.Tensor) else getattr(weight, "rows", lambda i: None)(idx.flatten())
-    if rows is None:
-        return values
-    rows = rows.float().view(*idx.shape, -1)[..., : hn.shape[-1]]   # (R, k', H)
-    return torch.einsum("rkh,rh->rk", rows, hn.float())
+    rounded logits tie and the lower id wins. Weights that cannot give rows keep `values`.
+
+    The rows are converted to float32 RESCORE_BYTES at a time: all of them at once would be
+    R x k' x H floats (Llama-3.1-70B: 4 MiB per row of hn and head piece, 64 MiB at R = 16),
+    made and freed once per piece and token, and such transients are what grew a 70B-shaped
+    device's heap by 40-60 MiB past its weights (docs/benchmarks-memory.md)."""
+    rows_of = weight.__getitem__ if isinstance(weight, torch.Tensor) else getattr(weight, "rows", lambda i: None)
+    R, k = idx.shape
+    H = hn.shape[-1]
+    step = max(1, RESCORE_BYTES // (4 * H))                         # candidate rows per float32 chunk
+    hf = hn.float()                                                 # (R, H)
+    out = torch.empty(R, k)                                         # (R, k') float32
+    for r in range(R):
+        for s in range(0, k, step):
+            rows = rows_of(idx[r, s:s + step])                      # (c, H or padded) of the head
+            if rows is None:
+                return values
+            out[r, s:s + step] = torch.mv(rows.float()[:, :H], hf[r])
+    return out
 
 
 def merge_topk(values: list[torch.Tensor], ids: list[torch.Tensor], k: int) -> tuple[torch.Tensor, torch.Tensor]:

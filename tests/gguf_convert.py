@@ -85,6 +85,8 @@ def gguf_tensors(cfg: dict, tensors: dict[str, torch.Tensor]) -> dict[str, np.nd
             stacks.setdefault(f"{m.group(1)}.{m.group(3)}", {})[int(m.group(2))] = data
             continue
         base, suffix = hf.rsplit(".", 1)
+        if names.get_name(base) is None:
+            raise ValueError(f"the gguf package has no {arch} name for {hf}")
         name = f"{names.get_name(base)}.{suffix}"
         if arch == "llama" and (".attn_q." in name or ".attn_k." in name):
             data = permute(data, heads if ".attn_q." in name else kv)

@@ -62,10 +62,11 @@ def quantized(w: np.ndarray, qtype: str):
 
 
 def write_gguf(hf_dir: Path, out: Path, qtype: str, tokenizer_from: Path, norms: str = "F32",
-               metadata: dict | None = None, types: dict | None = None, split_max_tensors: int = 0) -> Path:
+               metadata: dict | None = None, types: dict | None = None, split_max_tensors: int = 0,
+               drop: tuple[str, ...] = ()) -> Path:
     """`hf_dir`'s safetensors model as a GGUF file at `out`: 2-D weights in `qtype` (or
     `types[gguf name]`), 1-D tensors in `norms`; the tokenizer metadata copied from the GGUF
-    file `tokenizer_from`; `metadata` overrides keys (to make bad files). With
+    file `tokenizer_from`; `metadata` overrides keys and `drop` leaves tensors out (to make bad files). With
     `split_max_tensors`, a split model (OUT-00001-of-0000N.gguf, ...): returns its first part."""
     import gguf
     from safetensors.torch import load_file
@@ -82,6 +83,8 @@ def write_gguf(hf_dir: Path, out: Path, qtype: str, tokenizer_from: Path, norms:
     for key, value in meta.items():
         _add(w, key, value)
     for name, data in gguf_tensors(cfg, load_file(str(hf_dir / "model.safetensors"))).items():
+        if name in drop:
+            continue
         # llama.cpp keeps 1-D tensors and the router (ffn_gate_inp) in F32
         kind = (types or {}).get(name, norms if data.ndim == 1 else "F32" if ".ffn_gate_inp." in name else qtype)
         if kind == "F32":

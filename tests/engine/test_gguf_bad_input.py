@@ -77,3 +77,8 @@ def test_expert_width_disagreeing_with_the_stacked_experts(variant, tmp_path):
 def test_gemma3_head_dim_disagreeing_with_the_tensors(variant, tmp_path):
     bad = variant("gemma", family="gemma3", metadata={"gemma3.attention.key_length": 128})
     refused(bad, tmp_path, GGUFError, r"metadata disagrees with the tensors: blk\.0\.attn_\w+\.weight has shape")
+
+
+def test_mixture_block_without_its_experts(variant, tmp_path):
+    bad = variant("noup", family="mixtral", drop=("blk.1.ffn_up_exps.weight",))
+    refused(bad, tmp_path, GGUFError, r"noup\.gguf: block 1 has no ffn_up_exps\.weight \(mixtral has experts in every block\)")

@@ -12,7 +12,8 @@ checked against transformers' GGUF loader where it reads the architecture:
   `expert_feed_forward_length` (`feed_forward_length` is the dense width). llama.cpp's graph
   renormalises the top-k weights, and its converter writes no key for it (it reads
   `expert_weights_norm` where present): so norm_topk_prob is that key, else true, as in
-  transformers' GGUF loader. A block without `ffn_gate_inp` is a dense layer.
+  transformers' GGUF loader. Every block is a mixture: the gguf package's QWEN3MOE tensor
+  table has no dense MLP tensors (so no file holds Qwen3-MoE's mlp_only_layers).
 - gemma3: the converter adds 1 to every `*norm.weight` (Gemma's RMSNorm multiplies by
   1 + w): `NORM_SHIFT` is subtracted again on reading. Its norms are named differently
   (`post_attention_norm`, `ffn_norm` = pre-feedforward, `post_ffw_norm`). The file carries no
@@ -41,6 +42,7 @@ LAYER_NAMES = {
     "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
+DENSE_MLP = ("ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")
 EXPERT_KINDS = ("gate", "up", "down")   # ffn_{kind}_exps: (experts, w, H) for gate/up, (experts, H, w) for down
 NORM_SHIFT = 1.0                        # what llama.cpp adds to Gemma's norm weights
 GEMMA3_SWA_PERIOD = 6                   # llama.cpp: layer i is global iff i % 6 == 5
@@ -61,7 +63,10 @@ class Family:
     config: Callable[["Meta", int], dict] | None = None  # extra HF config fields (meta, layers)
 
     def layer_names(self) -> dict[str, str]:
-        return {**LAYER_NAMES, **self.names}
+        names = {**LAYER_NAMES, **self.names}
+        if self.experts:  # no dense MLP in a block (neither llama.cpp nor the gguf package's table has one)
+            names = {k: v for k, v in names.items() if k not in DENSE_MLP}
+        return names
 
 
 class Meta:

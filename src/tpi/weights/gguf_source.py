@@ -206,9 +206,6 @@ class GGUFCheckpoint:
         }
         if self.family.config:
             hf.update(self.family.config(self.meta, hf["num_hidden_layers"]))
-        dense = self._dense_layers(hf["num_hidden_layers"])
-        if dense:  # Qwen3-MoE blocks with a plain MLP (no router)
-            hf["mlp_only_layers"] = dense
         if self.meta.get("rope.scaling.type") not in (None, "none") and "rope_parameters" not in hf:
             raise UnsupportedModelError(f"{self.path.name}: RoPE scaling {self.meta.get('rope.scaling.type')!r} "
                                         "is not supported")
@@ -234,13 +231,6 @@ class GGUFCheckpoint:
             raise UnsupportedModelError(f"{self.path.name}: rope_freqs.weight is not llama3 RoPE scaling "
                                         "with Meta's parameters; TPI cannot reproduce it")
         return rs
-
-    def _dense_layers(self, layers: int) -> list[int]:
-        """The blocks of a mixture-of-experts file without a router (plain MLP layers)."""
-        if not self.family.router:
-            return []
-        return [i for i in range(layers) if f"blk.{i}.{ROUTER}" not in self.file.tensors
-                and f"blk.{i}.ffn_gate.weight" in self.file.tensors]
 
     def _expected_shapes(self) -> dict[str, tuple[int, ...]]:
         """HF layer suffix (experts as '*') -> the shape the metadata implies."""
@@ -288,6 +278,12 @@ class GGUFCheckpoint:
                                 f"{shape[0]} experts, {self.arch}.expert_count is {c.num_experts}")
             raise GGUFError(f"{self.path.name}: the metadata disagrees with the tensors: {name} has shape "
                             f"{shape}, the metadata ({self.arch}.*) implies {expected}")
+        if self.family.router:  # every block a mixture: its router and its three stacks
+            for i in range(c.num_layers):
+                for part in (ROUTER, *(f"ffn_{k}_exps.weight" for k in EXPERT_KINDS)):
+                    if f"blk.{i}.{part}" not in self.file.tensors:
+                        raise GGUFError(f"{self.path.name}: block {i} has no {part} ({self.family.model_type} has experts "
+                                        f"in every block)")
         if layers != set(range(c.num_layers)):
             raise GGUFError(f"{self.path.name}: the metadata disagrees with the tensors: "
                             f"{self.arch}.block_count is {c.num_layers}, the file has blocks "

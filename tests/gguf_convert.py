@@ -59,6 +59,12 @@ def gguf_metadata(cfg: dict) -> dict:
         meta[f"{arch}.expert_feed_forward_length"] = cfg["moe_intermediate_size"]
     if arch == "gemma3" and cfg.get("sliding_window"):
         meta[f"{arch}.attention.sliding_window"] = cfg["sliding_window"]
+    full = (cfg.get("rope_parameters") or {}).get("full_attention") or {}
+    if full.get("rope_type") == "linear":
+        meta[f"{arch}.rope.scaling.type"] = "linear"
+        meta[f"{arch}.rope.scaling.factor"] = float(full["factor"])
+    if cfg.get("final_logit_softcapping"):
+        meta[f"{arch}.final_logit_softcapping"] = float(cfg["final_logit_softcapping"])
     return meta
 
 

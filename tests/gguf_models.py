@@ -114,9 +114,15 @@ def _add(w, key: str, value) -> None:
         w.add_array(key, list(value))
 
 
-# Families transformers cannot load from a GGUF file: a Mixtral file is a llama file with
-# experts, which transformers' GGUF loader reads as a dense Llama (it maps no expert tensors).
+# What transformers cannot load from a GGUF file: a Mixtral file is a llama file with experts,
+# which transformers' GGUF loader reads as a dense Llama (it maps no expert tensors); a Gemma 3
+# with linear RoPE scaling (4B and up), whose gemma3.rope.scaling.* it does not read.
 NO_HF_GGUF_LOADER = {"MixtralForCausalLM"}
+
+
+def hf_loads_gguf(cfg: dict) -> bool:
+    full = (cfg.get("rope_parameters") or {}).get("full_attention") or {}
+    return cfg["architectures"][0] not in NO_HF_GGUF_LOADER and full.get("rope_type", "default") == "default"
 
 
 def hf_from_gguf(path: Path, hf_dir: Path | None = None):
@@ -127,7 +133,7 @@ def hf_from_gguf(path: Path, hf_dir: Path | None = None):
     from transformers import AutoModelForCausalLM
 
     cfg = json.loads((hf_dir / "config.json").read_text()) if hf_dir else {}
-    if cfg.get("architectures", [None])[0] not in NO_HF_GGUF_LOADER:
+    if not cfg or hf_loads_gguf(cfg):
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
         return model.eval()
     import tempfile
@@ -179,6 +185,13 @@ GGUF_FAMILIES = {
                    hidden_activation="gelu_pytorch_tanh",
                    rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
                                     "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}),
+    # Gemma 3 4B-27B's global layers: linear RoPE scaling (factor 8), and a final logit softcap
+    "gemma3-scaled": dict(architectures=["Gemma3ForCausalLM"], model_type="gemma3_text", hidden_size=256,
+                          intermediate_size=512, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
+                          head_dim=256, query_pre_attn_scalar=256, sliding_window=8, final_logit_softcapping=30.0,
+                          hidden_activation="gelu_pytorch_tanh",
+                          rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+                                           "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}),
     # Experts: 3 (more devices than experts on 4: split by columns; 2 do not divide it) and 5
     # (no device count here divides it). Qwen3-MoE's expert width is 30B-A3B's, 768, because
     # transformers' GGUF loader reads no expert_feed_forward_length (its default is 768).
@@ -196,7 +209,7 @@ def make_hf_model(family: str, out: Path, init_range: float = 0.1) -> Path:
     """A random-weight Hugging Face model of GGUF_FAMILIES[family] (SmolLM2's vocabulary size)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    spec = dict(GGUF_FAMILIES[family])
+    spec = json.loads(json.dumps(GGUF_FAMILIES[family]))  # a deep copy
     spec.update(vocab_size=49152, rms_norm_eps=1e-5, initializer_range=init_range,
                 bos_token_id=1, eos_token_id=2, max_position_embeddings=512)
     if "hidden_activation" not in spec:

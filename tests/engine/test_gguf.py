@@ -25,6 +25,9 @@ CASES = [("llama", "F16"), ("llama", "Q8_0"), ("llama", "Q4_K"), ("qwen2", "Q4_K
 # Q4_K on every split; F16 and Q8_0 (slower to write, same reading path) on 2 and 4 devices.
 FAMILY_CASES = [(f, w, q) for f in ("gemma3", "mixtral", "qwen3_moe") for q in ("F16", "Q8_0", "Q4_K")
                 for w in (SPLITS if q == "Q4_K" else SPLITS[1::2])]
+# Gemma 3 4B-27B's linear RoPE scaling of the global layers and a final logit softcap:
+# transformers' GGUF loader reads neither, so the reference is built as Mixtral's.
+FAMILY_CASES += [("gemma3-scaled", w, "Q4_K") for w in SPLITS[2:]]
 
 
 def tpi_greedy(source, weights, prompt, opts, new_tokens=NEW_TOKENS):
@@ -51,6 +54,16 @@ def test_gguf_greedy_matches_transformers(gguf_model, reference, family, qtype, 
     assert got == expected
 
 
+@pytest.mark.parametrize("family,qtype,weights", [("mixtral", "Q4_K", SPLITS[3]), ("qwen3_moe", "Q8_0", SPLITS[2]),
+                                                  ("gemma3", "Q4_K", SPLITS[1])], ids=str)
+def test_family_files_kept_quantized_match_transformers(gguf_model, reference, family, qtype, weights):
+    """`--dtype gguf`: experts (Mixtral's 3 split by columns over 4 devices, on Q4_K's groups)
+    and Gemma's layers kept in their GGUF group forms, computed in float32 (exact): token for
+    token the dequantized reference."""
+    opts = RuntimeOptions(dtype="gguf", compute_dtype="float32", max_seq=128)
+    assert tpi_greedy(gguf_model(family, qtype), weights, PROMPT, opts) == reference(family, qtype)
+
+
 def test_family_files_read_as_their_families(gguf_model):
     """What the three families' files are read as: the window is shorter than the prompt, the
     expert counts are not multiples of the device counts above."""
@@ -60,6 +73,8 @@ def test_family_files_read_as_their_families(gguf_model):
     assert gemma.family == "gemma3" and gemma.sliding_window < len(PROMPT)
     assert gemma.layer_types == ("sliding",) * 5 + ("full",) and gemma.local_rope_theta == 10000.0
     assert gemma.attn_scale == 256 ** -0.5 and gemma.norm_offset == 1.0
+    scaled = GGUFCheckpoint(gguf_model("gemma3-scaled", "Q4_K")).config
+    assert (scaled.rope_scaling.kind, scaled.rope_scaling.factor, scaled.final_logit_softcap) == ("linear", 8.0, 30.0)
     mixtral = GGUFCheckpoint(gguf_model("mixtral", "Q8_0")).config
     qwen = GGUFCheckpoint(gguf_model("qwen3_moe", "Q8_0")).config
     assert (mixtral.family, mixtral.num_experts, mixtral.experts_per_token) == ("mixtral", 3, 2)

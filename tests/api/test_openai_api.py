@@ -116,7 +116,9 @@ def test_cluster_status_lists_devices_and_last_request_breakdown(master, client)
     for d in status["devices"]:
         assert d["memory"]["used_bytes"] > 0 and d["memory"]["kv_cache_bytes"] > 0
         assert "budget_bytes" in d["memory"] and "rtt_ms" in d["link"]
-        assert set(d["last_forward"]) == {"compute_s", "comm_s", "disk_wait_s"}
+        f = d["last_forward"]
+        assert set(f) == {"compute_s", "comm_s", "disk_wait_s", "attention_s", "mlp_s"}
+        assert 0 < f["attention_s"] and 0 < f["mlp_s"] and f["attention_s"] + f["mlp_s"] <= f["compute_s"]
     heads = [d["shard"]["q_heads"] for d in status["devices"]]
     assert heads[0][0] == 0 and heads[-1][1] == status["model"]["heads"]
     last = status["scheduler"]["last_request"]

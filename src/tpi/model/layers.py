@@ -18,8 +18,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 
     """HF LlamaRMSNorm: normalise in float32, cast back, then scale. With an offset (Gemma):
     scale by (offset + w) in float32, then cast back."""
     dtype = x.dtype
-    h = x.to(torch.float32)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    # torch's fused kernel: the same bits as x * rsqrt(mean(x^2) + eps) in float32 (checked
+    # over sizes 64-8192 in float32, bfloat16, float16), in 2 operations instead of 6
+    h = F.rms_norm(x.to(torch.float32), x.shape[-1:], eps=eps)
     if offset:
         return (h * (offset + weight.float())).to(dtype)
     return weight * h.to(dtype)

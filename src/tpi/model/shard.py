@@ -101,10 +101,11 @@ class ShardRunner:
     def forward(self, x: torch.Tensor, comm: Communicator, slots: list[int], starts: list[int]) -> torch.Tensor:
         """x: (B, T, H) hidden states of B sequences whose first new token sits at starts[b].
         Returns (B, T, H) after all layers (identical on every device)."""
-        x = x.to(self.dtype)
+        x = x.to(self.dtype, copy=True)  # (B, T, H) this device's residual stream, added to in place
         step = self.step_context(slots, starts, x.shape[1])
         timings = Breakdown()
         watch = Stopwatch()
+        attn_s = 0.0  # compute seconds of the attention blocks (the rest of the layers' is the MLP's)
         for layer in range(self.cfg.num_layers):
             spent = [0.0, 0.0, 0.0]  # compute, comm, disk wait
             sparse = self.cfg.is_sparse(layer)
@@ -128,13 +129,16 @@ class ShardRunner:
                         out_norm = self._out_norm(blk, kind)
                     self.blocks.release(layer, kind, piece)
                     spent[0] += watch.lap()
+                if kind == "attn":
+                    attn_s += spent[0]  # attention comes first in a layer
                 total = comm.all_reduce(partial.to(x.dtype))
                 spent[1] += watch.lap()
-                x = x + (total if out_norm is None else self.norm(total, out_norm))
+                x.add_(total if out_norm is None else self.norm(total, out_norm))
             timings.layers.append(spent)
             timings.compute_s += spent[0]
             timings.comm_s += spent[1]
             timings.disk_wait_s += spent[2]
+        timings.attention_s, timings.mlp_s = attn_s, timings.compute_s - attn_s
         self.last = timings
         return x
 

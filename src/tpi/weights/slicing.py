@@ -21,8 +21,10 @@ Fused projections. The table below slices q, k, v (and gate, up) one by one; `fu
 then stacks each group's rows into one matrix (qkv = [q; k; v], gate_up = [gate; up], the
 biases and a quantized weight's per-row tensors likewise), so a layer multiplies by one
 matrix where it had three (or two): one kernel call, one output buffer. Row stacking
-commutes with slicing and with per-row quantization, so a fused store holds exactly the
-numbers the separate one did.
+commutes with slicing and with per-row quantization (int8 / int4 scales and minimums per
+row, GGUF groups along each row, the int4 kernel's packing row by row), so a fused store
+holds exactly the numbers the separate one did, and computes the same bits
+(tests/engine/test_fused_projections.py). GGUF parts of different types stay separate.
 
 Pieces. A block bigger than the store's `max_block_bytes` is cut into pieces so that a
 device never holds more than a few pieces at once (the sliding window counts pieces):
@@ -237,13 +239,22 @@ def block_pieces(cfg: ModelConfig, shard: DeviceShard, dtype: str, cap: int) -> 
 
 def fuse_projections(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A block's tensors with each group of FUSED stacked by rows under its fused name
-    (q, k, v -> qkv; gate, up -> gate_up; and their biases / quantized parts alike), except
-    GGUF-quantized parts (`--dtype gguf`), which stay separate (the runtime takes both forms).
-    A group must be whole or absent: a block holding q without k cannot be run."""
+    (q, k, v -> qkv; gate, up -> gate_up; and their biases / quantized parts alike). A GGUF
+    form (`--dtype gguf`, tpi.weights.gguf_quant) is stacked the same way when every part of
+    the group has the same type, and left separate, biases too, when the file gave them
+    different types (the runtime takes both). A group must be whole or absent: a block
+    holding q without k cannot be run."""
     out = dict(tensors)
     for fused, parts in FUSED.items():
-        if any(n.startswith(p + ".") and n[len(p):] not in _ROW_SUFFIXES for n in out for p in parts):
-            continue  # a GGUF file's own quantization: its parts may differ in type, left separate
+        forms = [_gguf_form(out, p) for p in parts]
+        if any(forms):
+            if not _same_gguf_form(out, parts, forms):
+                continue  # different GGUF types: left separate
+            for s in forms[0]:
+                names = [f"{p}.{s}" for p in parts]
+                out[f"{fused}.{s}"] = out[names[0]] if s == "gfirst" else torch.cat([out[n] for n in names])
+                for n in names:
+                    del out[n]
         for suffix in _ROW_SUFFIXES:
             present = [p + suffix in out for p in parts]
             if not any(present):
@@ -253,6 +264,28 @@ def fuse_projections(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
                                  f"{[p + suffix for p, ok in zip(parts, present) if ok]}")
             out[fused + suffix] = torch.cat([out.pop(p + suffix) for p in parts])
     return out
+
+
+# A GGUF form's tensors (tpi.weights.gguf_quant.SUFFIXES): one row per output row, except
+# gfirst, (1,), which says where the columns start and is the same for rows of one layer.
+_GGUF_SUFFIXES = ("gq", "gscale", "gmin", "gd", "gdmin", "gfirst")
+
+
+def _gguf_form(tensors: dict[str, torch.Tensor], part: str) -> tuple[str, ...]:
+    """The GGUF suffixes `part` is stored with in `tensors` (empty: not a GGUF form)."""
+    return tuple(s for s in _GGUF_SUFFIXES if f"{part}.{s}" in tensors)
+
+
+def _same_gguf_form(tensors: dict[str, torch.Tensor], parts: tuple[str, ...], forms: list[tuple]) -> bool:
+    """Whether the parts' GGUF forms can be stacked by rows: the same tensors, integer dtype,
+    groups per row and first group (so the same GGUF type over the same columns)."""
+    if any(f != forms[0] for f in forms):
+        return False
+    first = [tensors[f"{p}.gq"] for p in parts]
+    groups = [tensors[f"{p}.gscale"].shape[1] for p in parts]
+    starts = [tensors[f"{p}.gfirst"].tolist() if "gfirst" in forms[0] else None for p in parts]
+    return (len({(q.dtype, q.shape[1]) for q in first}) == 1 and len(set(groups)) == 1
+            and all(s == starts[0] for s in starts))
 
 
 def slice_piece(part: torch.Tensor, rule: str, lo: int, hi: int, first: bool) -> torch.Tensor | None:

@@ -59,7 +59,8 @@ def gguf_model(tmp_path_factory, smollm2_gguf):
         if (family, qtype) not in made:
             out = cache_dir() / "gguf-models" / f"{family}-{qtype}.gguf"
             out.parent.mkdir(parents=True, exist_ok=True)
-            made[family, qtype] = write_gguf(hf[family], out, qtype, smollm2_gguf)
+            made[family, qtype] = write_gguf(hf[family], out, qtype, smollm2_gguf,
+                                             legacy_experts=family.endswith("-legacy"))
         return made[family, qtype]
 
     get.hf_dir = lambda family: hf[family]

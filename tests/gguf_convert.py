@@ -78,8 +78,9 @@ def unpermute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def gguf_tensors(cfg: dict, tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    """Hugging Face tensors -> GGUF name -> float32 array, as the converter writes them."""
+def gguf_tensors(cfg: dict, tensors: dict[str, torch.Tensor], legacy_experts: bool = False) -> dict[str, np.ndarray]:
+    """Hugging Face tensors -> GGUF name -> float32 array, as the converter writes them (with
+    `legacy_experts`, as it wrote Mixtral before April 2024: blk.N.ffn_gate.E.weight, one per expert)."""
     arch, names = gguf_arch(cfg), _name_map(cfg)
     heads, kv, _ = _heads(cfg)
     out: dict[str, np.ndarray] = {}
@@ -100,14 +101,17 @@ def gguf_tensors(cfg: dict, tensors: dict[str, torch.Tensor]) -> dict[str, np.nd
             data = data + np.float32(1.0)
         out[name] = data
     for base, per in stacks.items():
-        out[f"{names.get_name(base)}.weight"] = np.stack([per[e] for e in range(len(per))])  # (E, rows, width)
+        if legacy_experts:
+            out.update({f"{names.get_name(base).removesuffix('_exps')}.{e}.weight": w for e, w in per.items()})
+        else:
+            out[f"{names.get_name(base)}.weight"] = np.stack([per[e] for e in range(len(per))])  # (E, rows, width)
     return out
 
 
 def hf_state_from_gguf(path, cfg: dict, hf_names: list[str]) -> dict[str, torch.Tensor]:
     """The GGUF file dequantized by the `gguf` package (GGUFReader, gguf.quants.dequantize),
     converted back to Hugging Face names (`hf_names`, mapped with the gguf package's table):
-    q/k rows unpermuted, experts unstacked, Gemma's norms less 1."""
+    q/k rows unpermuted, experts unstacked (or one tensor each), Gemma's norms less 1."""
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
@@ -118,7 +122,8 @@ def hf_state_from_gguf(path, cfg: dict, hf_names: list[str]) -> dict[str, torch.
     for hf in hf_names:
         m = EXPERT_RE.match(hf)
         if m:
-            w = data[f"{names.get_name(m.group(1) + '.' + m.group(3))}.weight"][int(m.group(2))]
+            stack, e = names.get_name(m.group(1) + "." + m.group(3)), int(m.group(2))
+            w = data[f"{stack}.weight"][e] if f"{stack}.weight" in data else data[f"{stack.removesuffix('_exps')}.{e}.weight"]
         else:
             base, suffix = hf.rsplit(".", 1)
             name = f"{names.get_name(base)}.{suffix}"

@@ -63,10 +63,11 @@ def quantized(w: np.ndarray, qtype: str):
 
 def write_gguf(hf_dir: Path, out: Path, qtype: str, tokenizer_from: Path, norms: str = "F32",
                metadata: dict | None = None, types: dict | None = None, split_max_tensors: int = 0,
-               drop: tuple[str, ...] = ()) -> Path:
+               drop: tuple[str, ...] = (), legacy_experts: bool = False) -> Path:
     """`hf_dir`'s safetensors model as a GGUF file at `out`: 2-D weights in `qtype` (or
     `types[gguf name]`), 1-D tensors in `norms`; the tokenizer metadata copied from the GGUF
-    file `tokenizer_from`; `metadata` overrides keys and `drop` leaves tensors out (to make bad files). With
+    file `tokenizer_from`; with `legacy_experts` one tensor per expert (tests/gguf_convert.py);
+    `metadata` overrides keys and `drop` leaves tensors out (to make bad files). With
     `split_max_tensors`, a split model (OUT-00001-of-0000N.gguf, ...): returns its first part."""
     import gguf
     from safetensors.torch import load_file
@@ -82,7 +83,7 @@ def write_gguf(hf_dir: Path, out: Path, qtype: str, tokenizer_from: Path, norms:
     w = gguf.GGUFWriter(str(out), meta.pop("general.architecture", arch), split_max_tensors=split_max_tensors)
     for key, value in meta.items():
         _add(w, key, value)
-    for name, data in gguf_tensors(cfg, load_file(str(hf_dir / "model.safetensors"))).items():
+    for name, data in gguf_tensors(cfg, load_file(str(hf_dir / "model.safetensors")), legacy_experts).items():
         if name in drop:
             continue
         # llama.cpp keeps 1-D tensors and the router (ffn_gate_inp) in F32
@@ -198,6 +199,9 @@ GGUF_FAMILIES = {
     "mixtral": dict(architectures=["MixtralForCausalLM"], model_type="mixtral", hidden_size=256,
                     intermediate_size=512, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
                     num_local_experts=3, num_experts_per_tok=2, tie_word_embeddings=False),
+    "mixtral-legacy": dict(architectures=["MixtralForCausalLM"], model_type="mixtral", hidden_size=256,
+                           intermediate_size=512, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
+                           num_local_experts=3, num_experts_per_tok=2, tie_word_embeddings=False),
     "qwen3_moe": dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", hidden_size=256,
                       intermediate_size=512, moe_intermediate_size=768, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_experts=5,

@@ -28,6 +28,8 @@ FAMILY_CASES = [(f, w, q) for f in ("gemma3", "mixtral", "qwen3_moe") for q in (
 # Gemma 3 4B-27B's linear RoPE scaling of the global layers and a final logit softcap:
 # transformers' GGUF loader reads neither, so the reference is built as Mixtral's.
 FAMILY_CASES += [("gemma3-scaled", w, "Q4_K") for w in SPLITS[2:]]
+# Mixtral as converted before April 2024 (blk.N.ffn_gate.E.weight, one tensor per expert).
+FAMILY_CASES += [("mixtral-legacy", w, "Q4_K") for w in SPLITS[2:]]
 
 
 def tpi_greedy(source, weights, prompt, opts, new_tokens=NEW_TOKENS):

@@ -81,4 +81,13 @@ def test_gemma3_head_dim_disagreeing_with_the_tensors(variant, tmp_path):
 
 def test_mixture_block_without_its_experts(variant, tmp_path):
     bad = variant("noup", family="mixtral", drop=("blk.1.ffn_up_exps.weight",))
-    refused(bad, tmp_path, GGUFError, r"noup\.gguf: block 1 has no ffn_up_exps\.weight \(mixtral has experts in every block\)")
+    refused(bad, tmp_path, GGUFError, r"noup\.gguf: block 1 has no ffn_up_exps\.weight \(or not every expert.s\) \(mixtral has experts in every block\)")
+
+
+def test_older_mixtral_expert_beyond_the_expert_count(variant, tmp_path):
+    """One tensor per expert (before April 2024): an expert number the count does not allow
+    (the routers, which would disagree first, left out)."""
+    bad = variant("legacy", family="mixtral-legacy", legacy_experts=True, metadata={"llama.expert_count": 2},
+                  drop=("blk.0.ffn_gate_inp.weight", "blk.1.ffn_gate_inp.weight"))
+    refused(bad, tmp_path, GGUFError, r"metadata disagrees with the tensors: blk\.\d\.ffn_(gate|up|down)\.2\.weight "
+            r"is expert 2, llama\.expert_count is 2")

@@ -7,7 +7,8 @@ checked against transformers' GGUF loader where it reads the architecture:
 - llama: q/k rows permuted (see tpi.weights.gguf_source). With `llama.expert_count` > 0 it is
   Mixtral: the router is `ffn_gate_inp`, each layer's experts are one 3-D tensor per kind,
   `ffn_{gate,up,down}_exps` (expert, rows, width), from Mixtral's w1 / w3 / w2. llama.cpp
-  always renormalises Mixtral's top-k weights (as transformers does).
+  always renormalises Mixtral's top-k weights (as transformers does). Files converted before
+  April 2024 hold one tensor per expert instead, `ffn_{gate,up,down}.E` (llama.cpp still loads them).
 - qwen3moe: q/k not permuted; experts stacked likewise; the expert width is
   `expert_feed_forward_length` (`feed_forward_length` is the dense width). llama.cpp's graph
   renormalises the top-k weights, and its converter writes no key for it (it reads

@@ -39,6 +39,8 @@ HEAD_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.wei
               "output.weight": "lm_head.weight"}
 BLOCK_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
 EXPERTS_RE = re.compile(r"^ffn_(gate|up|down)_exps\.weight$")
+LEGACY_EXPERT_RE = re.compile(r"^ffn_(gate|up|down)\.(\d+)\.weight$")  # one tensor per expert (older Mixtral files)
+HF_EXPERT_RE = re.compile(r"^(.*\.experts)\.(\d+)\.(.+)$")
 ROUTER = "ffn_gate_inp.weight"
 FLOAT_OF = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 IGNORED = {"rope_freqs.weight"}  # llama3 RoPE factors: checked against the config (see _rope_scaling)
@@ -97,6 +99,9 @@ class GGUFCheckpoint:
             if len(shape) != 3:
                 raise GGUFError(f"{self.path.name}: {name} has shape {tuple(shape)}, not (experts, rows, width)")
             return [prefix + fam.experts[stacked.group(1)].format(e=e) for e in range(shape[0])]
+        legacy = LEGACY_EXPERT_RE.match(suffix)
+        if legacy and fam.experts:
+            return [prefix + fam.experts[legacy.group(1)].format(e=int(legacy.group(2)))]
         names = fam.layer_names()
         return [prefix + names[suffix]] if suffix in names else []
 
@@ -268,9 +273,15 @@ class GGUFCheckpoint:
             else:
                 layer, suffix = hf.split(".", 3)[2], hf.split(".", 3)[3]
                 layers.add(int(layer))
-                if hf in self.expert_of:
-                    suffix = suffix.replace(f".{self.expert_of[hf]}.", ".*.", 1)
+                expert = HF_EXPERT_RE.match(suffix)
+                if expert:
+                    suffix = f"{expert.group(1)}.*.{expert.group(3)}"
                 expected = want[suffix]
+                if expert and hf not in self.expert_of:  # an older file's single expert
+                    expected = expected[1:]
+                    if int(expert.group(2)) >= c.num_experts:
+                        raise GGUFError(f"{self.path.name}: the metadata disagrees with the tensors: {name} is "
+                                        f"expert {expert.group(2)}, {self.arch}.expert_count is {c.num_experts}")
             if shape == expected:
                 continue
             if (hf in self.expert_of or name.endswith(ROUTER)) and shape[1:] == expected[1:]:
@@ -278,12 +289,16 @@ class GGUFCheckpoint:
                                 f"{shape[0]} experts, {self.arch}.expert_count is {c.num_experts}")
             raise GGUFError(f"{self.path.name}: the metadata disagrees with the tensors: {name} has shape "
                             f"{shape}, the metadata ({self.arch}.*) implies {expected}")
-        if self.family.router:  # every block a mixture: its router and its three stacks
-            for i in range(c.num_layers):
-                for part in (ROUTER, *(f"ffn_{k}_exps.weight" for k in EXPERT_KINDS)):
-                    if f"blk.{i}.{part}" not in self.file.tensors:
-                        raise GGUFError(f"{self.path.name}: block {i} has no {part} ({self.family.model_type} has experts "
-                                        f"in every block)")
+        fam = self.family
+        for i in range(c.num_layers if fam.router else 0):  # every block a mixture: its router and experts
+            prefix = f"model.layers.{i}."
+            parts = {ROUTER: [prefix + fam.router]}
+            parts.update({f"ffn_{k}_exps.weight": [prefix + fam.experts[k].format(e=e) for e in range(c.num_experts)]
+                          for k in EXPERT_KINDS})
+            for part, hf_names in parts.items():
+                if any(h not in self.gguf_of for h in hf_names):
+                    raise GGUFError(f"{self.path.name}: block {i} has no {part} (or not every expert's) "
+                                    f"({fam.model_type} has experts in every block)")
         if layers != set(range(c.num_layers)):
             raise GGUFError(f"{self.path.name}: the metadata disagrees with the tensors: "
                             f"{self.arch}.block_count is {c.num_layers}, the file has blocks "

@@ -35,11 +35,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     split = p.add_mutually_exclusive_group()
     split.add_argument("--devices", type=int, default=None, help="number of devices (even split)")
     split.add_argument("--weights", default=None, help="relative work per device, e.g. 1,1,2")
-    p.add_argument("--dtype", default="bfloat16",
-                   help="storage dtype: bfloat16 (default), float16, float32, or quantized int8 "
-                        "(per output channel) / int4 (groups of 32), or gguf (a GGUF file's own quantization, "
-                        "held at its size: docs/quantization.md)")
-    p.add_argument("--compute-dtype", default=None, help="compute dtype (default: the storage dtype; bfloat16 for int8/int4/gguf); float32 upcasts every weight as it loads")
+    p.add_argument("--dtype", default=None,
+                   help="storage dtype: gguf (a GGUF file's own quantization, held at about its size: the "
+                        "default for a GGUF source, docs/quantization.md), bfloat16 (the default otherwise), "
+                        "float16, float32, or quantized int8 (per output channel) / int4 (groups of 32)")
+    p.add_argument("--compute-dtype", default=None, help="compute dtype (default: the storage dtype; bfloat16 for "
+                   "int8/int4, float32 activations around the int4 kernel for gguf); float32 upcasts every weight "
+                   "of a float or int8/int4 store as it loads")
     p.add_argument("--max-seq", type=int, default=2048, help="context length (KV cache size)")
     p.add_argument("--max-block-size", default=None, metavar="SIZE",
                    help="shard store: cut MLP blocks and output-head slices bigger than this into pieces "
@@ -67,7 +69,7 @@ def runtime_options(args, num_slots: int = 1):
         scheduler=not args.no_scheduler, window=args.window,
         memory_budget=parse_size(args.memory_budget) if args.memory_budget else None,
         kv_dtype=args.kv_dtype, head_topk=args.head_topk,
-    )
+    ).for_source(args.model)
 
 
 def add_draft_args(p: argparse.ArgumentParser) -> None:
@@ -245,9 +247,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_prepare(args) -> int:
     from tpi.engine import prepare_store
+    from tpi.weights.sources import default_dtype
 
     m = model_settings(args)
-    store = prepare_store(m.source, list(m.weights), args.dtype, args.out, max_block_bytes=m.max_block_bytes)
+    dtype = args.dtype or default_dtype(m.source)
+    store = prepare_store(m.source, list(m.weights), dtype, args.out, max_block_bytes=m.max_block_bytes)
     total = sum(f.bytes for f in store.files.values())
     print(f"shard store at {store.root}: {store.plan.world_size} devices, {len(store.files)} files, "
           f"{total / 1e6:.1f} MB, dtype {store.dtype}")

@@ -151,7 +151,7 @@ def kv_cache_bytes(store: ShardStore, rank: int, opts: RuntimeOptions) -> int:
 def load_resident_runner(store: ShardStore, rank: int, opts: RuntimeOptions) -> ShardRunner:
     """Every block in memory, loaded once (`--no-scheduler`)."""
     cdt = opts.torch_compute_dtype()
-    blocks = {key: pack_block(store.load_views(store.piece_path(rank, *key)), cdt)[0]
+    blocks = {key: pack_block(store.load_views(store.piece_path(rank, *key)), cdt, opts.gguf_exact)[0]
               for key in store.execution_order(rank)}
     return ShardRunner(store.config, store.plan.shards[rank], ResidentBlocks(blocks),
                        compute_dtype=cdt, max_seq=opts.max_seq, num_slots=opts.num_slots,
@@ -188,9 +188,11 @@ def build_runner(store: ShardStore, rank: int, opts: RuntimeOptions, devices_in_
                 f"({format_size(kv)} for {opts.num_slots} slot(s) of {opts.max_seq} positions); lower --max-seq "
                 f"or --slots, or use --kv-dtype bfloat16")
         kinds = [kind for _, kind, _ in store.execution_order(rank)]
-        plan_with_experts(block_costs(store, rank, cdt), [k == "expert" for k in kinds], opts.window, budget - kv)
+        plan_with_experts(block_costs(store, rank, cdt, opts.gguf_exact), [k == "expert" for k in kinds], opts.window,
+                          budget - kv)
         weights_budget = budget - one_slot
-    blocks = SlidingWindowBlocks(store, rank, window=opts.window, budget_bytes=weights_budget, compute_dtype=cdt)
+    blocks = SlidingWindowBlocks(store, rank, window=opts.window, budget_bytes=weights_budget, compute_dtype=cdt,
+                                 gguf_exact=opts.gguf_exact)
     return ShardRunner(store.config, store.plan.shards[rank], blocks, compute_dtype=cdt,
                        max_seq=opts.max_seq, num_slots=opts.num_slots, kv_dtype=opts.torch_kv_dtype(),
                        head_topk=runner_topk(store, opts), kv_slots_planned=1)
@@ -233,6 +235,7 @@ def build_engine(store: ShardStore, cluster: Cluster, opts: RuntimeOptions) -> E
 
 def build_inproc_engine(model: ModelSettings, opts: RuntimeOptions) -> Engine:
     """Every device of `model`'s plan as a thread of this process."""
+    opts = opts.for_source(model.source)
     store = prepare_store_apart(model.source, list(model.weights), opts.dtype, max_block_bytes=model.max_block_bytes)
     opts = replace(opts, max_seq=max_context(store, opts))
     n = store.plan.world_size

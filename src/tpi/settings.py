@@ -13,7 +13,7 @@ Namespace or patches a setting.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 
@@ -43,7 +43,8 @@ class ModelSettings:
 
 @dataclass(frozen=True)
 class RuntimeOptions:
-    dtype: str = "bfloat16"             # storage dtype of the shard store (or int8 / int4 / gguf)
+    dtype: str | None = None            # storage dtype of the shard store (or int8 / int4 / gguf);
+                                        # None: the source's own (`for_source`)
     compute_dtype: str | None = None    # default: the store's own precision (bfloat16 for quantized stores)
     max_seq: int = 2048                 # context length (KV cache size)
     num_slots: int = 1                  # sequences that can decode together
@@ -54,15 +55,35 @@ class RuntimeOptions:
     kv_dtype: str | None = None         # KV cache dtype (default: the compute dtype)
     head_topk: int = DEFAULT_TOPK       # output-head candidates per device (exact sampling for top-k <= this)
 
+    def for_source(self, source: str | None) -> "RuntimeOptions":
+        """These options with the storage dtype settled for model `source`: a GGUF file keeps
+        its quantization (gguf), other sources become bfloat16 (tpi.weights.sources.default_dtype)."""
+        if self.dtype:    # (an empty --dtype= from compose.yaml also means the source's own)
+            return self
+        from tpi.weights.sources import default_dtype
+
+        return replace(self, dtype=default_dtype(source))
+
     def torch_compute_dtype(self) -> torch.dtype:
         """The store's own precision unless asked otherwise: a bfloat16 store multiplies in
-        bfloat16 (no upcast copy of any weight: a block costs what it stores), quantized stores
-        run their bfloat16 kernels. Where the reference needs float32 the maths accumulates
+        bfloat16 (no upcast copy of any weight: a block costs what it stores), int8 / int4
+        stores run their bfloat16 kernels, a gguf store keeps float32 activations (its int4
+        kernel forms are the same size in either; bfloat16 activations lose the Paris of
+        docs/quantization.md). Where the reference needs float32 the maths accumulates
         in it whatever this dtype (RMSNorm statistics, softmax, the all-reduce sums).
         float32 compute is an explicit choice (`--compute-dtype float32`), the tests' reference."""
         if self.compute_dtype is not None:
             return float_dtype(self.compute_dtype, "compute dtype")
+        if self.dtype == "gguf":    # float32 activations around the int4 kernel (tpi.weights.gguf_kernels)
+            return torch.float32
         return FLOAT_DTYPES.get(self.dtype, torch.bfloat16)
+
+    @property
+    def gguf_exact(self) -> bool:
+        """A gguf store told `--compute-dtype float32` multiplies its stored forms themselves
+        (tpi.weights.gguf_quant.GroupWeight: the file's weights exactly, float32 sums; several
+        times the decode time) instead of the int4 kernel's forms (the default)."""
+        return self.dtype == "gguf" and self.compute_dtype == "float32"
 
     def torch_kv_dtype(self) -> torch.dtype:
         if self.kv_dtype is None:

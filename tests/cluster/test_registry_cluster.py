@@ -76,7 +76,9 @@ def start_registry_master(registry: str, log_dir, dtype: tuple[str, ...] = ("--d
 
 
 # The embedded SmolLM2 is a GGUF source: dequantized to float32, or kept in its own types (the
-# quantized group forms in the store, in the download and in memory), computed in float32.
+# quantized group forms in the store, in the download and in memory), computed from them in
+# float32 (`--compute-dtype float32`: exact, so a recovered reply equals the uninterrupted one;
+# the default int4 kernel's bfloat16 outputs round differently on 2 devices than on 3).
 STORES = {"float32": ("--dtype", "float32"), "gguf": ("--dtype", "gguf", "--compute-dtype", "float32")}
 
 

@@ -1,7 +1,8 @@
 """Fused projections (tpi.weights.slicing.fuse_projections): q, k, v stacked into one qkv
 matrix and gate, up into one gate_up compute exactly the bits the separate matrices do, in
 every stored form: plain, int8 / int4 per-row quantization, and every GGUF group type, through
-the kernels each runs with (float32 as stored, bfloat16 through the int4 kernel)."""
+the kernels each runs with (GGUF forms: the int4 kernel's, float32 inputs of these 6 rows
+through its split path, bfloat16 ones through the kernel as they are)."""
 from __future__ import annotations
 
 import pytest
@@ -65,7 +66,7 @@ def test_gguf_fused_equals_separate(type_name, dtype):
 
     def weight(b, p):
         forms, _ = take_group_weights(b)
-        return group_kernel_form(forms[p], dtype)   # bfloat16: the int4 kernel's form (rows padded)
+        return group_kernel_form(forms[p], dtype)   # the int4 kernel's form (rows padded)
 
     apart, fused = separate_and_fused(block, dtype, weight)
     assert torch.equal(apart, fused)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
+import torch
 import pytest
 
 from gguf_models import quantize_q4_k
@@ -141,7 +142,8 @@ def _tokenizer_from(files):
 
 
 def test_smollm2_from_its_gguf_answers_paris(tmp_path):
-    """The embedded default, read from its GGUF file (no conversion), on 3 devices."""
+    """The embedded default, read from its GGUF file (no conversion), on 3 devices, with the
+    default options: a gguf store (its 4-bit tensors kept), float32 activations."""
     from tpi.generation_config import load_generation_config
     from tpi.weights.sources import resolve_source
 
@@ -149,6 +151,7 @@ def test_smollm2_from_its_gguf_answers_paris(tmp_path):
     engine = build_inproc_engine(ModelSettings(None, [1.0, 1.0, 1.0]), RuntimeOptions(max_seq=256))
     try:
         prompt = engine.tokenizer.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
+        assert engine.store.dtype == "gguf" and engine.cluster.runners[0].dtype == torch.float32
         out = engine.generator.generate(prompt, SamplingParams(max_new_tokens=24))
         assert "Paris" in engine.tokenizer.decode(out.tokens)
         # no generation settings in a GGUF file: greedy, as transformers derives them from a config

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from test_gguf_quant import raw_blocks
-from tpi.weights.gguf_kernels import SpreadInt4Weight, group_kernel_bytes, group_kernel_form
+from tpi.weights.gguf_kernels import EXACT_ROWS, group_kernel_bytes, group_kernel_form
 from tpi.weights.gguf_quant import GROUP_TYPES, GroupWeight, from_gguf
 from tpi.weights.quant import QuantizedWeight, repack_int4, unpack_int4
 
@@ -58,7 +58,7 @@ def test_every_gguf_type_computes_its_weights_through_the_kernel(type_name):
     assert not isinstance(weight, GroupWeight), f"{type_name} has no kernel form"
     assert weight.nbytes == group_kernel_bytes(tuple(form.parts["gq"].shape), dtype)
     bits = 8 * weight.nbytes / (128 * 512)
-    assert bits <= (10.5 if isinstance(weight, SpreadInt4Weight) else 5.5), bits
+    assert bits <= (5.5 if weight.spread is None else 10.5), bits
     w = rounded_reference(form, dtype)                                                      # (128, 512)
     exact = form.dequantize_rows(0, 128, torch.float32).double()
     # the rounded scales are the only change to the weights: at most 2^-8 of a group's scale step
@@ -73,11 +73,37 @@ def test_every_gguf_type_computes_its_weights_through_the_kernel(type_name):
         assert ((got - want).abs() <= torch.finfo(dtype).eps * want.abs() + 1e-5 * scale).all(), type_name
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_float32_and_float16_compute_keep_the_stored_form(dtype):
+@pytest.mark.parametrize("dtype,exact", [(torch.float16, False), (torch.float32, True)])
+def test_float16_and_exact_float32_compute_keep_the_stored_form(dtype, exact):
     form = GroupWeight(dict(from_gguf(raw_blocks("Q8_0", 8, 64), "Q8_0", 64).parts))
-    assert group_kernel_form(form, dtype) is form
-    assert group_kernel_bytes(tuple(form.parts["gq"].shape), dtype) == 0
+    assert group_kernel_form(form, dtype, exact) is form
+    assert group_kernel_bytes(tuple(form.parts["gq"].shape), dtype, exact) == 0
+
+
+@pytest.mark.parametrize("type_name", GROUP_TYPES)
+def test_float32_inputs_lose_no_input_precision(type_name):
+    """float32 compute holds the same kernel form (bfloat16 scales). Prefill rows (M >=
+    EXACT_ROWS) multiply the dequantized float32 weight: float32 sums of the rounded-scale
+    weights. Decode rows split x into two bfloat16 rows: only the output's bfloat16 rounding
+    is left (the bfloat16 path also rounds the input: an error up to 2^-9 of the sums)."""
+    raw = raw_blocks(type_name, 96, 512, seed=4)   # 96 rows: not a whole number of some row blocks
+    form = GroupWeight(dict(from_gguf(raw, type_name, 512).parts))
+    weight = group_kernel_form(form, torch.float32)
+    assert weight.nbytes == group_kernel_bytes(tuple(form.parts["gq"].shape), torch.float32) \
+        == group_kernel_bytes(tuple(form.parts["gq"].shape), torch.bfloat16)
+    w = rounded_reference(form, torch.bfloat16)                                             # (96, 512)
+    g = torch.Generator().manual_seed(5)
+    for rows in (1, 3, EXACT_ROWS, 40):
+        x = torch.randn(rows, 512, generator=g)                                             # (rows, in) float32
+        want = x.double() @ w.t()                                                           # (rows, 96)
+        got = weight.linear(x)
+        assert got.dtype == torch.float32 and got.shape == want.shape
+        scale = x.double().abs() @ w.abs().t()
+        err = (got.double() - want).abs()
+        if rows >= EXACT_ROWS:
+            assert (err <= 1e-5 * scale).all(), (type_name, rows)
+        else:
+            assert (err <= torch.finfo(torch.bfloat16).eps / 2 * want.abs() + 2e-5 * scale).all(), (type_name, rows)
 
 
 @pytest.mark.parametrize("type_name", ["Q8_0", "Q4_1", "Q4_K", "Q6_K"])

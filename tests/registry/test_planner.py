@@ -116,8 +116,15 @@ def test_held_bytes_follow_the_scheduler_accounting():
     assert PlannerSettings("int8", "float32").held_bytes == 5.5   # dequantized to float32 at load
     assert PlannerSettings("int8", "bfloat16").held_bytes == 1.5  # the kernel uses the file's bytes
     assert PlannerSettings("int4", "bfloat16").held_bytes == 1.25  # repacked for the kernel
-    assert PlannerSettings("gguf", "bfloat16").held_bytes == 1.0625 + 1.25  # Q8_0 as the int4 kernel's form
-    assert PlannerSettings("gguf", "float32").held_bytes == 1.0625          # computed as stored
+    # gguf without the file's types: Q8_0 and its int4 kernel form (bfloat16 or float32 compute)
+    assert PlannerSettings("gguf", "bfloat16").held_bytes == 1.0625 + 1.25
+    assert PlannerSettings("gguf", "float32").held_bytes == 1.0625 + 1.25
+    assert PlannerSettings("gguf", "float16").held_bytes == 1.0625          # computed as stored
+    assert PlannerSettings("gguf", "float32", gguf_exact=True).held_bytes == 1.0625
+    # with them (SmolLM2's file: Q4_1 layers, a Q8_0 tied head)
+    smollm2 = (("head", "Q8_0", 28311552), ("layers", "Q4_1", 106168320))
+    assert PlannerSettings("gguf", "float32", gguf_types=smollm2).held_bytes == 0.625 + 0.625
+    assert PlannerSettings("gguf", "float32", gguf_types=smollm2).head_held_bytes == 1.0625 + 1.25
     small = dev(20, budget=150 * MiB, disk=50)
     shares = {dt: plan_weights(SMOLLM2, [dev(10), dev(10), small], PlannerSettings(storage_dtype=dt))[2]
               for dt in ("bfloat16", "int8")}
@@ -173,6 +180,29 @@ def test_70b_on_eight_1gb_devices_streams_and_the_master_is_not_charged_the_head
     assert master.streamed_bytes < slice_bytes
     # Equal finish times: the master scores no more of the vocabulary than the workers.
     assert result.estimate.head_ms == pytest.approx(2 * 16032 * 8192 / 10e9 * 1e3, rel=0.01)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q8_0"])
+def test_gguf_store_costs_follow_the_files_types(gguf_model, tmp_path, qtype):
+    """A gguf store's pieces cost, in the estimate, what the scheduler counts for them (the
+    stored forms and their int4 kernel forms), read from the file's own GGUF types."""
+    import torch
+
+    from tpi.cluster.estimate import piece_costs
+    from tpi.engine import prepare_store
+    from tpi.weights.gguf_source import GGUFCheckpoint
+    from tpi.weights.retention import block_costs
+
+    path = gguf_model("llama", qtype)
+    store = prepare_store(str(path), [1, 2], "gguf", tmp_path / "store")
+    types = GGUFCheckpoint(path).matrix_types()
+    assert {t for _, t, _ in types} == {qtype}
+    read = PlannerSettings("gguf", "float32", max_seq=64, gguf_types=types)
+    for shard in store.plan.shards:
+        real = sum(block_costs(store, shard.rank, torch.float32))
+        est = sum(piece_costs(store.config, shard, read)[0])
+        print(f"{qtype} device {shard.rank}: estimate {est} bytes, scheduler {real} ({est / real:.3f}x)")
+        assert abs(est / real - 1) <= 0.05
 
 
 @pytest.mark.parametrize("family", ["llama3", "qwen3_moe", "gemma3", "qwen3_moe_mlp_only", "qwen3_moe_sparse_step"])

@@ -18,15 +18,21 @@ from tpi.weights.store import aligned_bytes, execution_order
 
 # Bytes per parameter in a shard file (int4: 4 bits + a float16 scale and min per 32; int8:
 # 1 byte, but q, k, v and down stay bfloat16, 41-47% of a Llama's projections: ~1.5).
-# gguf (a GGUF file's own types, tpi.weights.gguf_quant): 0.56 (Q4_K) to 1.1 (5/6-bit types
-# held in a byte); the estimate takes Q8_0's 1.0625.
+# gguf: what PlannerSettings.gguf_types says (GGUF_BITS below); without them Q8_0's 1.0625.
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1.5, "int4": 0.625, "gguf": 1.0625}
 # What a loaded quantized parameter adds in a 16-bit compute dtype (int4: repacked for the
 # kernel, 0.5, plus scale and zero in the compute dtype per 32, 0.125); in float32 compute
 # every weight is dequantized to float32 at load (tpi.weights.quant.kernel_form). gguf in
-# bfloat16: the int4 kernel's form (tpi.weights.gguf_kernels), 0.625 for 4-bit types and 1.25
-# for the others; Q8_0's 1.25 is taken, as for the file; in float32 the forms stay as stored.
+# bfloat16 or float32 compute: the int4 kernel's form (tpi.weights.gguf_kernels), per type in
+# GGUF_BITS; in float16 the forms stay as stored.
 KERNEL_COPY_BYTES = {"int8": 0, "int4": 0.625, "gguf": 1.25}
+# Per GGUF type, bits per weight of a gguf store's form (tpi.weights.gguf_quant) and of the
+# int4 kernel's form made from it at load (tpi.weights.gguf_kernels); float types are kept
+# as they are (converted to the compute dtype at load when it differs).
+GGUF_BITS = {"Q4_0": (4.5, 5), "Q4_1": (5, 5), "Q4_K": (4.625, 5), "Q8_0": (8.5, 10), "Q5_0": (8.5, 10),
+             "Q5_1": (9, 10), "Q5_K": (8.625, 10), "Q6_K": (8.5625, 10), "F32": (32, 0), "F16": (16, 0),
+             "BF16": (16, 0)}
+GGUF_FLOATS = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 # A shard file's safetensors header: 8 bytes of length, then ~64-72 bytes of JSON per tensor
 # (name, dtype, shape, offsets), measured on stores the splitter writes.
@@ -69,6 +75,33 @@ class PlannerSettings:
     window_blocks: int = 2            # blocks the scheduler holds while streaming (in use + being read)
     kv_dtype: str | None = None       # dtype of the KV cache (default: the compute dtype)
     max_block_bytes: int = DEFAULT_MAX_BLOCK_BYTES  # the store's piece cap (tpi prepare --max-block-bytes)
+    # gguf: (part "layers" | "head", GGUF type, parameters) of the source's matrices
+    # (tpi.weights.gguf_source.GGUFCheckpoint.matrix_types); empty: Q8_0's rates
+    gguf_types: tuple[tuple[str, str, int], ...] = ()
+    gguf_exact: bool = False          # RuntimeOptions.gguf_exact: the stored forms, no kernel copies
+
+    def _gguf_bytes(self, part: str) -> tuple[float, float]:
+        """(stored, held copy) bytes per parameter of a gguf store's matrices of `part`."""
+        mine = [(t, n) for p, t, n in self.gguf_types if p == part] or [("Q8_0", 1)]
+        kernel = self.compute_dtype in (("bfloat16",) if self.gguf_exact else ("bfloat16", "float32"))
+
+        def copy_bits(t: str) -> float:
+            if t in GGUF_FLOATS:
+                return 0 if GGUF_FLOATS[t] == self.compute_dtype else 8 * DTYPE_BYTES[self.compute_dtype]
+            return GGUF_BITS[t][1] if kernel else 0
+
+        total = sum(n for _, n in mine)
+        return (sum(GGUF_BITS[t][0] * n for t, n in mine) / 8 / total,
+                sum(copy_bits(t) * n for t, n in mine) / 8 / total)
+
+    @property
+    def stored_bytes(self) -> float:
+        """Bytes per parameter of the layers' matrices in a shard file."""
+        return self._gguf_bytes("layers")[0] if self.storage_dtype == "gguf" else DTYPE_BYTES[self.storage_dtype]
+
+    @property
+    def head_stored_bytes(self) -> float:
+        return self._gguf_bytes("head")[0] if self.storage_dtype == "gguf" else DTYPE_BYTES[self.head_storage_dtype]
 
     @property
     def held_bytes(self) -> float:
@@ -76,8 +109,8 @@ class PlannerSettings:
         bytes plus a converted copy when a float storage dtype differs from the compute dtype,
         or a quantized one is dequantized (float32 compute) or repacked (int4)."""
         sb = DTYPE_BYTES[self.storage_dtype]
-        if self.storage_dtype == "gguf":  # float32 / float16 compute: computed as stored
-            return sb + (KERNEL_COPY_BYTES["gguf"] if self.compute_dtype == "bfloat16" else 0)
+        if self.storage_dtype == "gguf":
+            return sum(self._gguf_bytes("layers"))
         if self.storage_dtype not in FLOAT_DTYPES:
             if self.compute_dtype == "float32":
                 return sb + 4
@@ -92,6 +125,8 @@ class PlannerSettings:
 
     @property
     def head_held_bytes(self) -> float:
+        if self.storage_dtype == "gguf":
+            return sum(self._gguf_bytes("head"))
         return PlannerSettings(self.head_storage_dtype, self.compute_dtype).held_bytes
 
 
@@ -247,8 +282,8 @@ def piece_costs(cfg: ModelConfig, shard: DeviceShard, settings: PlannerSettings)
     cuts them and the scheduler counts them (`tpi.weights.retention.block_costs`): the file
     rounded up to whole pages plus its dtype conversions. The header is estimated."""
     H = cfg.hidden_size
-    sb, hb = DTYPE_BYTES[settings.storage_dtype], settings.held_bytes
-    hsb, hhb = DTYPE_BYTES[settings.head_storage_dtype], settings.head_held_bytes
+    sb, hb = settings.stored_bytes, settings.held_bytes
+    hsb, hhb = settings.head_stored_bytes, settings.head_held_bytes
     row_bias = shard.adds_row_bias
     pieces = block_pieces(cfg, shard, settings.storage_dtype, settings.max_block_bytes)
 

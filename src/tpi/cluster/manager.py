@@ -46,7 +46,8 @@ class ClusterManager:
     def __init__(self, settings: MasterSettings, membership=None, master_capability=None,
                  rejoin_timeout: float = 20.0):
         assert settings.hub is not None, "a cluster with workers needs hub settings"
-        self.settings, self.hub_settings, self.opts = settings, settings.hub, settings.runtime
+        self.settings, self.hub_settings = settings, settings.hub
+        self.opts = settings.runtime.for_source(settings.model.source)
         self.host, self.port = split_hostport(settings.hub.listen, 29500)
         # the star's data port: hub port + 1 when the user chose the port (so a firewall rule can
         # name both), any free port when the hub's port is picked for us: an ephemeral port's
@@ -137,7 +138,7 @@ class ClusterManager:
             return [1.0] * (len(self.device_names) + 1)
         from tpi.cluster.estimate import PlannerSettings
         from tpi.cluster.planner import plan_cluster
-        from tpi.weights.sources import model_config
+        from tpi.weights.sources import gguf_types, model_config
 
         records = self.membership.members()
         caps = [self.master_capability] + [
@@ -145,7 +146,9 @@ class ClusterManager:
         o = self.opts
         settings = PlannerSettings(storage_dtype=o.dtype, compute_dtype=str(o.torch_compute_dtype()).removeprefix("torch."),
                                    max_seq=o.max_seq, num_slots=o.num_slots, window_blocks=o.window,
-                                   max_block_bytes=self.settings.model.max_block_bytes)
+                                   max_block_bytes=self.settings.model.max_block_bytes,
+                                   gguf_types=gguf_types(self.settings.model.source) if o.dtype == "gguf" else (),
+                                   gguf_exact=o.gguf_exact)
         planned = plan_cluster(model_config(self.settings.model.source), caps, None, settings)
         self.estimate = planned.estimate.to_json()
         return list(planned.weights)

@@ -57,7 +57,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from tpi.cluster.capability import DeviceCapability
-from tpi.cluster.estimate import (DTYPE_BYTES, Estimate, Link, PlannerSettings, attn_flops, attn_params,
+from tpi.cluster.estimate import (Estimate, Link, PlannerSettings, attn_flops, attn_params,
                                   check_devices, estimate, head_flops, kv_bytes, mlp_flops, mlp_params)
 from tpi.config import ModelConfig
 from tpi.plan import PlanError, ShardPlan, make_plan
@@ -129,8 +129,8 @@ class _Shape:
 def _shape(cfg: ModelConfig, settings: PlannerSettings) -> _Shape:
     L, H, V = cfg.num_layers, cfg.hidden_size, cfg.vocab_size
     D = len(cfg.dense_layers)                       # a mixture's dense layers (the rest are sparse)
-    hb, sb = settings.held_bytes, DTYPE_BYTES[settings.storage_dtype]
-    hhb, hsb = settings.head_held_bytes, DTYPE_BYTES[settings.head_storage_dtype]
+    hb, sb = settings.held_bytes, settings.stored_bytes
+    hhb, hsb = settings.head_held_bytes, settings.head_stored_bytes
     attn = attn_params(cfg, cfg.num_heads, cfg.num_kv_heads, False) - H  # norms excluded
     mlp = (mlp_params(cfg, cfg.intermediate_size, False) - H) * max(1, cfg.num_experts)  # every expert held
     dense = mlp_params(cfg, cfg.dense_intermediate_size, False) - H if D else 0

@@ -1,4 +1,4 @@
-"""GGUF's group forms computed by torch's int4 CPU kernel (bfloat16 compute).
+"""GGUF's group forms computed by torch's int4 CPU kernel (bfloat16 or float32 activations).
 
 aten::_weight_int4pack_mm_for_cpu(x (M, K), packed, 32, sz (K / 32, N, 2)) computes x @ W.T
 with W[n, k] = (nibble[n, k] - 8) * sz[k // 32, n, 0] + sz[k // 32, n, 1]: a scale and a zero
@@ -19,69 +19,136 @@ up to one rounding of the scale (and of min + 8 s, for the types with a min) to 
 dtype: bfloat16 keeps 8 significant bits of GGUF's 11-bit float16 steps (relative error at
 most 2^-9 per group, the same bound as a bfloat16 copy of the weight has per weight).
 
-float32 and float16 compute keep the stored forms (GroupWeight, exact, dequantized in chunks):
-torch's float32 and float16 int4 paths are far slower than its bfloat16 one.
+The scales are bfloat16 in either compute dtype (the kernel wants them in its input's dtype,
+and torch's float32 and float16 int4 paths are far slower than its bfloat16 one). float32
+activations (a gguf store's default) keep their precision around the kernel: prefill rows
+multiply the weight dequantized to float32, decode rows go through the kernel as two bfloat16
+rows (`GGUFKernelWeight`). float16 compute keeps the stored forms (GroupWeight, exact,
+dequantized in chunks). docs/quantization.md has the measurements behind each choice.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from tpi.weights.gguf_quant import GroupWeight
-from tpi.weights.quant import Int4Weight, QuantizedWeight, HAS_INT4_MM, int4_kernel_bytes, repack_int4
+from tpi.weights.gguf_quant import CHUNK_ELEMENTS, GroupWeight
+from tpi.weights.quant import HAS_INT4_MM, Int4Weight, QuantizedWeight, kernel_block_n, int4_kernel_bytes, repack_int4
 
 KERNEL_GROUP = 32
+# Rows at or above which a float32 input is multiplied by the weight dequantized to float32
+# (a prefill); below it (decode) by the kernel, the input split into two bfloat16 rows.
+EXACT_ROWS = 8
 
 
-class SpreadInt4Weight(Int4Weight):
-    """An Int4Weight over a spread input: [x | x] ("twice") or, per group of 16 columns,
-    [x_g | 4 x_g] ("times4"); see the module docstring."""
+class GGUFKernelWeight(Int4Weight):
+    """A GGUF form in the int4 kernel's layout, over the plain input x (spread None), over
+    [x | x] ("twice") or, per group of 16 columns, over [x_g | 4 x_g] ("times4"); see the
+    module docstring. bfloat16 inputs go through the kernel; float32 ones through
+    `_exact` (M >= EXACT_ROWS) or `_split` (decode)."""
 
     __slots__ = ("spread",)
 
-    def __init__(self, inner: Int4Weight, spread: str):
+    def __init__(self, inner: Int4Weight, spread: str | None):
         super().__init__(inner.packed, inner.scales_zeros, inner.out_features, inner.group)
         self.spread = spread
 
-    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def _spread(self, x: torch.Tensor) -> torch.Tensor:
+        if self.spread is None:
+            return x
         if self.spread == "twice":
-            wide = torch.cat((x, x), dim=-1)                                          # (..., 2 in)
-        else:
-            x16 = x.reshape(*x.shape[:-1], -1, 16)                                    # (..., in / 16, 16)
-            wide = torch.cat((x16, 4 * x16), dim=-1).reshape(*x.shape[:-1], -1)       # (..., 2 in)
-        return super().linear(wide, bias)
+            return torch.cat((x, x), dim=-1)                                          # (..., 2 in)
+        x16 = x.reshape(*x.shape[:-1], -1, 16)                                        # (..., in / 16, 16)
+        return torch.cat((x16, 4 * x16), dim=-1).reshape(*x.shape[:-1], -1)           # (..., 2 in)
 
-    def rows(self, ids: torch.Tensor) -> torch.Tensor | None:
-        """Rows `ids` of the weight over the plain input x, float32 (n, in): the spread parts
-        folded back (hi + lo; a + 4 c)."""
-        wide = super().rows(ids)                                                      # (n, 2 in)
-        if wide is None:
-            return None
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if x.dtype != torch.float32:
+            return super().linear(self._spread(x), bias)
+        x2 = x.reshape(-1, x.shape[-1])                                               # (M, in)
+        y = self._exact(x2) if x2.shape[0] >= EXACT_ROWS else self._split(x2)         # (M, out) float32
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y if bias is None else y + bias
+
+    def _split(self, x2: torch.Tensor) -> torch.Tensor:
+        """x2 (M, in) float32 = hi + lo, both bfloat16 (hi + lo keeps 16 of float32's 24
+        significant bits), through one kernel call of 2M rows (weight-bound for small M:
+        about the cost of M); each half's output is rounded to bfloat16, then summed in float32."""
+        hi = x2.to(torch.bfloat16)
+        lo = (x2 - hi.float()).to(torch.bfloat16)
+        y = super().linear(self._spread(torch.cat((hi, lo))), None).float()           # (2M, out)
+        m = x2.shape[0]
+        return y[:m] + y[m:]
+
+    def _exact(self, x2: torch.Tensor) -> torch.Tensor:
+        """x2 (M, in) float32 @ W.T with W dequantized to float32, CHUNK_ELEMENTS at a time:
+        the file's weights up to the scales' bfloat16 rounding, float32 products and sums.
+        W = (q - 8) s + zero: q s is dequantized (in place), the (zero - 8 s) per group meet
+        the sums of x over each group in one small matmul (as GroupWeight.linear does)."""
+        xs = self._spread(x2)                                                         # (M, in'')
+        width = 2 * self.packed.shape[1]
+        xs = F.pad(xs, (0, width - xs.shape[1])) if xs.shape[1] < width else xs        # (M, in_pad'')
+        sz = self.scales_zeros.float()                                                # (groups, out_pad, 2)
+        sums = xs.view(xs.shape[0], -1, self.group).sum(-1)                           # (M, groups)
+        y = sums @ (sz[..., 1] - 8 * sz[..., 0])                                      # (M, out_pad)
+        block_n = kernel_block_n()
+        blocks = self.packed.shape[0] // block_n
+        step = max(1, CHUNK_ELEMENTS // (width * block_n))
+        for b0 in range(0, blocks, step):
+            b1 = min(blocks, b0 + step)
+            part = torch.matmul(xs, self.transposed_blocks(b0, b1, sz[..., 0]))       # (2 nb, M, h)
+            y[:, b0 * block_n : b1 * block_n] += part.transpose(0, 1).reshape(x2.shape[0], -1)
+        return y[:, : self.out_features]
+
+    def transposed_blocks(self, b0: int, b1: int, scale: torch.Tensor) -> torch.Tensor:
+        """q s of kernel row blocks [b0, b1), float32, each half block transposed: (2 nb, in'',
+        h), [2 b + s, k, i] for row (b0 + b) block_n + s h + i, kernel column k; `scale` is
+        (groups, out_pad). It is the kernel layout's own order (no permuting copy): byte
+        [b, j, t, i] holds column 2 j + t of row i (low nibble) and row i + h (high)."""
+        h, half = kernel_block_n() // 2, self.packed.shape[1]
+        native = self.packed.view(-1, half, 2, h)[b0:b1]                              # (nb, in/2, 2, h)
+        q = torch.stack((native & 0x0F, native >> 4), dim=1).float()                  # (nb, 2, in/2, 2, h)
+        halves, groups = 2 * (b1 - b0), scale.shape[0]
+        s = scale[:, b0 * 2 * h : b1 * 2 * h].reshape(groups, halves, 1, h).transpose(0, 1)  # (2 nb, groups, 1, h)
+        return q.view(halves, groups, self.group, h).mul_(s).view(halves, -1, h)
+
+    def _fold(self, wide: torch.Tensor) -> torch.Tensor:
+        """Kernel rows over the spread input -> rows over x: hi + lo; a + 4 c per 16 columns."""
+        if self.spread is None:
+            return wide
+        n = wide.shape[0]
         if self.spread == "twice":
             hi, lo = wide.chunk(2, dim=1)
             return hi + lo
-        parts = wide.view(len(ids), -1, 2, 16)                                        # (n, in / 16, 2, 16)
-        return (parts[:, :, 0] + 4 * parts[:, :, 1]).reshape(len(ids), -1)
+        parts = wide.view(n, -1, 2, 16)                                               # (n, in / 16, 2, 16)
+        return (parts[:, :, 0] + 4 * parts[:, :, 1]).reshape(n, -1)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor | None:
+        """Rows `ids` of the weight over the plain input x, float32 (n, in)."""
+        wide = super().rows(ids)                                                      # (n, in'')
+        return None if wide is None else self._fold(wide)
 
     def __repr__(self) -> str:
-        return f"SpreadInt4Weight({self.spread}, out={self.out_features}, in={self.packed.shape[1]})"
+        return f"GGUFKernelWeight({self.spread}, out={self.out_features}, in={self.packed.shape[1]})"
 
 
-def kernel_fits(dtype: torch.dtype) -> bool:
-    """Whether GGUF forms compute through the int4 kernel in compute dtype `dtype`: bfloat16
-    only (torch 2.13's float16 and float32 paths of this kernel took 50-250x the bfloat16
-    time on a (16384, 576) weight here, `bench/gguf_linear.py`)."""
-    return HAS_INT4_MM and dtype == torch.bfloat16
+def kernel_fits(dtype: torch.dtype, exact: bool = False) -> bool:
+    """Whether GGUF forms compute through the int4 kernel's form in compute dtype `dtype`:
+    bfloat16, and float32 through GGUFKernelWeight's paths (torch 2.13's own float16 and
+    float32 paths of this kernel took 50-250x the bfloat16 time on a (16384, 576) weight
+    here, `bench/gguf_linear.py`); float16, and float32 when `exact`, compute the stored forms."""
+    kinds = (torch.bfloat16,) if exact else (torch.bfloat16, torch.float32)
+    return HAS_INT4_MM and dtype in kinds and kernel_block_n() is not None
 
 
-def group_kernel_form(w: GroupWeight, dtype: torch.dtype) -> GroupWeight | Int4Weight:
+def group_kernel_form(w: GroupWeight, dtype: torch.dtype, exact: bool = False) -> GroupWeight | Int4Weight:
     """What `linear` multiplies with for a stored GGUF form in compute dtype `dtype`: the int4
-    kernel's form (a new copy; the stored tensors can go) or, in float32, the form itself."""
-    if not kernel_fits(dtype):
+    kernel's form, scales in bfloat16 (a new copy; the stored tensors can go), or, in float16
+    (and float32 when `exact`), the form itself."""
+    if not kernel_fits(dtype, exact):
         return w
     out = w.parts["gq"].shape[0]
     scale, low = (t.squeeze(-1) if t is not None else None for t in w.scales(0, out))   # (out, groups) float32
     if w.bits == 4:
-        return repack_int4(QuantizedWeight(w.parts["gq"], scale, low), dtype)
+        return GGUFKernelWeight(repack_int4(QuantizedWeight(w.parts["gq"], scale, low), torch.bfloat16), None)
     q = w.parts["gq"]                                                                   # (out, in) int8
     if w.group == KERNEL_GROUP:
         u = q.view(torch.uint8) ^ 0x80                                                  # q + 128, (out, in)
@@ -97,15 +164,15 @@ def group_kernel_form(w: GroupWeight, dtype: torch.dtype) -> GroupWeight | Int4W
     else:
         return w
     packed = (nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)).contiguous()                 # (out, in) uint8
-    return SpreadInt4Weight(repack_int4(QuantizedWeight(packed, scales, lows), dtype), spread)
+    return GGUFKernelWeight(repack_int4(QuantizedWeight(packed, scales, lows), torch.bfloat16), spread)
 
 
-def group_kernel_bytes(gq_shape: tuple[int, int], dtype: torch.dtype) -> int:
+def group_kernel_bytes(gq_shape: tuple[int, int], dtype: torch.dtype, exact: bool = False) -> int:
     """Bytes `group_kernel_form` allocates for a stored form whose `gq` has this shape (a
     manifest's; int4 or int8, either way 2 * its columns nibbles per row), 0 when the form is
     used as stored."""
-    if not kernel_fits(dtype):
+    if not kernel_fits(dtype, exact):
         return 0
     out, cols = gq_shape
     width = 2 * cols                        # int4: two nibbles per byte; int8: hi and lo nibbles
-    return int4_kernel_bytes(out, width, KERNEL_GROUP, dtype)
+    return int4_kernel_bytes(out, width, KERNEL_GROUP, torch.bfloat16)

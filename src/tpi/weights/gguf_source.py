@@ -150,6 +150,21 @@ class GGUFCheckpoint:
     def close(self) -> None:
         pass
 
+    def matrix_types(self) -> tuple[tuple[str, str, int], ...]:
+        """(part, GGUF type, parameters) of the 2-D matrices, part "layers" or "head" (the
+        output head: lm_head, or the embedding when tied): what the planner's cost model
+        charges a gguf store for (tpi.cluster.estimate.PlannerSettings.gguf_types)."""
+        tied = "lm_head.weight" not in self.gguf_of
+        counts: dict[tuple[str, str], int] = {}
+        for hf, name in self.gguf_of.items():
+            info = self.file.tensors[name]
+            if len(info.shape) != 2 or (hf == "model.embed_tokens.weight" and not tied):
+                continue
+            part = "layers" if hf.startswith("model.layers.") else "head"
+            key = (part, info.type_name)
+            counts[key] = counts.get(key, 0) + int(np.prod(info.shape))
+        return tuple((part, t, n) for (part, t), n in sorted(counts.items()))
+
     # --- what the store keeps besides tensors --------------------------------------------
 
     def model_files(self) -> dict[str, bytes]:

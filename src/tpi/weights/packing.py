@@ -13,16 +13,16 @@ from tpi.weights.gguf_quant import take_group_weights
 from tpi.weights.quant import MIN, QWEIGHT, SCALE, QuantizedWeight, kernel_copy_bytes, kernel_form
 
 
-def pack_block(tensors: dict[str, torch.Tensor], compute_dtype: torch.dtype) -> tuple[dict, int]:
+def pack_block(tensors: dict[str, torch.Tensor], compute_dtype: torch.dtype, gguf_exact: bool = False) -> tuple[dict, int]:
     """What `linear` and the norms consume, from a block's stored tensors, plus the bytes of
     any copies made. Quantized sets become their kernel form (int8: the stored weight and a
     scale in the compute dtype; int4 and GGUF forms: repacked for the CPU int4 kernel, a
-    copy; GGUF forms in float32: as stored); float tensors of another dtype are converted to
+    copy; GGUF forms in float16: as stored); float tensors of another dtype are converted to
     `compute_dtype` (a copy); others are used as they are."""
     groups, tensors = take_group_weights(tensors)
     block, copied = {}, 0
     for base, stored in groups.items():
-        block[base] = group_kernel_form(stored, compute_dtype)
+        block[base] = group_kernel_form(stored, compute_dtype, gguf_exact)
         if block[base] is not stored:
             copied += block[base].nbytes
     quantized = {name[: -len(QWEIGHT)] for name in tensors if name.endswith(QWEIGHT)}
@@ -45,7 +45,7 @@ def pack_block(tensors: dict[str, torch.Tensor], compute_dtype: torch.dtype) -> 
     return block, copied
 
 
-def packed_copy_bytes(tensors: dict, compute_dtype: torch.dtype) -> int:
+def packed_copy_bytes(tensors: dict, compute_dtype: torch.dtype, gguf_exact: bool = False) -> int:
     """Bytes `pack_block` will copy, from a manifest's {name: {"shape", "dtype"}}."""
     size = torch.empty((), dtype=compute_dtype).element_size()
     total = 0
@@ -53,7 +53,7 @@ def packed_copy_bytes(tensors: dict, compute_dtype: torch.dtype) -> int:
     for name, info in tensors.items():
         if name.rpartition(".")[0] in gguf_forms:
             if name.endswith(".gq"):
-                total += group_kernel_bytes(tuple(info["shape"]), compute_dtype)
+                total += group_kernel_bytes(tuple(info["shape"]), compute_dtype, gguf_exact)
             continue
         if name.endswith(QWEIGHT):
             base = name[: -len(QWEIGHT)]

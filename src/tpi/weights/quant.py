@@ -205,7 +205,7 @@ class Int4Weight(WeightTensors):
     def rows(self, ids: torch.Tensor) -> torch.Tensor | None:
         """Rows `ids` of the weight, float32 (n, in_pad), unpacked from the kernel's layout (see
         `_native_int4`); None if the layout is not known."""
-        block_n = _kernel_block_n()
+        block_n = kernel_block_n()
         if block_n is None:
             return None
         h, (rows, half) = block_n // 2, self.packed.shape
@@ -246,7 +246,7 @@ class DenseWeight(WeightTensors):
 
 def int4_kernel_bytes(out: int, in_pad: int, group: int, dtype: torch.dtype) -> int:
     """Bytes of an Int4Weight: the repacked weight plus scales and zeros in `dtype`."""
-    step = _kernel_block_n() or INT4_ROWS
+    step = kernel_block_n() or INT4_ROWS
     out_pad = -(-out // step) * step
     elem = torch.empty((), dtype=dtype).element_size()
     return out_pad * in_pad // 2 + (in_pad // group) * out_pad * 2 * elem
@@ -270,7 +270,7 @@ def _native_int4(stored: torch.Tensor, block_n: int) -> torch.Tensor:
 _BLOCK_N: list = []   # the kernel's row block, found once per process (None: unknown layout)
 
 
-def _kernel_block_n() -> int | None:
+def kernel_block_n() -> int | None:
     """Which row block the installed kernel packs with (AVX2 builds use 32, AVX512 64), found
     by packing a probe both ways; None if neither matches (then the kernel's own, slower,
     conversion is used)."""
@@ -286,7 +286,7 @@ def _kernel_block_n() -> int | None:
 def repack_int4(q: QuantizedWeight, dtype: torch.dtype) -> Int4Weight:
     out, half = q.qweight.shape
     group = q.group
-    block_n = _kernel_block_n()
+    block_n = kernel_block_n()
     step = block_n or INT4_ROWS
     out_pad = -(-out // step) * step
     rows = q.qweight if out_pad == out else F.pad(q.qweight, (0, 0, 0, out_pad - out))  # (out_pad, in_pad/2)

@@ -11,11 +11,11 @@ from tpi.weights.budget import MemoryBudgetError, format_size
 from tpi.weights.packing import packed_copy_bytes
 from tpi.weights.store import ShardStore, aligned_bytes
 
-def block_costs(store: ShardStore, rank: int, compute_dtype: torch.dtype) -> list[int]:
+def block_costs(store: ShardStore, rank: int, compute_dtype: torch.dtype, gguf_exact: bool = False) -> list[int]:
     """Bytes each block of the device's slice holds when loaded, in execution order: its read
     buffer (the file rounded up to whole pages, see `aligned_empty`) plus any dtype
     conversions. The budget is planned and accounted by this one rule."""
-    return [aligned_bytes(store.files[rel].bytes) + packed_copy_bytes(store.files[rel].tensors, compute_dtype)
+    return [aligned_bytes(store.files[rel].bytes) + packed_copy_bytes(store.files[rel].tensors, compute_dtype, gguf_exact)
             for rel in store.block_files(rank)]
 
 

@@ -129,8 +129,9 @@ class SlidingWindowBlocks(BlockSource):
     """Blocks of one device's slice: resident under the budget, the rest streamed."""
 
     def __init__(self, store: ShardStore, rank: int, *, window: int = 2, budget_bytes: int | None = None,
-                 compute_dtype: torch.dtype = torch.bfloat16):
+                 compute_dtype: torch.dtype = torch.bfloat16, gguf_exact: bool = False):
         self.store, self.rank, self.window, self.dtype = store, rank, window, compute_dtype
+        self.gguf_exact = gguf_exact    # RuntimeOptions.gguf_exact
         if str(rank) not in store.manifest.get("pieces", {}):
             raise StoreError(f"{store.root}: manifest has no device {rank} (device {rank} not in this store?)")
         self.order: list[Key] = store.execution_order(rank)
@@ -140,7 +141,7 @@ class SlidingWindowBlocks(BlockSource):
         if missing:
             raise StoreError(f"{store.root}: manifest lists no {missing[0]} (device {rank} not in this store?)")
         self.file_bytes = [store.files[r].bytes for r in self.rels]
-        self.costs = block_costs(store, rank, compute_dtype)
+        self.costs = block_costs(store, rank, compute_dtype, gguf_exact)
         self.is_expert = [kind == "expert" for _, kind, _ in self.order]
         self.plan = plan_with_experts(self.costs, self.is_expert, window, budget_bytes)
         self.stats = SchedulerStats(budget_bytes=budget_bytes)
@@ -242,7 +243,7 @@ class SlidingWindowBlocks(BlockSource):
             raise
         except Exception as e:
             raise StoreError(f"block file {path} cannot be parsed: {e}") from e
-        block, copied = pack_block(tensors, self.dtype)
+        block, copied = pack_block(tensors, self.dtype, self.gguf_exact)
         with self._lock:
             self.stats.bytes_read += size
             self.stats.files_read += 1

@@ -46,6 +46,28 @@ def resolve_source(src: str | None) -> Path:
     return resolve_model(src)
 
 
+def default_dtype(src: str | None) -> str:
+    """The storage dtype `--model SRC` gets without `--dtype`: a GGUF file (the embedded
+    default is one) keeps its own quantization ("gguf", docs/quantization.md); a store made by
+    `tpi prepare` its own dtype; anything else is cut to bfloat16."""
+    from tpi.weights.store import MANIFEST, ShardStore
+
+    src = src or DEFAULT_MODEL
+    path = Path(src).expanduser()
+    if (path / MANIFEST).is_file():
+        return ShardStore(path).dtype
+    return "gguf" if src == DEFAULT_MODEL or path.suffix == ".gguf" else "bfloat16"
+
+
+def gguf_types(src: str | None) -> tuple[tuple[str, str, int], ...]:
+    """(part, GGUF type, parameters) of a GGUF source's matrices (GGUFCheckpoint.matrix_types);
+    () for other sources."""
+    from tpi.weights.gguf_source import GGUFCheckpoint, is_gguf
+
+    path = resolve_source(src) if src is None or Path(src).expanduser().suffix == ".gguf" else None
+    return GGUFCheckpoint(path).matrix_types() if path is not None and is_gguf(path) else ()
+
+
 def model_config(src: str | None):
     """The ModelConfig of the source `--model SRC` names (a GGUF file: from its metadata)."""
     from tpi.weights.checkpoint import source_config

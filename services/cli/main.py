@@ -65,7 +65,7 @@ def runtime_options(args, num_slots: int = 1):
     from tpi.weights.budget import parse_size
 
     return RuntimeOptions(
-        dtype=args.dtype, compute_dtype=args.compute_dtype, max_seq=args.max_seq, num_slots=num_slots,
+        dtype=args.dtype, compute_dtype=args.compute_dtype or None, max_seq=args.max_seq, num_slots=num_slots,
         scheduler=not args.no_scheduler, window=args.window,
         memory_budget=parse_size(args.memory_budget) if args.memory_budget else None,
         kv_dtype=args.kv_dtype, head_topk=args.head_topk,

@@ -107,13 +107,14 @@ def _gather(links: dict[int, DataSocket], expect: Frame, step: int, max_bytes: i
     """Each worker's partial for `step`, read from all connections as data arrives (so no
     sender waits for the master to get round to it): rank -> a view into its buffer.
     _RankFailed names the rank whose connection or frame failed; TimedOut the missing."""
-    got, waiting, poller, by_fd = {}, set(links), select.poll(), {}
+    got, waiting, poller, fds = {}, set(links), select.poll(), {}
     for rank, link in links.items():
         try:
-            by_fd[link.fileno()] = rank
-            poller.register(link.fileno(), select.POLLIN)
+            fds[rank] = link.fileno()
+            poller.register(fds[rank], select.POLLIN)
         except (OSError, ValueError) as e:             # closed under us: the rank is lost
             raise _RankFailed(rank, CommError(link.lost or str(e))) from None
+    by_fd = {fd: rank for rank, fd in fds.items()}
     while True:
         for rank in sorted(waiting):
             try:
@@ -122,7 +123,9 @@ def _gather(links: dict[int, DataSocket], expect: Frame, step: int, max_bytes: i
                     if part is not None:
                         got[rank] = part
                         waiting.discard(rank)
-                        poller.unregister(links[rank].fileno())
+                        # by the number registered: the hub's other thread may close the
+                        # socket meanwhile (a bad control frame), and then fileno() is -1
+                        poller.unregister(fds[rank])
             except (CommError, ProtocolError) as e:
                 raise _RankFailed(rank, e) from None
         if not waiting:

@@ -18,10 +18,11 @@ WEIGHTS = [1.0, 2.0, 1.0]
 GGUF_OPTS = RuntimeOptions(max_seq=272, scheduler=False)
 
 
-def teacher_forced_tpi(path, ids: torch.Tensor, stepwise: bool, opts: RuntimeOptions = GGUF_OPTS) -> torch.Tensor:
-    """Top-1 per position of ids (1, T): one forward of all T rows (a prefill: the weights
-    dequantized to float32), or T forwards of one row each (decode: the kernel)."""
-    engine = build_inproc_engine(ModelSettings(str(path), WEIGHTS), opts)
+def teacher_forced_tpi(path, ids: torch.Tensor, stepwise: bool, opts: RuntimeOptions = GGUF_OPTS,
+                       weights: list[float] = WEIGHTS) -> torch.Tensor:
+    """Top-1 per position of ids (1, T) on devices of `weights`: one forward of all T rows (a
+    prefill: the weights dequantized to float32), or T forwards of one row each (decode: the kernel)."""
+    engine = build_inproc_engine(ModelSettings(str(path), weights), opts)
     try:
         assert engine.store.dtype == "gguf"
         with torch.no_grad():

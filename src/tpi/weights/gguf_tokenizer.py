@@ -3,14 +3,20 @@
 A GGUF file stores its tokenizer as llama.cpp sees it: `tokenizer.ggml.model` (the kind),
 `.tokens`, `.token_type`, `.merges` (or `.scores`), `.pre` (the pre-tokenizer's name), the
 special token ids, `add_bos_token` / `add_space_prefix`, and `tokenizer.chat_template`.
-Two kinds are rebuilt here, as transformers' GGUF loader rebuilds them (its `GPT2Tokenizer`
-and `LlamaTokenizer` backends, which `tests/engine/test_gguf.py` compares against):
+Two kinds are rebuilt here, as transformers' GGUF loader rebuilds them (its `GPT2Tokenizer`,
+`LlamaTokenizer` and `GemmaTokenizer` backends, which tests/engine/test_gguf.py (SmolLM2's
+file) and tests/engine/test_gguf_gemma_tokenizer.py (a Gemma-shaped vocabulary) compare against):
 
   gpt2   byte-level BPE (Llama 3, Qwen, SmolLM): tokens spelled in GPT-2's byte alphabet,
          the merges as given; a named pre-tokenizer split (llama3, qwen2, ...) before the
          byte-level mapping, else GPT-2's own regex.
   llama  SentencePiece BPE (Llama 2, Mistral): "▁" for spaces, byte fallback (<0x..>
          tokens), merges as given or else derived from the vocabulary and its scores.
+         Gemma's files (architecture gemma, gemma2, gemma3; transformers' GemmaTokenizer)
+         differ in two ways: llama.cpp's converter writes Gemma's runs-of-spaces pieces
+         ("▁▁", ...; user-defined) with real spaces ("  "), which are spelled back with "▁"
+         here; and their merges, absent from the file, are ranked by the tokens' order in the
+         file, not by their scores (which do not follow Gemma's merge order).
 
 Tokens of type CONTROL (3) become special tokens, USER_DEFINED (4) plain added tokens, so
 neither is cut into pieces.
@@ -22,6 +28,8 @@ import json
 from tpi.weights.gguf_file import GGUFError
 
 CONTROL, USER_DEFINED = 3, 4
+# general.architecture values whose SentencePiece vocabulary transformers rebuilds as Gemma's
+GEMMA_ARCHS = {"gemma", "gemma2", "gemma3"}
 
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -59,7 +67,8 @@ def build_tokenizer(meta: dict, where: str = "GGUF"):
         alphabet = set(spelling.values())
         vocab = {(t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8"))): i
                  for i, t in enumerate(tokens)}
-        tok = Tokenizer(models.BPE(vocab=vocab, merges=_merges(meta, vocab), fuse_unk=False,
+        merges = _merges(meta, vocab, meta.get("tokenizer.ggml.scores"))
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False,
                                    continuing_subword_prefix="", end_of_word_suffix=""))
         split = PRE_SPLITS.get(meta.get("tokenizer.ggml.pre"))
         if split is None:
@@ -71,10 +80,16 @@ def build_tokenizer(meta: dict, where: str = "GGUF"):
         tok.decoder = decoders.ByteLevel()
         specials_ok = lambda t: set(t) <= alphabet  # noqa: E731 (a byte-level vocabulary's own spelling)
     elif kind == "llama":
-        vocab = {t: i for i, t in enumerate(tokens)}
+        if meta.get("general.architecture") in GEMMA_ARCHS:
+            # "  " -> "▁▁" (transformers' rule would also respell mixed runs like "\n ")
+            spelled = ["▁" * len(t) if t and not t.strip(" ") else t for t in tokens]
+            ranks = [-float(i) for i in range(len(tokens))]  # the file's order: first = best
+        else:
+            spelled, ranks = tokens, meta.get("tokenizer.ggml.scores")
+        vocab = {t: i for i, t in enumerate(spelled)}
         unk = meta.get("tokenizer.ggml.unknown_token_id")
-        tok = Tokenizer(models.BPE(vocab=vocab, merges=_merges(meta, vocab), fuse_unk=True, byte_fallback=True,
-                                   unk_token=tokens[unk] if unk is not None else None))
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=_merges(meta, vocab, ranks), fuse_unk=True,
+                                   byte_fallback=True, unk_token=spelled[unk] if unk is not None else None))
         prefix = meta.get("tokenizer.ggml.add_space_prefix", True)
         tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first" if prefix else "never",
                                                      split=False)
@@ -96,19 +111,19 @@ def build_tokenizer(meta: dict, where: str = "GGUF"):
     return tok
 
 
-def _merges(meta: dict, vocab: dict[str, int]) -> list[tuple[str, str]]:
-    """The merges as given, or derived from a SentencePiece vocabulary: every split of a token
-    into two tokens, best score first (as transformers' generate_merges)."""
+def _merges(meta: dict, vocab: dict[str, int], ranks: list[float] | None) -> list[tuple[str, str]]:
+    """The merges as given, or derived from a SentencePiece vocabulary (token -> id) and a rank
+    per id (higher = merged first): every split of a token into two tokens, best rank first
+    (as transformers' generate_merges; a token spelled twice counts once, at its last id)."""
     given = meta.get("tokenizer.ggml.merges")
     if given:
         return [tuple(m.split(" ", 1)) for m in given]
-    scores = meta.get("tokenizer.ggml.scores")
-    if scores is None:
+    if ranks is None:
         return []
     merges = []
-    for token, score in zip(meta["tokenizer.ggml.tokens"], scores):
-        local = [(token[:i], token[i:], score) for i in range(1, len(token))
-                 if token[:i] in vocab and token[i:] in vocab]
+    for token, i in vocab.items():
+        local = [(token[:k], token[k:], ranks[i]) for k in range(1, len(token))
+                 if token[:k] in vocab and token[k:] in vocab]
         merges.extend(sorted(local, key=lambda m: (vocab[m[0]], vocab[m[1]])))
     merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
     return [(a, b) for a, b, _ in merges]

@@ -29,7 +29,7 @@ from tpi.weights.embedding import EmbeddingRows
 from tpi.weights.slicing import DEFAULT_MAX_BLOCK_BYTES
 from tpi.weights import store_cache
 from tpi.weights.splitter import split_checkpoint
-from tpi.weights.store import FORMAT_VERSION, ShardStore
+from tpi.weights.store import FORMAT_VERSION, MANIFEST, ShardStore
 
 log = logging.getLogger("tpi.engine")
 
@@ -83,19 +83,29 @@ def prepare_store_apart(model_src: str | None, weights: list[float], dtype: str,
     (tpi.host.memory_budget): the budget must count what the device holds, not a finished
     split. A store directory is named by everything it is made from (`store_dir`) and its
     manifest is written last, so a manifest there means the store is complete."""
-    from tpi.weights.store import MANIFEST
-
     if prepared_store(model_src) is not None:
         return prepare_store(model_src, weights, dtype)  # checks the plan and dtype
     src = Path(model_src).expanduser() if model_src else None
     if src is None or src.exists():  # the embedded default or a local file: cheap to look at
         model_dir = resolve_source(model_src)
-        out = store_dir(model_dir, make_plan(source_config(model_dir), weights), dtype, root, max_block_bytes)
-        if (out / MANIFEST).is_file():
+        cfg = source_config(model_dir)
+        out = store_dir(model_dir, make_plan(cfg, weights), dtype, root, max_block_bytes)
+        if _cut_with(out, cfg):
             store_cache.mark_used(out)
             return ShardStore(out)
     return ShardStore(_in_child("prepare_store", model_src, list(weights), dtype, None,
                                 None if root is None else str(root), max_block_bytes))
+
+
+def _cut_with(out: Path, cfg) -> bool:
+    """Whether `out` holds a complete store (its manifest) cut with `cfg`, the source's config
+    as this code reads it. split_checkpoint's reuse rule compares the same, so a store cut
+    before that reading changed (a GGUF source's stop set, say) is rebuilt in place."""
+    try:
+        manifest = json.loads((out / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return manifest.get("model_config") == json.loads(json.dumps(cfg.to_json()))
 
 
 # Errors a child's prepare_store may raise, re-raised here by name (their messages name the cause).
@@ -124,8 +134,6 @@ def _in_child(function: str, *args) -> str:
 
 def prepared_store(model_src: str | None) -> ShardStore | None:
     """The store at `model_src` if it is one (`tpi prepare --out DIR`), else None."""
-    from tpi.weights.store import MANIFEST
-
     if model_src and (Path(model_src) / MANIFEST).is_file():
         return ShardStore(model_src)
     return None

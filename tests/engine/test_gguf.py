@@ -154,6 +154,8 @@ def test_smollm2_from_its_gguf_answers_paris(tmp_path):
         assert engine.store.dtype == "gguf" and engine.cluster.runners[0].dtype == torch.float32
         out = engine.generator.generate(prompt, SamplingParams(max_new_tokens=24))
         assert "Paris" in engine.tokenizer.decode(out.tokens)
+        # the reply ends at <|im_end|> (2), its eos and its only end-of-turn control token
+        assert engine.generator.stop_ids == {2} and out.finish_reason == "stop"
         # no generation settings in a GGUF file: greedy, as transformers derives them from a config
         assert load_generation_config(engine.store.model_dir).temperature == 0.0
         source = resolve_source(None)

@@ -34,6 +34,7 @@ import torch
 from tpi.config import ModelConfig, UnsupportedModelError, parse_hf_config
 from tpi.weights.gguf_families import EXPERT_KINDS, FAMILIES, LAYER_NAMES, Meta, family_of
 from tpi.weights.gguf_file import SUPPORTED_TYPES, GGUFError, GGUFFile, dequantize
+from tpi.weights.gguf_tokenizer import stop_token_ids
 
 HEAD_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
               "output.weight": "lm_head.weight"}
@@ -175,7 +176,7 @@ class GGUFCheckpoint:
 
         meta = self.file.metadata
         generation = {k: v for k, v in (("bos_token_id", meta.get("tokenizer.ggml.bos_token_id")),
-                                        ("eos_token_id", meta.get("tokenizer.ggml.eos_token_id")),
+                                        ("eos_token_id", self.hf_config["eos_token_id"]),
                                         ("pad_token_id", meta.get("tokenizer.ggml.padding_token_id")))
                       if v is not None}
         files = {"config.json": json.dumps(self.hf_config, indent=1).encode(),
@@ -205,6 +206,7 @@ class GGUFCheckpoint:
             raise UnsupportedModelError(f"{self.path.name}: per-layer head counts or widths are not supported")
         embed = self.file.tensors["token_embd.weight"] if "token_embd.weight" in self.file.tensors else None
         vocab = self.meta.get("vocab_size") or len(meta.get("tokenizer.ggml.tokens", ())) or (embed and embed.shape[0])
+        stops = stop_token_ids(meta)
         head_dim = self.meta.get("attention.key_length") or self.meta.get("rope.dimension_count") or hidden // heads
         hf = {
             "architectures": [self.hf_architecture],
@@ -222,7 +224,9 @@ class GGUFCheckpoint:
             "tie_word_embeddings": "output.weight" not in self.file.tensors,
             "hidden_act": "silu",
             "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
-            "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+            # the stop set (gguf_tokenizer.stop_token_ids), a list when more than eos, as
+            # Hugging Face's own configs list Gemma's [1, 106] and Llama 3's end tokens
+            "eos_token_id": stops[0] if len(stops) == 1 else (stops or None),
         }
         if self.family.config:
             hf.update(self.family.config(self.meta, hf["num_hidden_layers"]))

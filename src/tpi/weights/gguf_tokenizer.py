@@ -1,4 +1,4 @@
-"""A `tokenizers` tokenizer (tokenizer.json) and tokenizer_config.json from GGUF metadata.
+"""A `tokenizers` tokenizer (tokenizer.json), tokenizer_config.json and the stop set from GGUF metadata.
 
 A GGUF file stores its tokenizer as llama.cpp sees it: `tokenizer.ggml.model` (the kind),
 `.tokens`, `.token_type`, `.merges` (or `.scores`), `.pre` (the pre-tokenizer's name), the
@@ -38,6 +38,10 @@ _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
 # tokenizer.ggml.pre -> the split regex its merges were learned with (others: GPT-2's)
 PRE_SPLITS = {"llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT,
               "smaug-bpe": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT}
+# Control tokens that end a chat turn, recognised by their text (as llama.cpp's llama-vocab.cpp
+# adds them to its end-of-generation set): a file may declare only its document end as eos
+# (Gemma's <eos>) while its chat replies end with one of these (Gemma's <end_of_turn>, 106).
+END_OF_TURN = ("<end_of_turn>", "<|eot_id|>", "<|im_end|>", "<|end|>", "<|eom_id|>")
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -127,6 +131,18 @@ def _merges(meta: dict, vocab: dict[str, int], ranks: list[float] | None) -> lis
         merges.extend(sorted(local, key=lambda m: (vocab[m[0]], vocab[m[1]])))
     merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
     return [(a, b) for a, b, _ in merges]
+
+
+def stop_token_ids(meta: dict) -> list[int]:
+    """The ids that end generation, eos first: `tokenizer.ggml.eos_token_id`, `.eot_token_id`
+    and `.eom_token_id` when present, and the CONTROL tokens whose text is in END_OF_TURN.
+    The one place a GGUF source's stop set is decided (written to config.json and
+    generation_config.json as eos_token_id, where tpi.engine reads it)."""
+    tokens = meta.get("tokenizer.ggml.tokens") or []
+    types = meta.get("tokenizer.ggml.token_type") or []
+    ids = [meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
+    ids += [i for i, (t, k) in enumerate(zip(tokens, types)) if k == CONTROL and t in END_OF_TURN]
+    return list(dict.fromkeys(i for i in ids if i is not None))  # in order, once each
 
 
 def tokenizer_files(meta: dict, where: str = "GGUF") -> dict[str, bytes]:

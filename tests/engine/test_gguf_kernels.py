@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from test_gguf_quant import raw_blocks
+from tpi.weights.gguf_exact import ExactGroupWeight
 from tpi.weights.gguf_kernels import EXACT_ROWS, group_kernel_bytes, group_kernel_form
 from tpi.weights.gguf_quant import GROUP_TYPES, GroupWeight, from_gguf
 from tpi.weights.quant import QuantizedWeight, repack_int4, unpack_int4
@@ -34,9 +35,17 @@ def test_int4_kernel_dequantizes_as_nibble_minus_8_times_scale_plus_zero(dtype):
     assert ((got - want).abs() <= eps * want.abs() + 1e-4).all()
 
 
+def shapes(form: GroupWeight) -> tuple[tuple[int, int], int, int]:
+    """What group_kernel_bytes reads from a manifest: gq's shape, gscale's columns, the
+    parts' bytes."""
+    return tuple(form.parts["gq"].shape), form.parts["gscale"].shape[1], form.nbytes
+
+
 def rounded_reference(form: GroupWeight, dtype: torch.dtype) -> torch.Tensor:
     """The file's weights with each group's scale, and its zero (min + 8 * scale), rounded once
-    to `dtype`: W = s' * q + (min + 8 s)' - 8 s', float64 (out, in)."""
+    to `dtype`: W = s' * q + (min + 8 s)' - 8 s', float64 (out, in). Int8 forms of groups of
+    32 (Q8_0's kind) hold S = 16 s and Z = 16 (min + 8 s) / 17 instead (gguf_kernels):
+    W = S' / 16 * (q - 8) + 17 Z' / 16."""
     out = form.parts["gq"].shape[0]
     scale, low = form.scales(0, out)                                                        # (out, groups, 1)
     low = torch.zeros_like(scale) if low is None else low
@@ -44,6 +53,10 @@ def rounded_reference(form: GroupWeight, dtype: torch.dtype) -> torch.Tensor:
         q = unpack_int4(form.parts["gq"])                                                   # (out, in) 0..15
     else:
         q = form.parts["gq"]                                                                # (out, in) int8
+    if form.bits == 8 and form.group == 32:
+        big_s = (16 * scale).to(dtype).double()
+        big_z = ((low + 8 * scale) * (16 / 17)).to(dtype).double()
+        return (big_s / 16 * (q.double().view(out, -1, 32) - 8) + 17 * big_z / 16).view(out, -1)
     s = scale.to(dtype).double()
     zero = (low + 8 * scale).to(dtype).double()
     return (q.double().view(out, -1, form.group) * s + zero - 8 * s).view(out, -1)
@@ -56,9 +69,9 @@ def test_every_gguf_type_computes_its_weights_through_the_kernel(type_name):
     form = GroupWeight(dict(from_gguf(raw, type_name, 512).parts))
     weight = group_kernel_form(form, dtype)
     assert not isinstance(weight, GroupWeight), f"{type_name} has no kernel form"
-    assert weight.nbytes == group_kernel_bytes(tuple(form.parts["gq"].shape), dtype)
+    assert weight.nbytes == group_kernel_bytes(*shapes(form), dtype)
     bits = 8 * weight.nbytes / (128 * 512)
-    assert bits <= (5.5 if weight.spread is None else 10.5), bits
+    assert bits <= {None: 5.5, "sixteenth": 9.5, "times4": 10.5}[weight.spread], bits
     w = rounded_reference(form, dtype)                                                      # (128, 512)
     exact = form.dequantize_rows(0, 128, torch.float32).double()
     # the rounded scales are the only change to the weights: at most 2^-8 of a group's scale step
@@ -73,24 +86,27 @@ def test_every_gguf_type_computes_its_weights_through_the_kernel(type_name):
         assert ((got - want).abs() <= torch.finfo(dtype).eps * want.abs() + 1e-5 * scale).all(), type_name
 
 
-@pytest.mark.parametrize("dtype,exact", [(torch.float16, False), (torch.float32, True)])
-def test_float16_and_exact_float32_compute_keep_the_stored_form(dtype, exact):
+@pytest.mark.parametrize("exact", [False, True])
+def test_float16_keeps_the_stored_form_and_float32_its_exact_transpose(exact):
     form = GroupWeight(dict(from_gguf(raw_blocks("Q8_0", 8, 64), "Q8_0", 64).parts))
-    assert group_kernel_form(form, dtype, exact) is form
-    assert group_kernel_bytes(tuple(form.parts["gq"].shape), dtype, exact) == 0
+    assert group_kernel_form(form, torch.float16, exact) is form
+    assert group_kernel_bytes(*shapes(form), torch.float16, exact) == 0
+    weight = group_kernel_form(form, torch.float32, exact)                                  # numba is a dependency
+    assert isinstance(weight, ExactGroupWeight)
+    assert weight.nbytes == form.nbytes == group_kernel_bytes(*shapes(form), torch.float32, exact)  # Q8_0: no gfirst
 
 
 @pytest.mark.parametrize("type_name", GROUP_TYPES)
 def test_float32_inputs_lose_no_input_precision(type_name):
-    """float32 compute holds the same kernel form (bfloat16 scales). Prefill rows (M >=
-    EXACT_ROWS) multiply the dequantized float32 weight: float32 sums of the rounded-scale
-    weights. Decode rows split x into two bfloat16 rows: only the output's bfloat16 rounding
-    is left (the bfloat16 path also rounds the input: an error up to 2^-9 of the sums)."""
+    """The kernel form with float32 inputs (what float32 compute holds where numba is
+    missing; bfloat16 scales). Prefill rows (M >= EXACT_ROWS) multiply the dequantized
+    float32 weight: float32 sums of the rounded-scale weights. Decode rows split x into two
+    bfloat16 rows: only the output's bfloat16 rounding is left (the bfloat16 path also rounds
+    the input: an error up to 2^-9 of the sums)."""
     raw = raw_blocks(type_name, 96, 512, seed=4)   # 96 rows: not a whole number of some row blocks
     form = GroupWeight(dict(from_gguf(raw, type_name, 512).parts))
-    weight = group_kernel_form(form, torch.float32)
-    assert weight.nbytes == group_kernel_bytes(tuple(form.parts["gq"].shape), torch.float32) \
-        == group_kernel_bytes(tuple(form.parts["gq"].shape), torch.bfloat16)
+    weight = group_kernel_form(form, torch.bfloat16)
+    assert weight.nbytes == group_kernel_bytes(*shapes(form), torch.bfloat16)
     w = rounded_reference(form, torch.bfloat16)                                             # (96, 512)
     g = torch.Generator().manual_seed(5)
     for rows in (1, 3, EXACT_ROWS, 40):

@@ -48,12 +48,11 @@ def test_top1_agreement_with_dequantized_float32(gguf_model, qtype, path_kind):
     got = teacher_forced_tpi(path, ids, stepwise=path_kind != "prefill", opts=exact if path_kind == "exact" else GGUF_OPTS)
     agreement = (got[1:] == want[1:]).float().mean().item()
     print(f"{qtype} {path_kind}: top-1 agreement with dequantized float32 over 256 positions: {agreement:.4f}")
-    # The issue's target is 99%; NOT met (docs/quantization.md). Measured 98.4% for both files
-    # through the prefill rows (the scales' bfloat16 rounding alone: 4 positions whose top two
-    # lie under 0.013 apart) and 98.4% (Q4_K) / 94.9% (Q8_0) through decode rows (the
-    # kernel's bfloat16 outputs); the stored forms (`--compute-dtype float32`) give 100% at
-    # several times the decode time. These floors guard what the default path gives.
-    assert agreement >= {"prefill": 0.98, "decode": 0.94, "exact": 0.99}[path_kind]
+    # The issue's target: 99%. Both paths compute the file's weights in float32 (numba
+    # kernels, tpi.weights.gguf_exact): 100% measured; the int4 kernel's forms (bfloat16
+    # scales and outputs, what bfloat16 compute or a device without numba uses) gave 97-98%
+    # here (docs/quantization.md).
+    assert agreement >= 0.99
 
 
 def file_share(ckpt: GGUFCheckpoint, cfg, shard) -> int:
@@ -92,10 +91,10 @@ def test_resident_weights_within_ten_percent_of_the_file_share(gguf_model, tmp_p
         share = file_share(ckpt, store.config, shard)
         print(f"{family} {qtype} {'exact' if exact else 'default'} device {shard.rank}: held {held} bytes, "
               f"file share {share} ({held / share:.3f}x)")
-        # The issue's target is within 10%; NOT met by the int4 kernel's forms the default path
-        # holds: 5 / 4.5 bits for Q4_K (measured 1.12x), 10 / 8.5 for Q8_0 (1.18x); the stored
-        # forms (`--compute-dtype float32`) hold 1.03x / 1.00x (docs/quantization.md).
-        assert held / share <= (1.10 if exact else {"Q4_K": 1.13, "Q8_0": 1.19}[qtype])
+        # The issue's target: within 10%. Measured 1.029x (Q4_K: its 6-bit scales in a byte
+        # each) and 1.000x (Q8_0); the int4 kernel's forms held 1.111x / 1.059x (1.176x before
+        # Q8_0 took one kernel group of 64), docs/quantization.md.
+        assert held / share <= 1.10
 
 
 @pytest.mark.parametrize("family,qtype", [("llama", "Q4_K"), ("qwen2", "Q4_K"), ("llama-tied", "Q8_0")])

@@ -12,6 +12,7 @@ from tpi.cluster.capability import DeviceCapability
 from tpi.config import ModelConfig
 from tpi.plan import DeviceShard, PlanError, ShardPlan
 from tpi.weights.budget import MemoryBudgetError
+from tpi.weights.gguf_exact import HAS_NUMBA
 from tpi.weights.retention import plan_with_experts
 from tpi.weights.slicing import DEFAULT_MAX_BLOCK_BYTES, DENSE_KIND, block_pieces
 from tpi.weights.store import aligned_bytes, execution_order
@@ -23,14 +24,15 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1.5, "int4": 0
 # What a loaded quantized parameter adds in a 16-bit compute dtype (int4: repacked for the
 # kernel, 0.5, plus scale and zero in the compute dtype per 32, 0.125); in float32 compute
 # every weight is dequantized to float32 at load (tpi.weights.quant.kernel_form). gguf in
-# bfloat16 or float32 compute: the int4 kernel's form (tpi.weights.gguf_kernels), per type in
-# GGUF_BITS; in float16 the forms stay as stored.
-KERNEL_COPY_BYTES = {"int8": 0, "int4": 0.625, "gguf": 1.25}
+# float32 compute: the stored form transposed for the numba kernels (tpi.weights.gguf_exact,
+# the stored bits again); in bfloat16 (or float32 without numba) the int4 kernel's form
+# (tpi.weights.gguf_kernels), per type in GGUF_BITS; in float16 the forms stay as stored.
+KERNEL_COPY_BYTES = {"int8": 0, "int4": 0.625, "gguf": 1.125}
 # Per GGUF type, bits per weight of a gguf store's form (tpi.weights.gguf_quant) and of the
-# int4 kernel's form made from it at load (tpi.weights.gguf_kernels); float types are kept
+# int4 kernel's form made from it at load in bfloat16 (tpi.weights.gguf_kernels); float types are kept
 # as they are (converted to the compute dtype at load when it differs).
-GGUF_BITS = {"Q4_0": (4.5, 5), "Q4_1": (5, 5), "Q4_K": (4.625, 5), "Q8_0": (8.5, 10), "Q5_0": (8.5, 10),
-             "Q5_1": (9, 10), "Q5_K": (8.625, 10), "Q6_K": (8.5625, 10), "F32": (32, 0), "F16": (16, 0),
+GGUF_BITS = {"Q4_0": (4.5, 5), "Q4_1": (5, 5), "Q4_K": (4.625, 5), "Q8_0": (8.5, 9), "Q5_0": (8.5, 9),
+             "Q5_1": (9, 9), "Q5_K": (8.625, 9), "Q6_K": (8.5625, 10), "F32": (32, 0), "F16": (16, 0),
              "BF16": (16, 0)}
 GGUF_FLOATS = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
@@ -83,12 +85,13 @@ class PlannerSettings:
     def _gguf_bytes(self, part: str) -> tuple[float, float]:
         """(stored, held copy) bytes per parameter of a gguf store's matrices of `part`."""
         mine = [(t, n) for p, t, n in self.gguf_types if p == part] or [("Q8_0", 1)]
+        exact = self.compute_dtype == "float32" and HAS_NUMBA     # transposed for the numba kernels
         kernel = self.compute_dtype in (("bfloat16",) if self.gguf_exact else ("bfloat16", "float32"))
 
         def copy_bits(t: str) -> float:
             if t in GGUF_FLOATS:
                 return 0 if GGUF_FLOATS[t] == self.compute_dtype else 8 * DTYPE_BYTES[self.compute_dtype]
-            return GGUF_BITS[t][1] if kernel else 0
+            return GGUF_BITS[t][0] if exact else GGUF_BITS[t][1] if kernel else 0
 
         total = sum(n for _, n in mine)
         return (sum(GGUF_BITS[t][0] * n for t, n in mine) / 8 / total,

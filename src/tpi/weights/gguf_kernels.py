@@ -1,23 +1,28 @@
 """GGUF's group forms computed by torch's int4 CPU kernel (bfloat16 or float32 activations).
 
-aten::_weight_int4pack_mm_for_cpu(x (M, K), packed, 32, sz (K / 32, N, 2)) computes x @ W.T
-with W[n, k] = (nibble[n, k] - 8) * sz[k // 32, n, 0] + sz[k // 32, n, 1]: a scale and a zero
-per group of 32 input columns, both in x's dtype, each weight dequantized in float32 and the
-products summed in float32 (tests/engine/test_gguf_kernels.py checks this against that formula).
-Every GGUF type (tpi.weights.gguf_quant's forms, w = s * q + min per group) maps onto it:
+aten::_weight_int4pack_mm_for_cpu(x (M, K), packed, G, sz (K / G, N, 2)) computes x @ W.T with
+W[n, k] = (nibble[n, k] - 8) * sz[k // G, n, 0] + sz[k // G, n, 1]: a scale and a zero per
+group of G (32 or 64) input columns, both in x's dtype, each weight dequantized in float32 and
+the products summed in float32 (tests/engine/test_gguf_kernels.py checks this against that
+formula). Every GGUF type (tpi.weights.gguf_quant's forms, w = s * q + min per group) maps
+onto it:
 
-| GGUF | kernel weight (N, K') over input x' | scale, zero per kernel group | bits / weight held |
-| --- | --- | --- | --- |
-| Q4_0, Q4_1, Q4_K (groups of 32) | the stored nibbles, K' = K, x' = x | s, min + 8 s (Q4_0: min = -8 s, zero 0) | 5 |
-| Q8_0, Q5_0, Q5_1, Q5_K (groups of 32) | u = q + 128 (0..255) as [u >> 4 \\| u & 15], K' = 2K, x' = [x \\| x] | hi: 16 s, 0; lo: s, min + 8 s | 10 |
-| Q6_K (groups of 16, q in -32..31) | u = q + 32 (0..63) as [(u & 3) + 8 \\| u >> 2] per group, K' = 2K, x' = [x_g \\| 4 x_g] per group | s, 0 | 10 |
+| GGUF | kernel weight (N, K') over input x' | G | scale, zero per kernel group | bits / weight held (file) |
+| --- | --- | --- | --- | --- |
+| Q4_0, Q4_1, Q4_K | the stored nibbles, K' = K, x' = x | 32 | s, min + 8 s (Q4_0: min = -8 s, zero 0) | 5 (4.5, 5, 4.5) |
+| Q8_0, Q5_0, Q5_1, Q5_K | u = q + 128 (0..255) as [u >> 4 \\| u & 15] per group, K' = 2K, x' = [x_g \\| x_g / 16] per group | 64 | 16 s, 16 (min + 8 s) / 17 | 9 (8.5, 5.5, 6, 5.5) |
+| Q6_K (groups of 16, q in -32..31) | u = q + 32 (0..63) as [(u & 3) + 8 \\| u >> 2] per group, K' = 2K, x' = [x_g \\| 4 x_g] per group | 32 | s, 0 | 10 (6.6) |
 
-Why each is the weight: 16 s (hi - 8) + s (lo - 8) + min + 8 s = s (16 hi + lo - 128) + min
-= s q + min; and s ((u & 3) + 8 - 8) + 4 s ((u >> 2) - 8) = s (u - 32) = s q. Multiplying by
-16, by 8 or by 4 is exact in any binary float, so the kernel's weights are the file's exactly
-up to one rounding of the scale (and of min + 8 s, for the types with a min) to the compute
-dtype: bfloat16 keeps 8 significant bits of GGUF's 11-bit float16 steps (relative error at
-most 2^-9 per group, the same bound as a bfloat16 copy of the weight has per weight).
+Why each is the weight. Q8_0's kind: one kernel group holds a GGUF group's high nibbles then
+its low ones, the low ones over x / 16, so with S = 16 s and Z its zero the group computes
+x ((hi - 8) S + Z) + x / 16 ((lo - 8) S + Z) = x (s (16 hi + lo - 136) + 17 Z / 16) =
+x (s q + min) when 17 Z / 16 = min + 8 s: one scale and zero per 32 weights (9 bits), where a
+kernel group each for the high and the low nibbles would hold two (10). Q6_K's: s ((u & 3) + 8
+- 8) + 4 s ((u >> 2) - 8) = s (u - 32) = s q. Multiplying by 16, by 4 or by 1 / 16 is exact
+in any binary float, so the kernel's weights are the file's exactly up to one rounding of the
+scale and of the zero to the compute dtype: bfloat16 keeps 8 significant bits of GGUF's 11-bit
+float16 steps (relative error at most 2^-9 per group, the same bound as a bfloat16 copy of the
+weight has per weight).
 
 The scales are bfloat16 in either compute dtype (the kernel wants them in its input's dtype,
 and torch's float32 and float16 int4 paths are far slower than its bfloat16 one). float32
@@ -31,19 +36,22 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tpi.weights.gguf_exact import HAS_NUMBA, ExactGroupWeight
 from tpi.weights.gguf_quant import CHUNK_ELEMENTS, GroupWeight
-from tpi.weights.quant import HAS_INT4_MM, Int4Weight, QuantizedWeight, kernel_block_n, int4_kernel_bytes, repack_int4
+from tpi.weights.quant import HAS_INT4_MM, Int4Weight, QuantizedWeight, int4_kernel_bytes, kernel_block_n, repack_int4
 
 KERNEL_GROUP = 32
+# Spread kinds: (columns of a file group, factor on its second copy of the input).
+SPREADS = {"sixteenth": (32, 1 / 16), "times4": (16, 4)}
 # Rows at or above which a float32 input is multiplied by the weight dequantized to float32
 # (a prefill); below it (decode) by the kernel, the input split into two bfloat16 rows.
 EXACT_ROWS = 8
 
 
 class GGUFKernelWeight(Int4Weight):
-    """A GGUF form in the int4 kernel's layout, over the plain input x (spread None), over
-    [x | x] ("twice") or, per group of 16 columns, over [x_g | 4 x_g] ("times4"); see the
-    module docstring. bfloat16 inputs go through the kernel; float32 ones through
+    """A GGUF form in the int4 kernel's layout, over the plain input x (spread None) or, per
+    group of the file, over [x_g | x_g / 16] ("sixteenth", groups of 32) or [x_g | 4 x_g]
+    ("times4", groups of 16); see the module docstring. bfloat16 inputs go through the kernel; float32 ones through
     `_exact` (M >= EXACT_ROWS) or `_split` (decode)."""
 
     __slots__ = ("spread",)
@@ -55,10 +63,9 @@ class GGUFKernelWeight(Int4Weight):
     def _spread(self, x: torch.Tensor) -> torch.Tensor:
         if self.spread is None:
             return x
-        if self.spread == "twice":
-            return torch.cat((x, x), dim=-1)                                          # (..., 2 in)
-        x16 = x.reshape(*x.shape[:-1], -1, 16)                                        # (..., in / 16, 16)
-        return torch.cat((x16, 4 * x16), dim=-1).reshape(*x.shape[:-1], -1)           # (..., 2 in)
+        width, factor = SPREADS[self.spread]
+        xg = x.reshape(*x.shape[:-1], -1, width)                                      # (..., in / width, width)
+        return torch.cat((xg, factor * xg), dim=-1).reshape(*x.shape[:-1], -1)        # (..., 2 in)
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if x.dtype != torch.float32:
@@ -111,15 +118,12 @@ class GGUFKernelWeight(Int4Weight):
         return q.view(halves, groups, self.group, h).mul_(s).view(halves, -1, h)
 
     def _fold(self, wide: torch.Tensor) -> torch.Tensor:
-        """Kernel rows over the spread input -> rows over x: hi + lo; a + 4 c per 16 columns."""
+        """Kernel rows over the spread input -> rows over x: per file group, a + factor * c."""
         if self.spread is None:
             return wide
-        n = wide.shape[0]
-        if self.spread == "twice":
-            hi, lo = wide.chunk(2, dim=1)
-            return hi + lo
-        parts = wide.view(n, -1, 2, 16)                                               # (n, in / 16, 2, 16)
-        return (parts[:, :, 0] + 4 * parts[:, :, 1]).reshape(n, -1)
+        width, factor = SPREADS[self.spread]
+        parts = wide.view(wide.shape[0], -1, 2, width)                                # (n, in / width, 2, width)
+        return (parts[:, :, 0] + factor * parts[:, :, 1]).reshape(wide.shape[0], -1)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor | None:
         """Rows `ids` of the weight over the plain input x, float32 (n, in)."""
@@ -139,40 +143,53 @@ def kernel_fits(dtype: torch.dtype, exact: bool = False) -> bool:
     return HAS_INT4_MM and dtype in kinds and kernel_block_n() is not None
 
 
-def group_kernel_form(w: GroupWeight, dtype: torch.dtype, exact: bool = False) -> GroupWeight | Int4Weight:
-    """What `linear` multiplies with for a stored GGUF form in compute dtype `dtype`: the int4
-    kernel's form, scales in bfloat16 (a new copy; the stored tensors can go), or, in float16
-    (and float32 when `exact`), the form itself."""
+def group_kernel_form(w: GroupWeight, dtype: torch.dtype, exact: bool = False
+                      ) -> GroupWeight | Int4Weight | ExactGroupWeight:
+    """What `linear` multiplies with for a stored GGUF form in compute dtype `dtype`: in
+    float32 (a gguf store's default) the form transposed for the exact numba kernels
+    (tpi.weights.gguf_exact; a new copy of the same bytes, the stored tensors can go); in
+    bfloat16, or float32 without numba, the int4 kernel's form, scales in bfloat16; in
+    float16, or float32 without numba when `exact`, the form itself."""
+    if dtype == torch.float32 and HAS_NUMBA:
+        return ExactGroupWeight(w)
     if not kernel_fits(dtype, exact):
         return w
     out = w.parts["gq"].shape[0]
     scale, low = (t.squeeze(-1) if t is not None else None for t in w.scales(0, out))   # (out, groups) float32
+    q = w.parts["gq"]                                  # (out, in / 2) uint8 nibbles or (out, in) int8
     if w.bits == 4:
-        return GGUFKernelWeight(repack_int4(QuantizedWeight(w.parts["gq"], scale, low), torch.bfloat16), None)
-    q = w.parts["gq"]                                                                   # (out, in) int8
+        return GGUFKernelWeight(repack_int4(QuantizedWeight(q, scale, low), torch.bfloat16), None)
     if w.group == KERNEL_GROUP:
-        u = q.view(torch.uint8) ^ 0x80                                                  # q + 128, (out, in)
-        nibbles = torch.cat((u >> 4, u & 0x0F), dim=1)                                  # (out, 2 in)
-        scales = torch.cat((16 * scale, scale), dim=1)                                  # (out, 2 groups)
-        lows = torch.cat((-128 * scale, torch.zeros_like(scale) if low is None else low), dim=1)
-        spread = "twice"
-    elif w.group == 16 and low is None:
+        u = (q.view(torch.uint8) ^ 0x80).view(out, -1, KERNEL_GROUP)                    # q + 128, (out, groups, 32)
+        nibbles = torch.cat((u >> 4, u & 0x0F), dim=2).view(out, -1)                    # (out, 2 in)
+        zeros = (8 * scale if low is None else low + 8 * scale) * (16 / 17)             # (out, groups)
+        kernel = _repacked(nibbles, 16 * scale, zeros - 128 * scale)
+        kernel.scales_zeros[:, :out, 1] = zeros.t()     # as computed, not through zeros - 8 S + 8 S
+        return GGUFKernelWeight(kernel, "sixteenth")
+    if w.group == 16 and low is None:
         u = (q + 32).view(torch.uint8).view(out, -1, 16)                                # (out, groups, 16) 0..63
         nibbles = torch.cat(((u & 3) + 8, u >> 2), dim=2).view(out, -1)                 # (out, 2 in)
-        scales, lows = scale, -8 * scale                                                # zero = low + 8 s = 0
-        spread = "times4"
-    else:
-        return w
-    packed = (nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)).contiguous()                 # (out, in) uint8
-    return GGUFKernelWeight(repack_int4(QuantizedWeight(packed, scales, lows), torch.bfloat16), spread)
+        return GGUFKernelWeight(_repacked(nibbles, scale, -8 * scale), "times4")        # zero = low + 8 s = 0
+    return w
 
 
-def group_kernel_bytes(gq_shape: tuple[int, int], dtype: torch.dtype, exact: bool = False) -> int:
-    """Bytes `group_kernel_form` allocates for a stored form whose `gq` has this shape (a
-    manifest's; int4 or int8, either way 2 * its columns nibbles per row), 0 when the form is
-    used as stored."""
+def _repacked(nibbles: torch.Tensor, scales: torch.Tensor, lows: torch.Tensor) -> Int4Weight:
+    """Nibbles (out, K') 0..15 with a scale and a low per kernel group -> the kernel's form."""
+    packed = (nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)).contiguous()                 # (out, K' / 2) uint8
+    return repack_int4(QuantizedWeight(packed, scales, lows), torch.bfloat16)
+
+
+def group_kernel_bytes(gq_shape: tuple[int, int], groups: int, stored: int, dtype: torch.dtype,
+                       exact: bool = False) -> int:
+    """Bytes `group_kernel_form` allocates for a stored form whose `gq` has this shape, whose
+    `gscale` has `groups` columns and whose parts take `stored` bytes (a manifest's; int4 or
+    int8, either way 2 * its columns nibbles per row), 0 when the form is used as stored."""
+    if dtype == torch.float32 and HAS_NUMBA:
+        return stored                       # the same parts, transposed
     if not kernel_fits(dtype, exact):
         return 0
     out, cols = gq_shape
     width = 2 * cols                        # int4: two nibbles per byte; int8: hi and lo nibbles
-    return int4_kernel_bytes(out, width, KERNEL_GROUP, torch.bfloat16)
+    # int8 of groups of 32 (Q8_0's kind): one kernel group of 64 per file group
+    group = 2 * KERNEL_GROUP if width == 2 * KERNEL_GROUP * groups else KERNEL_GROUP
+    return int4_kernel_bytes(out, width, group, torch.bfloat16)

@@ -53,7 +53,10 @@ def packed_copy_bytes(tensors: dict, compute_dtype: torch.dtype, gguf_exact: boo
     for name, info in tensors.items():
         if name.rpartition(".")[0] in gguf_forms:
             if name.endswith(".gq"):
-                total += group_kernel_bytes(tuple(info["shape"]), compute_dtype, gguf_exact)
+                base = name[: -len(".gq")]
+                groups = tensors[base + ".gscale"]["shape"][1]
+                stored = sum(_nbytes(i) for n, i in tensors.items() if n.rpartition(".")[0] == base)
+                total += group_kernel_bytes(tuple(info["shape"]), groups, stored, compute_dtype, gguf_exact)
             continue
         if name.endswith(QWEIGHT):
             base = name[: -len(QWEIGHT)]
@@ -67,8 +70,13 @@ def packed_copy_bytes(tensors: dict, compute_dtype: torch.dtype, gguf_exact: boo
             continue
         dtype = getattr(torch, info["dtype"])
         if dtype.is_floating_point and dtype != compute_dtype:
-            n = 1
-            for d in info["shape"]:
-                n *= d
-            total += n * size
+            total += _nbytes(info) // dtype.itemsize * size
     return total
+
+
+def _nbytes(info: dict) -> int:
+    """Bytes of a manifest tensor {"shape", "dtype"}."""
+    n = 1
+    for d in info["shape"]:
+        n *= d
+    return n * getattr(torch, info["dtype"]).itemsize

@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tpi.weights.gguf_exact import ExactGroupWeight
 from tpi.weights.gguf_quant import GroupWeight
 
 QUANT_DTYPES = ("int8", "int4")
@@ -308,7 +309,7 @@ def _int8_kernel_fits(width: int, dtype: torch.dtype) -> bool:
     return _HAS_INT8_MM and (dtype == torch.float32 or width % 8 == 0)
 
 
-QUANTIZED_KINDS = (QuantizedWeight, Int8Weight, Int4Weight, DenseWeight, GroupWeight)   # what `linear` treats as quantized
+QUANTIZED_KINDS = (QuantizedWeight, Int8Weight, Int4Weight, DenseWeight, GroupWeight, ExactGroupWeight)  # what `linear` treats as quantized
 
 
 def kernel_form(q: QuantizedWeight, dtype: torch.dtype) -> "Int8Weight | Int4Weight | QuantizedWeight":

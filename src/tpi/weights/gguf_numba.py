@@ -1,0 +1,129 @@
+"""numba kernels that multiply by a GGUF group form exactly, in float32.
+
+The weight is held transposed, input column by input column, as the file's integers:
+
+  q      int8 (K, N)      w[n, k] = q[k, n] * scale[g, n] + low[g, n], g = k // group
+         uint8 (K / 2, N) int4: byte j holds columns 2 j (low nibble) and 2 j + 1 (high)
+  d      uint16 (S, N)    float16 bits: the scale (flat types, S = groups) or the
+                          super-block's multiplier d (two-level, `per_super` groups each)
+  sc     (G, N)           two-level: the group's 6/8-bit integer multiplier of d
+  lo     uint16 (G, N) or uint8 (G, N) and lo_d uint16 (S, N): the minimum (see LOW_*)
+
+`gemv_*` computes y (M, N) = x (M, K) @ W.T for a few rows: for each group, the partial sums
+q . x over the group's columns (one float32 multiply-add per weight, N-wide vectors: the
+layout is what lets LLVM vectorize across output rows), then scale * partial + low * sum(x
+over the group). Every product and sum is float32: the file's weights exactly, as the
+dequantized float32 model computes them up to the order of the sums. `dequantize` gives the
+float32 weight of a range of input columns, for prefill rows (a float32 matmul).
+float16 is not a numba type: its bits index `half_table()`, the 65536 float32 values.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+LOW_NONE, LOW_FLAT, LOW_TWO_LEVEL, LOW_MINUS_8 = 0, 1, 2, 3   # w = s q; s q + min; s q - dmin m; s (q - 8)
+_FLAGS = {"reassoc", "contract"}   # sums may be reordered (still float32); no other fast-math
+_HALF: list[np.ndarray] = []
+
+
+def half_table() -> np.ndarray:
+    """float32 (65536,): the value of every float16 bit pattern."""
+    if not _HALF:
+        _HALF.append(np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32))
+    return _HALF[0]
+
+
+@njit(fastmath=_FLAGS, nogil=True, cache=True)
+def _group_scales(g, n0, n1, half, d, sc, lo, lo_d, per_super, first, two_level, low_kind, s, m):
+    """s, m (n1 - n0,) float32: group g's scale and minimum for output rows n0..n1."""
+    sup = (first + g) // per_super
+    for n in range(n0, n1):
+        if two_level:
+            v = half[d[sup, n]] * np.float32(sc[g, n])
+        else:
+            v = half[d[g, n]]
+        s[n - n0] = v
+        if low_kind == LOW_FLAT:
+            m[n - n0] = half[lo[g, n]]
+        elif low_kind == LOW_TWO_LEVEL:
+            m[n - n0] = -half[lo_d[sup, n]] * np.float32(lo[g, n])
+        elif low_kind == LOW_MINUS_8:
+            m[n - n0] = np.float32(-8.0) * v
+        else:
+            m[n - n0] = 0
+
+
+@njit(fastmath=_FLAGS, nogil=True, cache=True)
+def gemv_int8(q, x, xs, group, half, d, sc, lo, lo_d, per_super, first, two_level, low_kind, y):
+    K, N = q.shape
+    M = x.shape[0]
+    p = np.empty((M, N), np.float32)
+    s = np.empty(N, np.float32)
+    m = np.empty(N, np.float32)
+    y[:] = 0
+    for g in range(K // group):
+        p[:] = 0
+        for k in range(g * group, (g + 1) * group, 4):   # four columns per pass over p
+            for r in range(M):
+                x0, x1, x2, x3 = x[r, k], x[r, k + 1], x[r, k + 2], x[r, k + 3]
+                for n in range(N):
+                    p[r, n] += ((np.float32(q[k, n]) * x0 + np.float32(q[k + 1, n]) * x1)
+                                + (np.float32(q[k + 2, n]) * x2 + np.float32(q[k + 3, n]) * x3))
+        _group_scales(g, 0, N, half, d, sc, lo, lo_d, per_super, first, two_level, low_kind, s, m)
+        for r in range(M):
+            xg = xs[r, g]
+            for n in range(N):
+                y[r, n] += p[r, n] * s[n] + m[n] * xg
+
+
+@njit(fastmath=_FLAGS, nogil=True, cache=True)
+def gemv_int4(q, x, xs, group, half, d, sc, lo, lo_d, per_super, first, two_level, low_kind, y):
+    """As gemv_int8 for two nibbles per byte b = lo + 16 hi: lo x0 + hi x1 is computed as
+    (b & 15) (x0 - x1 / 16) + b (x1 / 16), which needs no shift (2.5x faster here; the same
+    products up to one float32 rounding of x0 - x1 / 16)."""
+    H, N = q.shape
+    M = x.shape[0]
+    p = np.empty((M, N), np.float32)
+    s = np.empty(N, np.float32)
+    m = np.empty(N, np.float32)
+    y[:] = 0
+    sixteenth = np.float32(0.0625)
+    half_group = group // 2
+    for g in range(2 * H // group):
+        p[:] = 0
+        for j in range(g * half_group, (g + 1) * half_group, 2):   # two bytes per pass over p
+            for r in range(M):
+                a1 = x[r, 2 * j + 1] * sixteenth
+                a0 = x[r, 2 * j] - a1
+                c1 = x[r, 2 * j + 3] * sixteenth
+                c0 = x[r, 2 * j + 2] - c1
+                for n in range(N):
+                    b, c = q[j, n], q[j + 1, n]
+                    p[r, n] += ((np.float32(b & 15) * a0 + np.float32(b) * a1)
+                                + (np.float32(c & 15) * c0 + np.float32(c) * c1))
+        _group_scales(g, 0, N, half, d, sc, lo, lo_d, per_super, first, two_level, low_kind, s, m)
+        for r in range(M):
+            xg = xs[r, g]
+            for n in range(N):
+                y[r, n] += p[r, n] * s[n] + m[n] * xg
+
+
+@njit(fastmath=_FLAGS, nogil=True, cache=True)
+def dequantize(q, bits, g0, g1, group, half, d, sc, lo, lo_d, per_super, first, two_level, low_kind, out):
+    """out ((g1 - g0) * group, N) float32: the weight's input columns of groups g0..g1."""
+    N = q.shape[1]
+    s = np.empty(N, np.float32)
+    m = np.empty(N, np.float32)
+    for g in range(g0, g1):
+        _group_scales(g, 0, N, half, d, sc, lo, lo_d, per_super, first, two_level, low_kind, s, m)
+        for c in range(group):
+            k = g * group + c
+            row = out[k - g0 * group]
+            if bits == 8:
+                for n in range(N):
+                    row[n] = np.float32(q[k, n]) * s[n] + m[n]
+            else:
+                shift = 4 * (k & 1)
+                for n in range(N):
+                    row[n] = np.float32((q[k >> 1, n] >> shift) & 15) * s[n] + m[n]

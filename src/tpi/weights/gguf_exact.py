@@ -15,16 +15,35 @@ group's scale and each output to bfloat16.
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import numpy as np
 import torch
 
 from tpi.weights.gguf_quant import QK_K, GroupWeight
+from tpi.weights.sources import cache_dir
 
 HAS_NUMBA = importlib.util.find_spec("numba") is not None
 EXACT_ROWS = 8          # input rows from which a float32 matmul of the dequantized weight is used
 DEQUANT_ELEMENTS = 1 << 20   # weights dequantized at once for those (4 MiB of float32)
 _NONE8 = np.zeros((0, 0), np.uint8)
+
+
+def _kernels():
+    """tpi.weights.gguf_numba, imported once numba knows where to keep what it compiles
+    (NUMBA_CACHE_DIR; else $TPI_CACHE/numba when writable, so later processes load the
+    kernels in ~0.1 s instead of compiling them for ~1 s each; else nowhere)."""
+    if "NUMBA_CACHE_DIR" not in os.environ:
+        where = cache_dir() / "numba"
+        try:
+            where.mkdir(parents=True, exist_ok=True)
+            if os.access(where, os.W_OK):
+                os.environ["NUMBA_CACHE_DIR"] = str(where)
+        except OSError:
+            pass
+    from tpi.weights import gguf_numba
+
+    return gguf_numba
 
 
 def _bits16(t: torch.Tensor) -> np.ndarray:
@@ -44,8 +63,7 @@ class ExactGroupWeight:
                  "low_kind", "out_features", "width")
 
     def __init__(self, w: GroupWeight):
-        from tpi.weights import gguf_numba as k
-
+        k = _kernels()
         p = w.parts
         self.bits, self.group, self.width = w.bits, w.group, w.width
         self.out_features = p["gq"].shape[0]
@@ -73,14 +91,11 @@ class ExactGroupWeight:
         return sum(a.nbytes for a in (self.q, self.d, self.sc, self.lo, self.lo_d))
 
     def _args(self) -> tuple:
-        from tpi.weights.gguf_numba import half_table
-
-        return (self.group, half_table(), self.d, self.sc, self.lo, self.lo_d, self.per_super, self.first,
+        return (self.group, _kernels().half_table(), self.d, self.sc, self.lo, self.lo_d, self.per_super, self.first,
                 self.two_level, self.low_kind)
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        from tpi.weights import gguf_numba as k
-
+        k = _kernels()
         if x.shape[-1] != self.width:
             raise ValueError(f"input width {x.shape[-1]} != quantized weight width {self.width}")
         x2 = x.reshape(-1, self.width).to(torch.float32).contiguous()                   # (M, in)

@@ -19,11 +19,14 @@ float16 is not a numba type: its bits index `half_table()`, the 65536 float32 va
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 from numba import njit
 
 LOW_NONE, LOW_FLAT, LOW_TWO_LEVEL, LOW_MINUS_8 = 0, 1, 2, 3   # w = s q; s q + min; s q - dmin m; s (q - 8)
 _FLAGS = {"reassoc", "contract"}   # sums may be reordered (still float32); no other fast-math
+_CACHE = "NUMBA_CACHE_DIR" in os.environ   # set where writable (tpi.weights.gguf_exact._kernels)
 _HALF: list[np.ndarray] = []
 
 
@@ -34,50 +37,75 @@ def half_table() -> np.ndarray:
     return _HALF[0]
 
 
-@njit(fastmath=_FLAGS, nogil=True, cache=True)
-def _group_scales(g, n0, n1, half, d, sc, lo, lo_d, per_super, first, two_level, low_kind, s, m):
-    """s, m (n1 - n0,) float32: group g's scale and minimum for output rows n0..n1."""
-    sup = (first + g) // per_super
-    for n in range(n0, n1):
-        if two_level:
-            v = half[d[sup, n]] * np.float32(sc[g, n])
+@njit(fastmath=_FLAGS, nogil=True, cache=_CACHE)
+def _group_scales(g, half, d, sc, lo, lo_d, per_super, first, two_level, low_kind, steps, s, m):
+    """s, m (N,) float32: group g's scale and minimum per output row. Two-level: `steps`
+    (3, N) float32 caches the super-block's d and dmin (row 2, [0]: which super-block)."""
+    N = s.shape[0]
+    if two_level:
+        sup = (first + g) // per_super
+        if steps[2, 0] != sup:
+            for n in range(N):
+                steps[0, n] = half[d[sup, n]]
+                if low_kind == LOW_TWO_LEVEL:
+                    steps[1, n] = half[lo_d[sup, n]]
+            steps[2, 0] = sup
+        for n in range(N):
+            s[n] = steps[0, n] * np.float32(sc[g, n])
+        if low_kind == LOW_TWO_LEVEL:
+            for n in range(N):
+                m[n] = -steps[1, n] * np.float32(lo[g, n])
         else:
-            v = half[d[g, n]]
-        s[n - n0] = v
-        if low_kind == LOW_FLAT:
-            m[n - n0] = half[lo[g, n]]
-        elif low_kind == LOW_TWO_LEVEL:
-            m[n - n0] = -half[lo_d[sup, n]] * np.float32(lo[g, n])
-        elif low_kind == LOW_MINUS_8:
-            m[n - n0] = np.float32(-8.0) * v
-        else:
-            m[n - n0] = 0
+            m[:] = 0
+        return
+    for n in range(N):
+        s[n] = half[d[g, n]]
+    if low_kind == LOW_FLAT:
+        for n in range(N):
+            m[n] = half[lo[g, n]]
+    elif low_kind == LOW_MINUS_8:
+        for n in range(N):
+            m[n] = np.float32(-8.0) * s[n]
+    else:
+        m[:] = 0
 
 
-@njit(fastmath=_FLAGS, nogil=True, cache=True)
+@njit(fastmath=_FLAGS, nogil=True, cache=_CACHE)
+def _steps(N):
+    """The super-block cache of _group_scales, holding none yet."""
+    steps = np.empty((3, N), np.float32)
+    steps[2, 0] = -1
+    return steps
+
+
+@njit(fastmath=_FLAGS, nogil=True, cache=_CACHE)
 def gemv_int8(q, x, xs, group, half, d, sc, lo, lo_d, per_super, first, two_level, low_kind, y):
     K, N = q.shape
     M = x.shape[0]
     p = np.empty((M, N), np.float32)
     s = np.empty(N, np.float32)
     m = np.empty(N, np.float32)
+    steps = _steps(N)
     y[:] = 0
     for g in range(K // group):
         p[:] = 0
-        for k in range(g * group, (g + 1) * group, 4):   # four columns per pass over p
+        for k in range(g * group, (g + 1) * group, 8):   # eight columns per pass over p
             for r in range(M):
                 x0, x1, x2, x3 = x[r, k], x[r, k + 1], x[r, k + 2], x[r, k + 3]
+                x4, x5, x6, x7 = x[r, k + 4], x[r, k + 5], x[r, k + 6], x[r, k + 7]
                 for n in range(N):
-                    p[r, n] += ((np.float32(q[k, n]) * x0 + np.float32(q[k + 1, n]) * x1)
-                                + (np.float32(q[k + 2, n]) * x2 + np.float32(q[k + 3, n]) * x3))
-        _group_scales(g, 0, N, half, d, sc, lo, lo_d, per_super, first, two_level, low_kind, s, m)
+                    p[r, n] += (((np.float32(q[k, n]) * x0 + np.float32(q[k + 1, n]) * x1)
+                                 + (np.float32(q[k + 2, n]) * x2 + np.float32(q[k + 3, n]) * x3))
+                                + ((np.float32(q[k + 4, n]) * x4 + np.float32(q[k + 5, n]) * x5)
+                                   + (np.float32(q[k + 6, n]) * x6 + np.float32(q[k + 7, n]) * x7)))
+        _group_scales(g, half, d, sc, lo, lo_d, per_super, first, two_level, low_kind, steps, s, m)
         for r in range(M):
             xg = xs[r, g]
             for n in range(N):
                 y[r, n] += p[r, n] * s[n] + m[n] * xg
 
 
-@njit(fastmath=_FLAGS, nogil=True, cache=True)
+@njit(fastmath=_FLAGS, nogil=True, cache=_CACHE)
 def gemv_int4(q, x, xs, group, half, d, sc, lo, lo_d, per_super, first, two_level, low_kind, y):
     """As gemv_int8 for two nibbles per byte b = lo + 16 hi: lo x0 + hi x1 is computed as
     (b & 15) (x0 - x1 / 16) + b (x1 / 16), which needs no shift (2.5x faster here; the same
@@ -87,36 +115,40 @@ def gemv_int4(q, x, xs, group, half, d, sc, lo, lo_d, per_super, first, two_leve
     p = np.empty((M, N), np.float32)
     s = np.empty(N, np.float32)
     m = np.empty(N, np.float32)
+    steps = _steps(N)
     y[:] = 0
     sixteenth = np.float32(0.0625)
     half_group = group // 2
     for g in range(2 * H // group):
         p[:] = 0
-        for j in range(g * half_group, (g + 1) * half_group, 2):   # two bytes per pass over p
+        for j in range(g * half_group, (g + 1) * half_group, 4):   # four bytes per pass over p
             for r in range(M):
-                a1 = x[r, 2 * j + 1] * sixteenth
-                a0 = x[r, 2 * j] - a1
-                c1 = x[r, 2 * j + 3] * sixteenth
-                c0 = x[r, 2 * j + 2] - c1
+                a1, c1 = x[r, 2 * j + 1] * sixteenth, x[r, 2 * j + 3] * sixteenth
+                e1, f1 = x[r, 2 * j + 5] * sixteenth, x[r, 2 * j + 7] * sixteenth
+                a0, c0 = x[r, 2 * j] - a1, x[r, 2 * j + 2] - c1
+                e0, f0 = x[r, 2 * j + 4] - e1, x[r, 2 * j + 6] - f1
                 for n in range(N):
-                    b, c = q[j, n], q[j + 1, n]
-                    p[r, n] += ((np.float32(b & 15) * a0 + np.float32(b) * a1)
-                                + (np.float32(c & 15) * c0 + np.float32(c) * c1))
-        _group_scales(g, 0, N, half, d, sc, lo, lo_d, per_super, first, two_level, low_kind, s, m)
+                    b, c, e, f = q[j, n], q[j + 1, n], q[j + 2, n], q[j + 3, n]
+                    p[r, n] += (((np.float32(b & 15) * a0 + np.float32(b) * a1)
+                                 + (np.float32(c & 15) * c0 + np.float32(c) * c1))
+                                + ((np.float32(e & 15) * e0 + np.float32(e) * e1)
+                                   + (np.float32(f & 15) * f0 + np.float32(f) * f1)))
+        _group_scales(g, half, d, sc, lo, lo_d, per_super, first, two_level, low_kind, steps, s, m)
         for r in range(M):
             xg = xs[r, g]
             for n in range(N):
                 y[r, n] += p[r, n] * s[n] + m[n] * xg
 
 
-@njit(fastmath=_FLAGS, nogil=True, cache=True)
+@njit(fastmath=_FLAGS, nogil=True, cache=_CACHE)
 def dequantize(q, bits, g0, g1, group, half, d, sc, lo, lo_d, per_super, first, two_level, low_kind, out):
     """out ((g1 - g0) * group, N) float32: the weight's input columns of groups g0..g1."""
     N = q.shape[1]
     s = np.empty(N, np.float32)
     m = np.empty(N, np.float32)
+    steps = _steps(N)
     for g in range(g0, g1):
-        _group_scales(g, 0, N, half, d, sc, lo, lo_d, per_super, first, two_level, low_kind, s, m)
+        _group_scales(g, half, d, sc, lo, lo_d, per_super, first, two_level, low_kind, steps, s, m)
         for c in range(group):
             k = g * group + c
             row = out[k - g0 * group]

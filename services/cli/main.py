@@ -40,7 +40,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "default for a GGUF source, docs/quantization.md), bfloat16 (the default otherwise), "
                         "float16, float32, or quantized int8 (per output channel) / int4 (groups of 32)")
     p.add_argument("--compute-dtype", default=None, help="compute dtype (default: the storage dtype; bfloat16 for "
-                   "int8/int4, float32 activations around the int4 kernel for gguf); float32 upcasts every weight "
+                   "int8/int4, float32 for gguf: the file's weights exactly); float32 upcasts every weight "
                    "of a float or int8/int4 store as it loads")
     p.add_argument("--max-seq", type=int, default=2048, help="context length (KV cache size)")
     p.add_argument("--max-block-size", default=None, metavar="SIZE",

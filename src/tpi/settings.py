@@ -74,15 +74,16 @@ class RuntimeOptions:
         float32 compute is an explicit choice (`--compute-dtype float32`), the tests' reference."""
         if self.compute_dtype is not None:
             return float_dtype(self.compute_dtype, "compute dtype")
-        if self.dtype == "gguf":    # float32 activations around the int4 kernel (tpi.weights.gguf_kernels)
+        if self.dtype == "gguf":    # float32: the file's weights exactly (tpi.weights.gguf_exact)
             return torch.float32
         return FLOAT_DTYPES.get(self.dtype, torch.bfloat16)
 
     @property
     def gguf_exact(self) -> bool:
-        """A gguf store told `--compute-dtype float32` multiplies its stored forms themselves
-        (tpi.weights.gguf_quant.GroupWeight: the file's weights exactly, float32 sums; several
-        times the decode time) instead of the int4 kernel's forms (the default)."""
+        """A gguf store told `--compute-dtype float32`: where numba is missing, it multiplies
+        its stored forms themselves (tpi.weights.gguf_quant.GroupWeight: the file's weights
+        exactly, several times the decode time) instead of the int4 kernel's forms. With
+        numba, float32 compute (the default) is exact either way (tpi.weights.gguf_exact)."""
         return self.dtype == "gguf" and self.compute_dtype == "float32"
 
     def torch_kv_dtype(self) -> torch.dtype:

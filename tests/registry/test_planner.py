@@ -116,15 +116,17 @@ def test_held_bytes_follow_the_scheduler_accounting():
     assert PlannerSettings("int8", "float32").held_bytes == 5.5   # dequantized to float32 at load
     assert PlannerSettings("int8", "bfloat16").held_bytes == 1.5  # the kernel uses the file's bytes
     assert PlannerSettings("int4", "bfloat16").held_bytes == 1.25  # repacked for the kernel
-    # gguf without the file's types: Q8_0 and its int4 kernel form (bfloat16 or float32 compute)
+    # gguf without the file's types: Q8_0; in bfloat16 its int4 kernel form, in float32 its
+    # stored form transposed for the exact numba kernels (the same bytes again while loading)
     assert PlannerSettings("gguf", "bfloat16").held_bytes == 1.0625 + 1.125
-    assert PlannerSettings("gguf", "float32").held_bytes == 1.0625 + 1.125
+    assert PlannerSettings("gguf", "float32").held_bytes == 1.0625 + 1.0625
     assert PlannerSettings("gguf", "float16").held_bytes == 1.0625          # computed as stored
-    assert PlannerSettings("gguf", "float32", gguf_exact=True).held_bytes == 1.0625
+    assert PlannerSettings("gguf", "float32", gguf_exact=True).held_bytes == 1.0625 + 1.0625
     # with them (SmolLM2's file: Q4_1 layers, a Q8_0 tied head)
     smollm2 = (("head", "Q8_0", 28311552), ("layers", "Q4_1", 106168320))
     assert PlannerSettings("gguf", "float32", gguf_types=smollm2).held_bytes == 0.625 + 0.625
-    assert PlannerSettings("gguf", "float32", gguf_types=smollm2).head_held_bytes == 1.0625 + 1.125
+    assert PlannerSettings("gguf", "float32", gguf_types=smollm2).head_held_bytes == 1.0625 + 1.0625
+    assert PlannerSettings("gguf", "bfloat16", gguf_types=smollm2).head_held_bytes == 1.0625 + 1.125
     small = dev(20, budget=150 * MiB, disk=50)
     shares = {dt: plan_weights(SMOLLM2, [dev(10), dev(10), small], PlannerSettings(storage_dtype=dt))[2]
               for dt in ("bfloat16", "int8")}

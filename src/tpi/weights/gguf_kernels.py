@@ -1,4 +1,5 @@
-"""GGUF's group forms computed by torch's int4 CPU kernel (bfloat16 or float32 activations).
+"""GGUF's group forms computed by torch's int4 CPU kernel: for bfloat16 compute, and for float32
+compute where numba is missing (with numba, float32 compute is exact: tpi.weights.gguf_exact).
 
 aten::_weight_int4pack_mm_for_cpu(x (M, K), packed, G, sz (K / G, N, 2)) computes x @ W.T with
 W[n, k] = (nibble[n, k] - 8) * sz[k // G, n, 0] + sz[k // G, n, 1]: a scale and a zero per

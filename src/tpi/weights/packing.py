@@ -16,8 +16,9 @@ from tpi.weights.quant import MIN, QWEIGHT, SCALE, QuantizedWeight, kernel_copy_
 def pack_block(tensors: dict[str, torch.Tensor], compute_dtype: torch.dtype, gguf_exact: bool = False) -> tuple[dict, int]:
     """What `linear` and the norms consume, from a block's stored tensors, plus the bytes of
     any copies made. Quantized sets become their kernel form (int8: the stored weight and a
-    scale in the compute dtype; int4 and GGUF forms: repacked for the CPU int4 kernel, a
-    copy; GGUF forms in float16: as stored); float tensors of another dtype are converted to
+    scale in the compute dtype; int4: repacked for the CPU int4 kernel, a copy; GGUF forms:
+    in float32 transposed for the exact numba kernels, in bfloat16 repacked for the int4
+    kernel, in float16 as stored); float tensors of another dtype are converted to
     `compute_dtype` (a copy); others are used as they are."""
     groups, tensors = take_group_weights(tensors)
     block, copied = {}, 0

@@ -7,12 +7,10 @@ to float32) and the exact numba form (tpi.weights.gguf_exact, the default), for 
     python bench/gguf_exact.py [--threads 1] [--rounds 3]"""
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 import torch
 
-from gguf_linear import SHAPES, ms, raw
+from gguf_linear import SHAPES, bench_args, ms, raw
 from tpi.weights.gguf_exact import ExactGroupWeight
 from tpi.weights.gguf_kernels import group_kernel_form
 from tpi.weights.gguf_quant import GroupWeight, from_gguf
@@ -33,11 +31,7 @@ def k_raw(type_name: str, rows: int, width: int) -> np.ndarray:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--rounds", type=int, default=3)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    args = bench_args()
     print("| type | weight | M | int4 kernel form (ms) | exact numba form (ms) | exact / kernel |")
     print("|---|---|---|---|---|---|")
     cases = [(t, s, raw) for t in ("Q4_1", "Q8_0") for s in SHAPES] + [("Q4_K", s, k_raw) for s in K_SHAPES]

@@ -38,12 +38,18 @@ def ms(f, n: int) -> float:
     return sorted(times)[len(times) // 2] * 1e3
 
 
-def main() -> None:
+def bench_args() -> argparse.Namespace:
+    """--threads (torch's, set here) and --rounds, for this script and bench/gguf_exact.py."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    return args
+
+
+def main() -> None:
+    args = bench_args()
     print("| type | weight | M | kernel bf16 | kernel fp16 | GroupWeight bf16 | dense bf16 | kernel / dense |")
     print("|---|---|---|---|---|---|---|---|")
     for type_name in ("Q4_1", "Q8_0"):

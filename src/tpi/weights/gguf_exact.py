@@ -3,7 +3,7 @@
 `ExactGroupWeight` holds a stored group form (tpi.weights.gguf_quant) transposed for the
 numba kernels of tpi.weights.gguf_numba: the same integers and float16 scales, so a device
 holds what the file holds for its share (plus Q4_K's 6-bit scales in a byte each). Rows of
-input below EXACT_ROWS (decode, a speculative step's verification) go through `gemv_*`: one
+input below EXACT_ROWS (decode, a speculative step's verification) go through `gemv`: one
 float32 multiply-add per weight, no rounding beyond float32's. More rows (a prefill) multiply
 the weight dequantized to float32 a few groups at a time. Either way the result is the
 dequantized float32 model's up to the order of float32 sums (tests/engine/test_gguf_exact.py).
@@ -103,8 +103,7 @@ class ExactGroupWeight:
         y = torch.empty(rows, self.out_features)                                          # (M, out) float32
         if rows < EXACT_ROWS:
             sums = x2.view(rows, -1, self.group).sum(-1)                                  # (M, groups)
-            gemv = k.gemv_int8 if self.bits == 8 else k.gemv_int4
-            gemv(self.q, x2.numpy(), sums.numpy(), *self._args(), y.numpy())
+            k.gemv(self.q, self.bits, x2.numpy(), sums.numpy(), *self._args(), y.numpy())
         else:
             y.zero_()
             groups = self.width // self.group

@@ -9,7 +9,7 @@ The weight is held transposed, input column by input column, as the file's integ
   sc     (G, N)           two-level: the group's 6/8-bit integer multiplier of d
   lo     uint16 (G, N) or uint8 (G, N) and lo_d uint16 (S, N): the minimum (see LOW_*)
 
-`gemv_*` computes y (M, N) = x (M, K) @ W.T for a few rows: for each group, the partial sums
+`gemv` computes y (M, N) = x (M, K) @ W.T for a few rows: for each group, the partial sums
 q . x over the group's columns (one float32 multiply-add per weight, N-wide vectors: the
 layout is what lets LLVM vectorize across output rows), then scale * partial + low * sum(x
 over the group). Every product and sum is float32: the file's weights exactly, as the
@@ -79,62 +79,56 @@ def _steps(N):
 
 
 @njit(fastmath=_FLAGS, nogil=True, cache=_CACHE)
-def gemv_int8(q, x, xs, group, half, d, sc, lo, lo_d, per_super, first, two_level, low_kind, y):
-    K, N = q.shape
-    M = x.shape[0]
-    p = np.empty((M, N), np.float32)
-    s = np.empty(N, np.float32)
-    m = np.empty(N, np.float32)
-    steps = _steps(N)
-    y[:] = 0
-    for g in range(K // group):
-        p[:] = 0
-        for k in range(g * group, (g + 1) * group, 8):   # eight columns per pass over p
-            for r in range(M):
-                x0, x1, x2, x3 = x[r, k], x[r, k + 1], x[r, k + 2], x[r, k + 3]
-                x4, x5, x6, x7 = x[r, k + 4], x[r, k + 5], x[r, k + 6], x[r, k + 7]
-                for n in range(N):
-                    p[r, n] += (((np.float32(q[k, n]) * x0 + np.float32(q[k + 1, n]) * x1)
-                                 + (np.float32(q[k + 2, n]) * x2 + np.float32(q[k + 3, n]) * x3))
-                                + ((np.float32(q[k + 4, n]) * x4 + np.float32(q[k + 5, n]) * x5)
-                                   + (np.float32(q[k + 6, n]) * x6 + np.float32(q[k + 7, n]) * x7)))
-        _group_scales(g, half, d, sc, lo, lo_d, per_super, first, two_level, low_kind, steps, s, m)
-        for r in range(M):
-            xg = xs[r, g]
-            for n in range(N):
-                y[r, n] += p[r, n] * s[n] + m[n] * xg
+def _partials_int8(q, x, g, group, p):
+    """p (M, N) += q . x over group g's columns, eight columns per pass over p."""
+    for k in range(g * group, (g + 1) * group, 8):
+        for r in range(x.shape[0]):
+            x0, x1, x2, x3 = x[r, k], x[r, k + 1], x[r, k + 2], x[r, k + 3]
+            x4, x5, x6, x7 = x[r, k + 4], x[r, k + 5], x[r, k + 6], x[r, k + 7]
+            for n in range(p.shape[1]):
+                p[r, n] += (((np.float32(q[k, n]) * x0 + np.float32(q[k + 1, n]) * x1)
+                             + (np.float32(q[k + 2, n]) * x2 + np.float32(q[k + 3, n]) * x3))
+                            + ((np.float32(q[k + 4, n]) * x4 + np.float32(q[k + 5, n]) * x5)
+                               + (np.float32(q[k + 6, n]) * x6 + np.float32(q[k + 7, n]) * x7)))
 
 
 @njit(fastmath=_FLAGS, nogil=True, cache=_CACHE)
-def gemv_int4(q, x, xs, group, half, d, sc, lo, lo_d, per_super, first, two_level, low_kind, y):
-    """As gemv_int8 for two nibbles per byte b = lo + 16 hi: lo x0 + hi x1 is computed as
-    (b & 15) (x0 - x1 / 16) + b (x1 / 16), which needs no shift (2.5x faster here; the same
-    products up to one float32 rounding of x0 - x1 / 16)."""
-    H, N = q.shape
-    M = x.shape[0]
-    p = np.empty((M, N), np.float32)
+def _partials_int4(q, x, g, group, p):
+    """The same for two nibbles per byte b = lo + 16 hi, four bytes per pass: lo x0 + hi x1
+    is computed as (b & 15) (x0 - x1 / 16) + b (x1 / 16), which needs no shift (2.5x faster
+    here; the same products up to one float32 rounding of x0 - x1 / 16)."""
+    sixteenth = np.float32(0.0625)
+    for j in range(g * group // 2, (g + 1) * group // 2, 4):
+        for r in range(x.shape[0]):
+            a1, c1 = x[r, 2 * j + 1] * sixteenth, x[r, 2 * j + 3] * sixteenth
+            e1, f1 = x[r, 2 * j + 5] * sixteenth, x[r, 2 * j + 7] * sixteenth
+            a0, c0 = x[r, 2 * j] - a1, x[r, 2 * j + 2] - c1
+            e0, f0 = x[r, 2 * j + 4] - e1, x[r, 2 * j + 6] - f1
+            for n in range(p.shape[1]):
+                b, c, e, f = q[j, n], q[j + 1, n], q[j + 2, n], q[j + 3, n]
+                p[r, n] += (((np.float32(b & 15) * a0 + np.float32(b) * a1)
+                             + (np.float32(c & 15) * c0 + np.float32(c) * c1))
+                            + ((np.float32(e & 15) * e0 + np.float32(e) * e1)
+                               + (np.float32(f & 15) * f0 + np.float32(f) * f1)))
+
+
+@njit(fastmath=_FLAGS, nogil=True, cache=_CACHE)
+def gemv(q, bits, x, xs, group, half, d, sc, lo, lo_d, per_super, first, two_level, low_kind, y):
+    """y (M, N) = x (M, K) @ W.T; xs (M, groups): the sums of x over each group."""
+    N = q.shape[1]
+    p = np.empty((x.shape[0], N), np.float32)
     s = np.empty(N, np.float32)
     m = np.empty(N, np.float32)
     steps = _steps(N)
     y[:] = 0
-    sixteenth = np.float32(0.0625)
-    half_group = group // 2
-    for g in range(2 * H // group):
+    for g in range(x.shape[1] // group):
         p[:] = 0
-        for j in range(g * half_group, (g + 1) * half_group, 4):   # four bytes per pass over p
-            for r in range(M):
-                a1, c1 = x[r, 2 * j + 1] * sixteenth, x[r, 2 * j + 3] * sixteenth
-                e1, f1 = x[r, 2 * j + 5] * sixteenth, x[r, 2 * j + 7] * sixteenth
-                a0, c0 = x[r, 2 * j] - a1, x[r, 2 * j + 2] - c1
-                e0, f0 = x[r, 2 * j + 4] - e1, x[r, 2 * j + 6] - f1
-                for n in range(N):
-                    b, c, e, f = q[j, n], q[j + 1, n], q[j + 2, n], q[j + 3, n]
-                    p[r, n] += (((np.float32(b & 15) * a0 + np.float32(b) * a1)
-                                 + (np.float32(c & 15) * c0 + np.float32(c) * c1))
-                                + ((np.float32(e & 15) * e0 + np.float32(e) * e1)
-                                   + (np.float32(f & 15) * f0 + np.float32(f) * f1)))
+        if bits == 8:
+            _partials_int8(q, x, g, group, p)
+        else:
+            _partials_int4(q, x, g, group, p)
         _group_scales(g, half, d, sc, lo, lo_d, per_super, first, two_level, low_kind, steps, s, m)
-        for r in range(M):
+        for r in range(x.shape[0]):
             xg = xs[r, g]
             for n in range(N):
                 y[r, n] += p[r, n] * s[n] + m[n] * xg

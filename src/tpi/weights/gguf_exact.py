@@ -27,6 +27,7 @@ HAS_NUMBA = importlib.util.find_spec("numba") is not None
 EXACT_ROWS = 8          # input rows from which a float32 matmul of the dequantized weight is used
 DEQUANT_ELEMENTS = 1 << 20   # weights dequantized at once for those (4 MiB of float32)
 _NONE8 = np.zeros((0, 0), np.uint8)
+_WARM: set = set()   # argument types whose kernels this process has compiled or loaded
 
 
 def _kernels():
@@ -82,6 +83,16 @@ class ExactGroupWeight:
             self.lo, self.low_kind = _bits16(p["gmin"]), k.LOW_FLAT
         elif self.bits == 4:
             self.low_kind = k.LOW_MINUS_8
+        self._warm()
+
+    def _warm(self) -> None:
+        """Compile (or load from the cache) this weight's kernels now, as its block loads, not
+        in the first request's time to first token: once per process and argument types."""
+        key = (self.q.dtype, self.sc.dtype, self.lo.dtype)
+        if key not in _WARM:
+            _WARM.add(key)
+            for rows in (1, EXACT_ROWS):
+                self.linear(torch.zeros(rows, self.width))
 
     def tensors(self) -> list[torch.Tensor]:
         return [torch.from_numpy(a) for a in (self.q, self.d, self.sc, self.lo, self.lo_d)]

@@ -24,27 +24,32 @@ from tpi.weights.gguf_quant import QK_K, GroupWeight
 from tpi.weights.sources import cache_dir
 
 HAS_NUMBA = importlib.util.find_spec("numba") is not None
-EXACT_ROWS = 8          # input rows from which a float32 matmul of the dequantized weight is used
+EXACT_ROWS = 8   # input rows from which a float32 matmul of the dequantized weight is used (both forms)
 DEQUANT_ELEMENTS = 1 << 20   # weights dequantized at once for those (4 MiB of float32)
 _NONE8 = np.zeros((0, 0), np.uint8)
 _WARM: set = set()   # argument types whose kernels this process has compiled or loaded
+
+
+_MODULE: list = []   # tpi.weights.gguf_numba, once imported
 
 
 def _kernels():
     """tpi.weights.gguf_numba, imported once numba knows where to keep what it compiles
     (NUMBA_CACHE_DIR; else $TPI_CACHE/numba when writable, so later processes load the
     kernels in ~0.1 s instead of compiling them for ~1 s each; else nowhere)."""
-    if "NUMBA_CACHE_DIR" not in os.environ:
-        where = cache_dir() / "numba"
-        try:
-            where.mkdir(parents=True, exist_ok=True)
-            if os.access(where, os.W_OK):
-                os.environ["NUMBA_CACHE_DIR"] = str(where)
-        except OSError:
-            pass
-    from tpi.weights import gguf_numba
+    if not _MODULE:
+        if "NUMBA_CACHE_DIR" not in os.environ:
+            where = cache_dir() / "numba"
+            try:
+                where.mkdir(parents=True, exist_ok=True)
+                if os.access(where, os.W_OK):
+                    os.environ["NUMBA_CACHE_DIR"] = str(where)
+            except OSError:
+                pass
+        from tpi.weights import gguf_numba
 
-    return gguf_numba
+        _MODULE.append(gguf_numba)
+    return _MODULE[0]
 
 
 def _bits16(t: torch.Tensor) -> np.ndarray:

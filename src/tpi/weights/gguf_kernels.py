@@ -37,16 +37,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tpi.weights.gguf_exact import HAS_NUMBA, ExactGroupWeight
+# EXACT_ROWS: rows at or above which a float32 input is multiplied by the weight dequantized
+# to float32 (a prefill); below it (decode) by the kernel, the input split into two bfloat16 rows.
+from tpi.weights.gguf_exact import EXACT_ROWS, HAS_NUMBA, ExactGroupWeight
 from tpi.weights.gguf_quant import CHUNK_ELEMENTS, GroupWeight
 from tpi.weights.quant import HAS_INT4_MM, Int4Weight, QuantizedWeight, int4_kernel_bytes, kernel_block_n, repack_int4
 
 KERNEL_GROUP = 32
 # Spread kinds: (columns of a file group, factor on its second copy of the input).
 SPREADS = {"sixteenth": (32, 1 / 16), "times4": (16, 4)}
-# Rows at or above which a float32 input is multiplied by the weight dequantized to float32
-# (a prefill); below it (decode) by the kernel, the input split into two bfloat16 rows.
-EXACT_ROWS = 8
 
 
 class GGUFKernelWeight(Int4Weight):

@@ -118,8 +118,7 @@ class ExactGroupWeight:
         rows = x2.shape[0]
         y = torch.empty(rows, self.out_features)                                          # (M, out) float32
         if rows < EXACT_ROWS:
-            sums = x2.view(rows, -1, self.group).sum(-1)                                  # (M, groups)
-            k.gemv(self.q, self.bits, x2.numpy(), sums.numpy(), *self._args(), y.numpy())
+            k.gemv(self.q, self.bits, x2.numpy(), *self._args(), y.numpy())
         else:
             y.zero_()
             groups = self.width // self.group

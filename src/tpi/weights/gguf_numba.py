@@ -113,8 +113,8 @@ def _partials_int4(q, x, g, group, p):
 
 
 @njit(fastmath=_FLAGS, nogil=True, cache=_CACHE)
-def gemv(q, bits, x, xs, group, half, d, sc, lo, lo_d, per_super, first, two_level, low_kind, y):
-    """y (M, N) = x (M, K) @ W.T; xs (M, groups): the sums of x over each group."""
+def gemv(q, bits, x, group, half, d, sc, lo, lo_d, per_super, first, two_level, low_kind, y):
+    """y (M, N) = x (M, K) @ W.T."""
     N = q.shape[1]
     p = np.empty((x.shape[0], N), np.float32)
     s = np.empty(N, np.float32)
@@ -129,7 +129,9 @@ def gemv(q, bits, x, xs, group, half, d, sc, lo, lo_d, per_super, first, two_lev
             _partials_int4(q, x, g, group, p)
         _group_scales(g, half, d, sc, lo, lo_d, per_super, first, two_level, low_kind, steps, s, m)
         for r in range(x.shape[0]):
-            xg = xs[r, g]
+            xg = np.float32(0)                   # the sum of x over the group, for the minimums
+            for k in range(g * group, (g + 1) * group):
+                xg += x[r, k]
             for n in range(N):
                 y[r, n] += p[r, n] * s[n] + m[n] * xg
 

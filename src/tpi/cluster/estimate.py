@@ -8,11 +8,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
+import torch
+
 from tpi.cluster.capability import DeviceCapability
 from tpi.config import ModelConfig
 from tpi.plan import DeviceShard, PlanError, ShardPlan
 from tpi.weights.budget import MemoryBudgetError
-from tpi.weights.gguf_exact import HAS_NUMBA
+from tpi.weights.gguf_kernels import gguf_form
 from tpi.weights.retention import plan_with_experts
 from tpi.weights.slicing import DEFAULT_MAX_BLOCK_BYTES, DENSE_KIND, block_pieces
 from tpi.weights.store import aligned_bytes, execution_order
@@ -85,13 +87,12 @@ class PlannerSettings:
     def _gguf_bytes(self, part: str) -> tuple[float, float]:
         """(stored, held copy) bytes per parameter of a gguf store's matrices of `part`."""
         mine = [(t, n) for p, t, n in self.gguf_types if p == part] or [("Q8_0", 1)]
-        exact = self.compute_dtype == "float32" and HAS_NUMBA     # transposed for the numba kernels
-        kernel = self.compute_dtype in (("bfloat16",) if self.gguf_exact else ("bfloat16", "float32"))
+        form = gguf_form(getattr(torch, self.compute_dtype), self.gguf_exact)
 
         def copy_bits(t: str) -> float:
             if t in GGUF_FLOATS:
                 return 0 if GGUF_FLOATS[t] == self.compute_dtype else 8 * DTYPE_BYTES[self.compute_dtype]
-            return GGUF_BITS[t][0] if exact else GGUF_BITS[t][1] if kernel else 0
+            return {"exact": GGUF_BITS[t][0], "kernel": GGUF_BITS[t][1], "stored": 0}[form]
 
         total = sum(n for _, n in mine)
         return (sum(GGUF_BITS[t][0] * n for t, n in mine) / 8 / total,

@@ -143,16 +143,26 @@ def kernel_fits(dtype: torch.dtype, exact: bool = False) -> bool:
     return HAS_INT4_MM and dtype in kinds and kernel_block_n() is not None
 
 
+def gguf_form(dtype: torch.dtype, exact: bool = False) -> str:
+    """Which form a stored GGUF matrix is multiplied in for compute dtype `dtype` (`exact`:
+    RuntimeOptions.gguf_exact): "exact", float32 with numba (tpi.weights.gguf_exact, the
+    stored form transposed, a copy of the same bytes); "kernel", the int4 kernel's form
+    (bfloat16, or float32 without numba; scales in bfloat16, a new copy); "stored", the form
+    itself (float16, or float32 without numba when `exact`). The one place this is decided:
+    group_kernel_form, group_kernel_bytes and the planner's estimate ask here."""
+    if dtype == torch.float32 and HAS_NUMBA:
+        return "exact"
+    return "kernel" if kernel_fits(dtype, exact) else "stored"
+
+
 def group_kernel_form(w: GroupWeight, dtype: torch.dtype, exact: bool = False
                       ) -> GroupWeight | Int4Weight | ExactGroupWeight:
-    """What `linear` multiplies with for a stored GGUF form in compute dtype `dtype`: in
-    float32 (a gguf store's default) the form transposed for the exact numba kernels
-    (tpi.weights.gguf_exact; a new copy of the same bytes, the stored tensors can go); in
-    bfloat16, or float32 without numba, the int4 kernel's form, scales in bfloat16; in
-    float16, or float32 without numba when `exact`, the form itself."""
-    if dtype == torch.float32 and HAS_NUMBA:
+    """What `linear` multiplies with for a stored GGUF form (see `gguf_form`); the stored
+    tensors can go once it is made."""
+    form = gguf_form(dtype, exact)
+    if form == "exact":
         return ExactGroupWeight(w)
-    if not kernel_fits(dtype, exact):
+    if form == "stored":
         return w
     out = w.parts["gq"].shape[0]
     scale, low = (t.squeeze(-1) if t is not None else None for t in w.scales(0, out))   # (out, groups) float32
@@ -184,10 +194,9 @@ def group_kernel_bytes(gq_shape: tuple[int, int], groups: int, stored: int, dtyp
     """Bytes `group_kernel_form` allocates for a stored form whose `gq` has this shape, whose
     `gscale` has `groups` columns and whose parts take `stored` bytes (a manifest's; int4 or
     int8, either way 2 * its columns nibbles per row), 0 when the form is used as stored."""
-    if dtype == torch.float32 and HAS_NUMBA:
-        return stored                       # the same parts, transposed
-    if not kernel_fits(dtype, exact):
-        return 0
+    form = gguf_form(dtype, exact)
+    if form != "kernel":
+        return stored if form == "exact" else 0    # exact: the same parts, transposed
     out, cols = gq_shape
     width = 2 * cols                        # int4: two nibbles per byte; int8: hi and lo nibbles
     # int8 of groups of 32 (Q8_0's kind): one kernel group of 64 per file group
